@@ -1,0 +1,3 @@
+"""timm-registered encoders; importing this package registers them."""
+
+from seg.backbones import pvt  # noqa: F401

@@ -1,0 +1,412 @@
+"""FLatten-PVT and FLatten-PVTv2 (Han et al., ICCV 2023) as timm encoders for any image size.
+
+Pyramid Vision Transformer v1 (Wang et al., ICCV 2021) and v2 (Wang et al., CVMJ 2022) with focused
+linear attention in the stages marked ``L`` of ``attn_type``; ``S`` stages use PVT's own softmax
+spatial-reduction attention, so ``attn_type='SSSS'`` is the original softmax backbone.
+
+Every table sized by the 224 x 224 training resolution (PVT v1 ``pos_embed``, the attention's
+``positional_encoding``) is stored at that grid and resized bilinearly to the current one, so the
+models take any input of at least 32 x 32. Parameter names equal the published checkpoints'.
+
+Features: ``features_only=True`` gives 4 NCHW maps at strides 4/8/16/32, each through a per-stage
+LayerNorm: v2's published ``norm1..4`` (inside the trunk, as published), and for v1 new output norms
+``norm1..4`` applied to the returned maps only. The classifier is the published one: mean of the
+stage-4 tokens, then ``head`` (v1 published checkpoints hold a final ``norm`` their forward never
+uses; it is dropped on load).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import Tensor, nn
+
+from seg.backbones._weights import adapt_state_dict
+from seg.layers import FocusedLinearAttention, SpatialReductionAttention, resize_token_grid
+
+__all__ = ["FLattenPVT", "checkpoint_filter_fn"]
+
+LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
+
+
+class PatchEmbed(nn.Module):
+    """Strided conv embedding + LayerNorm; v1 patches do not overlap (kernel = stride), v2's do."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int) -> None:
+        super().__init__()
+        padding = patch_size // 2 if patch_size > stride else 0
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(B, C_in, H, W) -> tokens (B, N, C) and their grid (H', W')."""
+        x = self.proj(x)
+        size = (x.shape[2], x.shape[3])
+        return self.norm(x.flatten(2).transpose(1, 2)), size  # (B, H'*W', C)
+
+
+class DWConv(nn.Module):
+    """3x3 depthwise conv over the token grid (PVT v2's MLP)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        B, N, C = x.shape
+        x = self.dwconv(x.transpose(1, 2).reshape(B, C, *size))  # (B, C, H, W)
+        return x.flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+class Mlp(nn.Module):
+    """fc1 -> (depthwise conv, v2) -> GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int, conv: bool, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv(hidden) if conv else None
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        x = self.fc1(x)
+        if self.dwconv is not None:
+            x = self.dwconv(x, size)
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose attention is focused linear (``L``) or softmax SRA (``S``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        attn_type: str,
+        grid_size: tuple[int, int],
+        sr_ratio: int,
+        la_sr_ratio: int,
+        conv_mlp: bool,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        focusing_factor: float = 3.0,
+        kernel_size: int = 5,
+    ) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm6(dim)
+        if attn_type == "L":
+            self.attn = FocusedLinearAttention(
+                dim, num_heads, grid_size, qkv_bias=qkv_bias, sr_ratio=la_sr_ratio,
+                focusing_factor=focusing_factor, kernel_size=kernel_size, proj_drop=drop,
+            )
+        elif attn_type == "S":
+            self.attn = SpatialReductionAttention(dim, num_heads, qkv_bias=qkv_bias, sr_ratio=sr_ratio,
+                                                  proj_drop=drop)
+        else:
+            raise ValueError(f"attention type {attn_type!r} is not one of 'L' (focused linear), 'S' (softmax)")
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNorm6(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), conv=conv_mlp, drop=drop)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), size))
+        return x + self.drop_path(self.mlp(self.norm2(x), size))
+
+
+class FLattenPVT(nn.Module):
+    """FLatten-PVT (``version=1``) and FLatten-PVTv2 (``version=2``).
+
+    Args:
+        img_size: training resolution; fixes the grid the position tables are stored at.
+        in_chans: input channels.
+        num_classes: classifier outputs (0: no classifier).
+        embed_dims: channels per stage.
+        num_heads: heads per stage.
+        mlp_ratios: MLP expansion per stage.
+        depths: blocks per stage.
+        sr_ratios: spatial reduction of the softmax (``S``) stages.
+        la_sr_ratios: spatial reduction of the focused linear (``L``) stages (1 in every published model).
+        attn_type: one letter per stage, ``L`` focused linear or ``S`` softmax.
+        version: 1 (non-overlapping patches, absolute position tables) or 2 (overlapping patches, conv MLP).
+        qkv_bias: bias in the q / kv projections.
+        drop_rate: dropout after attention and MLP projections.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        focusing_factor: power p of the focusing function.
+        kernel_size: kernel of the rank-restoring depthwise conv.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dims: Sequence[int] = (64, 128, 320, 512),
+        num_heads: Sequence[int] = (1, 2, 5, 8),
+        mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+        depths: Sequence[int] = (2, 2, 2, 2),
+        sr_ratios: Sequence[int] = (8, 4, 2, 1),
+        la_sr_ratios: Sequence[int] = (1, 1, 1, 1),
+        attn_type: str = "LLLL",
+        version: int = 1,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        focusing_factor: float = 3.0,
+        kernel_size: int = 5,
+    ) -> None:
+        super().__init__()
+        if len(attn_type) != 4 or set(attn_type) - {"L", "S"}:
+            raise ValueError(f"attn_type {attn_type!r} must be 4 letters of L (focused linear) / S (softmax)")
+        if version not in (1, 2):
+            raise ValueError(f"version must be 1 or 2, got {version}")
+        self.version = version
+        self.num_classes = num_classes
+        self.embed_dims = list(embed_dims)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        total = sum(depths)
+        dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # linear decay rule
+        self.feature_info = []
+        for i in range(4):
+            stride = 4 * 2**i
+            grid = (img_size // stride, img_size // stride)
+            patch, step = (4, 4) if i == 0 else (2, 2)
+            if version == 2:
+                patch, step = (7, 4) if i == 0 else (3, 2)
+            c_in = in_chans if i == 0 else embed_dims[i - 1]
+            self.add_module(f"patch_embed{i + 1}", PatchEmbed(c_in, embed_dims[i], patch, step))
+            if version == 1:
+                self.register_parameter(f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid[0] * grid[1],
+                                                                                       embed_dims[i])))
+            blocks = [
+                Block(embed_dims[i], num_heads[i], mlp_ratios[i], attn_type[i], grid, sr_ratios[i],
+                      la_sr_ratios[i], conv_mlp=version == 2, qkv_bias=qkv_bias, drop=drop_rate,
+                      drop_path=dpr[sum(depths[:i]) + j], focusing_factor=focusing_factor,
+                      kernel_size=kernel_size)
+                for j in range(depths[i])
+            ]
+            self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
+            self.add_module(f"norm{i + 1}", LayerNorm6(embed_dims[i]))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f"norm{i + 1}"))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self._num_stages = 4
+        self.apply(_init_weights)
+        if version == 1:
+            for i in range(4):
+                trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"pos_embed{i + 1}" for i in range(4)}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Run stage i on an NCHW map: (trunk map for the next stage, normalised feature map)."""
+        B = x.shape[0]
+        x, size = getattr(self, f"patch_embed{i + 1}")(x)  # (B, N, C)
+        if self.version == 1:
+            x = self.pos_drop(x + resize_token_grid(getattr(self, f"pos_embed{i + 1}"), size))
+        for block in getattr(self, f"block{i + 1}"):
+            x = block(x, size)
+        norm = getattr(self, f"norm{i + 1}")
+        if self.version == 2:
+            x = norm(x)  # v2 normalises inside the trunk
+            feature = x
+        else:
+            feature = norm(x)
+        to_map = lambda t: t.transpose(1, 2).reshape(B, -1, *size)  # (B, N, C) -> (B, C, H, W)
+        return to_map(x), to_map(feature)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Per-stage feature maps (each through its stage LayerNorm), timm's feature-extraction API."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt}")
+        take_indices, max_index = feature_take_indices(self._num_stages, indices)
+        intermediates = []
+        last = max_index if stop_early or intermediates_only else self._num_stages - 1
+        for i in range(last + 1):
+            x, feature = self._stage(i, x)
+            if i in take_indices:
+                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last requested feature and (optionally) the classifier."""
+        take_indices, max_index = feature_take_indices(self._num_stages, indices)
+        for i in range(max_index + 1, self._num_stages):
+            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}", f"pos_embed{i + 1}"):
+                if hasattr(self, name):
+                    delattr(self, name)
+        self._num_stages = max_index + 1
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Stage-4 trunk map (B, C, H/32, W/32)."""
+        for i in range(self._num_stages):
+            x, _ = self._stage(i, x)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(2, 3))  # mean of the stage-4 tokens
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: FLattenPVT) -> dict[str, Tensor]:
+    """A published FLatten-PVT / PVTv2 checkpoint (names as released) -> this model's state dict."""
+    v1 = model.version == 1
+    return adapt_state_dict(
+        state_dict,
+        model,
+        position_tables=lambda name: name.startswith("pos_embed") or name.endswith("positional_encoding"),
+        dropped={"norm.weight", "norm.bias"} if v1 else (),
+        fresh=(lambda name: name.split(".")[0] in {"norm1", "norm2", "norm3", "norm4"}) if v1 else
+        (lambda name: False),
+    )
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return build_model_with_cfg(
+        FLattenPVT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> dict:
+    return dict(
+        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9,
+        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed1.proj", classifier="head", **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    name: _cfg() for name in (
+        "flatten_pvt_tiny", "flatten_pvt_small", "flatten_pvt_medium", "flatten_pvt_large",
+        "flatten_pvt_v2_b0", "flatten_pvt_v2_b1", "flatten_pvt_v2_b2", "flatten_pvt_v2_b3",
+        "flatten_pvt_v2_b4", "flatten_pvt_v2_b5", "test_flatten_pvt", "test_flatten_pvt_v2",
+    )
+})
+
+_PVT = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4))
+_TEST = dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 1, 1))
+
+
+def _variant(name: str, version: int, arch: dict, pretrained: bool, kwargs: dict) -> FLattenPVT:
+    return _create(name, pretrained, **dict(arch, version=version, **kwargs))
+
+
+@register_model
+def flatten_pvt_tiny(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _variant("flatten_pvt_tiny", 1, dict(_PVT, depths=(2, 2, 2, 2)), pretrained, kwargs)
+
+
+@register_model
+def flatten_pvt_small(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _variant("flatten_pvt_small", 1, dict(_PVT, depths=(3, 4, 6, 3)), pretrained, kwargs)
+
+
+@register_model
+def flatten_pvt_medium(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _variant("flatten_pvt_medium", 1, dict(_PVT, depths=(3, 4, 18, 3)), pretrained, kwargs)
+
+
+@register_model
+def flatten_pvt_large(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _variant("flatten_pvt_large", 1, dict(_PVT, depths=(3, 8, 27, 3)), pretrained, kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    arch = dict(_PVT, embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2))
+    return _variant("flatten_pvt_v2_b0", 2, arch, pretrained, kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b1(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _variant("flatten_pvt_v2_b1", 2, dict(_PVT, depths=(2, 2, 2, 2)), pretrained, kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b2(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _variant("flatten_pvt_v2_b2", 2, dict(_PVT, depths=(3, 4, 6, 3)), pretrained, kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b3(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _variant("flatten_pvt_v2_b3", 2, dict(_PVT, depths=(3, 4, 18, 3)), pretrained, kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b4(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _variant("flatten_pvt_v2_b4", 2, dict(_PVT, depths=(3, 8, 27, 3)), pretrained, kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b5(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    arch = dict(_PVT, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4))
+    return _variant("flatten_pvt_v2_b5", 2, arch, pretrained, kwargs)
+
+
+@register_model
+def test_flatten_pvt(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    """Tiny v1 variant (depth 1 per stage, 16-64 channels) for CPU tests."""
+    return _variant("test_flatten_pvt", 1, _TEST, pretrained, kwargs)
+
+
+@register_model
+def test_flatten_pvt_v2(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    """Tiny v2 variant (depth 1 per stage, 16-64 channels) for CPU tests."""
+    return _variant("test_flatten_pvt_v2", 2, _TEST, pretrained, kwargs)

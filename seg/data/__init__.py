@@ -1,0 +1,30 @@
+"""Data: the ADE20K-layout data set, the recipe's augmentation pipelines and the Lightning data module."""
+
+from seg.data.ade20k import (
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    ImageFolder,
+    SegmentationFolder,
+    load_class_names,
+    make_palette,
+    read_label,
+    read_rgb,
+)
+from seg.data.datamodule import SegmentationDataModule, seed_worker
+from seg.data.transforms import eval_transform, seed_pipeline, train_transform
+
+__all__ = [
+    "ADE20K_CLASSES",
+    "ADE20K_PALETTE",
+    "ImageFolder",
+    "SegmentationDataModule",
+    "SegmentationFolder",
+    "eval_transform",
+    "load_class_names",
+    "make_palette",
+    "read_label",
+    "read_rgb",
+    "seed_pipeline",
+    "seed_worker",
+    "train_transform",
+]

@@ -1,0 +1,376 @@
+"""ADE20K: class names, a colour palette, image readers and the folder data set.
+
+The data set reads the ADEChallengeData2016 layout, which any custom data set can reuse::
+
+    root/images/{split}/<stem>.jpg|png
+    root/annotations/{split}/<stem>.png      (single-channel class indices)
+
+With ``reduce_zero_label=True`` (ADE20K) raw label 0 ("other") becomes the ignore index and label k becomes
+k - 1. Every problem with a file raises an error that names the file: nothing is clipped or skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+__all__ = [
+    "ADE20K_CLASSES",
+    "ADE20K_PALETTE",
+    "IMAGE_EXTENSIONS",
+    "ImageFolder",
+    "SegmentationFolder",
+    "image_to_tensor",
+    "load_class_names",
+    "make_palette",
+    "read_label",
+    "read_rgb",
+]
+
+# The 150 classes of ADEChallengeData2016 in label order (raw label k + 1, training label k).
+ADE20K_CLASSES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+    "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion",
+    "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper",
+    "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table", "pillow",
+    "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
+    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair",
+    "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
+    "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole",
+    "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
+    "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel",
+    "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket",
+    "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen",
+    "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)  # fmt: skip
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_SPLIT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def make_palette(num_colors: int) -> np.ndarray:
+    """A fixed palette of distinct RGB colours, generated (not taken from any data set).
+
+    Colour i spreads the bits of i + 1 over the three channels, most significant colour bits first, so
+    neighbouring classes get clearly different colours and no class is black. Distinct for up to 255 colours.
+
+    Returns:
+        uint8 array (num_colors, 3).
+    """
+    if not 0 < num_colors <= 255:
+        raise ValueError(f"make_palette supports 1..255 colours, got {num_colors}")
+    palette = np.zeros((num_colors, 3), dtype=np.uint8)
+    for i in range(num_colors):
+        code, rgb = i + 1, [0, 0, 0]
+        for bit in range(8):  # bit b of channel c comes from bit 3 * b + c of the code
+            for channel in range(3):
+                rgb[channel] |= ((code >> (3 * bit + channel)) & 1) << (7 - bit)
+        palette[i] = rgb
+    return palette
+
+
+ADE20K_PALETTE: np.ndarray = make_palette(len(ADE20K_CLASSES))
+
+
+def load_class_names(path: str | os.PathLike[str]) -> list[str]:
+    """Read class names: a text file with one name per line, or a YAML list (``.yaml`` / ``.yml``).
+
+    Blank lines and lines starting with ``#`` are skipped in text files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class names file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            names = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"class names file {path} is not valid YAML: {err}") from err
+        if not isinstance(names, list) or not all(isinstance(n, str | int) for n in names):
+            raise ValueError(f"class names file {path} must hold a YAML list of names")
+        names = [str(n).strip() for n in names]
+    else:
+        names = [line.strip() for line in text.splitlines()]
+        names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise ValueError(f"class names file {path} holds no names")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"class names file {path} repeats names: {duplicates}")
+    return names
+
+
+def read_rgb(path: str | os.PathLike[str], exif_transpose: bool = True) -> np.ndarray:
+    """Decode any image file to 8-bit RGB.
+
+    Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images are converted; with ``exif_transpose``
+    the EXIF orientation tag is applied (camera photos), as an image viewer shows them.
+
+    Returns:
+        uint8 array (H, W, 3).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit grey: 0..65535 -> 0..255
+                grey = np.asarray(img, dtype=np.float64)
+                grey = np.clip(grey / 257.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"cannot decode image {path}: {err}") from err
+
+
+def read_label(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode a single-channel label map (PNG mode L or P) to raw class indices.
+
+    Returns:
+        uint8 array (H, W) of the raw values stored in the file.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P"):
+                raise ValueError(
+                    f"label map {path} has mode {img.mode}; expected a single-channel (mode L or P) image "
+                    "of class indices (a colour-coded RGB label must be converted to indices first)"
+                )
+            img.load()
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"cannot decode label map {path}: {err}") from err
+
+
+def _label_lut(num_classes: int, ignore_index: int, reduce_zero_label: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Map raw uint8 values to training labels; also flag the raw values that are legal."""
+    raw = np.arange(256)
+    mapped = raw.copy()
+    if reduce_zero_label:
+        mapped = raw - 1
+        mapped[raw == 0] = ignore_index
+        mapped[raw == ignore_index] = ignore_index
+    valid = ((mapped >= 0) & (mapped < num_classes)) | (mapped == ignore_index)
+    return mapped.clip(0, 255).astype(np.uint8), valid
+
+
+def _list_by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
+    """Files of ``folder`` with one of ``extensions`` (any case), keyed by stem."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {folder} does not exist")
+    files: dict[str, Path] = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            path = Path(entry.path)
+            if not entry.is_file() or path.suffix.lower() not in extensions:
+                continue
+            if path.stem in files:
+                raise ValueError(f"two files share the stem {path.stem!r}: {files[path.stem]} and {path}")
+            files[path.stem] = path
+    return files
+
+
+def _missing_message(kind: str, partner: str, folder: Path, stems: list[str], limit: int = 10) -> str:
+    shown = ", ".join(stems[:limit]) + (f", ... ({len(stems) - limit} more)" if len(stems) > limit else "")
+    return f"{len(stems)} {kind} have no {partner} in {folder}: {shown}"
+
+
+class SegmentationFolder(Dataset):
+    """Image / label-map pairs in the ADE20K layout, paired by file stem.
+
+    Samples are dicts: ``image`` float32 (3, h, w) after ``transform``; ``mask`` int64 (h, w) training labels
+    (ignore index for unlabelled pixels). With ``original_mask=True`` (evaluation) the transform is applied to
+    the image only, ``mask`` keeps the original label size and the sample carries its ``name`` (the stem).
+
+    Args:
+        root: data set root holding ``images/`` and ``annotations/``.
+        split: sub-folder name, e.g. ``training`` or ``validation``.
+        transform: albumentations pipeline, called as ``transform(image=..., mask=...)``; None: no change.
+        num_classes: number of training classes; label values beyond it are an error.
+        ignore_index: label of unlabelled pixels (255).
+        reduce_zero_label: raw 0 -> ignore, k -> k - 1 (ADE20K).
+        original_mask: evaluation mode, see above.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str,
+        transform: Callable[..., dict[str, Any]] | None = None,
+        num_classes: int = 150,
+        ignore_index: int = 255,
+        reduce_zero_label: bool = True,
+        original_mask: bool = False,
+    ) -> None:
+        if not 0 < num_classes <= 255 or not 0 <= ignore_index <= 255:
+            raise ValueError(f"need 0 < num_classes <= 255 and 0 <= ignore_index <= 255 (8-bit label maps), "
+                             f"got num_classes={num_classes}, ignore_index={ignore_index}")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data set root {self.root} does not exist")
+        self.split = split
+        self.transform = transform
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.reduce_zero_label = reduce_zero_label
+        self.original_mask = original_mask
+        self._lut, self._valid = _label_lut(num_classes, ignore_index, reduce_zero_label)
+
+        image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
+        images = _list_by_stem(image_dir, _SPLIT_IMAGE_EXTENSIONS)
+        labels = _list_by_stem(label_dir, (".png",))
+        if not images:
+            raise FileNotFoundError(f"split folder {image_dir} holds no .jpg/.png images")
+        no_label = sorted(set(images) - set(labels))
+        no_image = sorted(set(labels) - set(images))
+        if no_label:
+            raise FileNotFoundError(_missing_message("images", "label map", label_dir, no_label))
+        if no_image:
+            raise FileNotFoundError(_missing_message("label maps", "image", image_dir, no_image))
+        self.samples: list[tuple[Path, Path]] = [(images[s], labels[s]) for s in sorted(images)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decode one pair without transforms.
+
+        Returns:
+            image uint8 (H, W, 3) RGB, label uint8 (H, W) training labels (after the zero-label mapping).
+        """
+        image_path, label_path = self.samples[index]
+        image_size = _header_size(image_path, "image")
+        label_size = _header_size(label_path, "label map")
+        if image_size != label_size:
+            raise ValueError(f"label map {label_path} is {label_size[0]}x{label_size[1]} (WxH) but its image "
+                             f"{image_path} is {image_size[0]}x{image_size[1]}")
+        image = read_rgb(image_path, exif_transpose=False)  # labels follow the stored pixel grid
+        raw = read_label(label_path)
+        present = cv2.calcHist([raw], [0], None, [256], [0, 256]).ravel() > 0  # values found in the file
+        bad = np.flatnonzero(present & ~self._valid)
+        if bad.size:
+            legal = f"1..{self.num_classes}" if self.reduce_zero_label else f"0..{self.num_classes - 1}"
+            raise ValueError(f"label map {label_path} holds values {bad.tolist()} outside {legal} "
+                             f"(and not {self.ignore_index}); num_classes={self.num_classes}, "
+                             f"reduce_zero_label={self.reduce_zero_label}")
+        return image, cv2.LUT(raw, self._lut)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.load(index)
+        if self.original_mask:
+            out = self.transform(image=image) if self.transform is not None else {"image": image}
+            mask = label
+        else:
+            out = self.transform(image=image, mask=label) if self.transform is not None else {"image": image}
+            mask = out.get("mask", label)
+        sample = {
+            "image": image_to_tensor(out["image"]),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)),
+        }
+        if self.original_mask:
+            sample["name"] = self.samples[index][0].stem
+        return sample
+
+    def reseed(self, seed: int) -> None:
+        """Reseed the random state of the transform (see :func:`seg.data.transforms.seed_pipeline`)."""
+        from seg.data.transforms import seed_pipeline
+
+        if self.transform is not None:
+            seed_pipeline(self.transform, seed)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) array, any dtype -> float32 tensor (3, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))  # HWC -> CHW
+
+
+def _header_size(path: Path, kind: str) -> tuple[int, int]:
+    """(W, H) of an image read from its header only."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"cannot decode {kind} {path}: {err}") from err
+
+
+class ImageFolder(Dataset):
+    """Every image under a folder (recursive), or one image file, for prediction.
+
+    Files are sorted by relative path; a file that is not a readable image is skipped with a warning naming
+    it. Images are converted to RGB with their EXIF orientation applied. Samples are dicts: ``image`` float32
+    (3, h, w) after ``transform``; ``path`` the path relative to the folder; ``orig_size`` int64 (2,) =
+    (H0, W0).
+
+    Args:
+        root: folder (searched recursively) or a single image file.
+        transform: albumentations pipeline called as ``transform(image=...)``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        transform: Callable[..., dict[str, Any]] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        if self.root.is_file():
+            self.base, candidates = self.root.parent, [self.root]
+        elif self.root.is_dir():
+            self.base, candidates = self.root, sorted(p for p in self.root.rglob("*") if p.is_file())
+        else:
+            raise FileNotFoundError(f"prediction input {self.root} does not exist")
+        self.files: list[Path] = []
+        for path in candidates:
+            reason = _not_an_image(path)
+            if reason:
+                warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+            else:
+                self.files.append(path)
+        if not self.files:
+            kinds = ", ".join(IMAGE_EXTENSIONS)
+            raise FileNotFoundError(f"no readable images ({kinds}) found in {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.files[index]
+        image = read_rgb(path, exif_transpose=True)
+        out = self.transform(image=image) if self.transform is not None else {"image": image}
+        return {
+            "image": image_to_tensor(out["image"]),
+            "path": path.relative_to(self.base).as_posix(),
+            "orig_size": torch.tensor(image.shape[:2], dtype=torch.int64),  # (H0, W0) after EXIF rotation
+        }
+
+
+def _not_an_image(path: Path) -> str | None:
+    """Why ``path`` cannot be predicted on, or None when its header reads as an image."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file (extension not in {', '.join(IMAGE_EXTENSIONS)})"
+    try:
+        with Image.open(path):
+            return None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        return f"not a readable image ({err})"

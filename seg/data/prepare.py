@@ -1,0 +1,253 @@
+"""Extract and verify ADE20K: ``python -m seg.data.prepare PATH [--out DIR]``.
+
+PATH is the official ``ADEChallengeData2016.zip`` (extracted into DIR, default ``data/``) or an already
+extracted ``ADEChallengeData2016`` folder (checked in place). The check reports, naming the files:
+
+- image / label counts per split against the expected 20,210 training and 2,000 validation pairs;
+- images without a label map and label maps without an image;
+- label maps that are not single-channel (mode L / P), that cannot be decoded, or hold values above 150;
+- label maps whose size differs from their image's (sizes read from the file headers, no image decoding).
+
+Exit status 0 when nothing is wrong, 1 otherwise, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import zipfile
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["EXPECTED_COUNTS", "Problem", "Report", "check_pair", "extract", "main", "verify"]
+
+EXPECTED_COUNTS: dict[str, int] = {"training": 20210, "validation": 2000}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the data set: a kind (e.g. ``missing label``), the file and what is wrong."""
+
+    kind: str
+    path: str
+    detail: str
+
+
+@dataclass
+class Report:
+    """Result of :func:`verify`: per-split counts and every problem found."""
+
+    root: Path
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # split -> (images, label maps)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def kinds(self) -> Counter[str]:
+        """Number of problems per kind."""
+        return Counter(p.kind for p in self.problems)
+
+
+def _safe_target(out: Path, member: str) -> Path | None:
+    """Where a zip member goes under ``out``, or None for macOS metadata; refuses paths leaving ``out``."""
+    if member.startswith("__MACOSX/") or Path(member).name == ".DS_Store":
+        return None
+    target = (out / member).resolve()
+    if not target.is_relative_to(out.resolve()):
+        raise ValueError(f"zip member {member!r} would be written outside {out}: refusing to extract")
+    return target
+
+
+def extract(zip_path: Path, out: Path) -> Path:
+    """Extract ``zip_path`` into ``out`` (files already there with the same size are kept).
+
+    Returns:
+        The data set root: the extracted folder that holds ``images/`` and ``annotations/``.
+    """
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{zip_path} is not a valid zip file: {err}") from err
+    with archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        print(f"extracting {len(members)} files from {zip_path} into {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        for i, member in enumerate(members):
+            target = _safe_target(out, member.filename)
+            if target is None or (target.is_file() and target.stat().st_size == member.file_size):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as src, open(target, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            if (i + 1) % 5000 == 0:
+                print(f"  {i + 1}/{len(members)}")
+        tops = sorted({m.filename.split("/")[0] for m in members if "/" in m.filename} - {"__MACOSX"})
+    for candidate in [out / t for t in tops] + [out]:
+        if (candidate / "images").is_dir():
+            return candidate
+    raise FileNotFoundError(f"{zip_path} holds no images/ folder (top-level entries: {tops})")
+
+
+def _header(path: Path) -> tuple[tuple[int, int], str]:
+    with Image.open(path) as img:
+        return img.size, img.mode
+
+
+def check_pair(image: str, label: str, max_label: int = 150) -> list[Problem]:
+    """Check one image / label map pair: readable headers, label mode, label values, equal sizes."""
+    problems: list[Problem] = []
+    try:
+        image_size, _ = _header(Path(image))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        problems.append(Problem("unreadable image", image, str(err)))
+        image_size = None
+    try:
+        with Image.open(label) as img:
+            label_size, mode = img.size, img.mode
+            if mode not in ("L", "P"):
+                detail = f"mode {mode}, expected single-channel L or P"
+                return problems + [Problem("label mode", label, detail)]
+            values = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        return problems + [Problem("unreadable label", label, str(err))]
+    counts = np.bincount(values.ravel(), minlength=256)
+    bad = np.flatnonzero(counts[max_label + 1 :]) + max_label + 1
+    if bad.size:
+        problems.append(Problem("label values", label, f"values {bad.tolist()} above {max_label}"))
+    if image_size is not None and image_size != label_size:
+        detail = f"{label_size[0]}x{label_size[1]} (WxH) but image {image} is {image_size[0]}x{image_size[1]}"
+        problems.append(Problem("size mismatch", label, detail))
+    return problems
+
+
+def _check_pair_args(args: tuple[str, str, int]) -> list[Problem]:
+    return check_pair(*args)
+
+
+def _by_stem(folder: Path, suffixes: tuple[str, ...], report: Report) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    with os.scandir(folder) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            path = Path(entry.path)
+            if not entry.is_file():
+                continue
+            if path.suffix.lower() not in suffixes:
+                report.problems.append(Problem("unexpected file", str(path), "not a data file"))
+            elif path.stem in files:
+                detail = f"same stem as {files[path.stem]}"
+                report.problems.append(Problem("duplicate stem", str(path), detail))
+            else:
+                files[path.stem] = path
+    return files
+
+
+def verify(
+    root: Path,
+    expected: dict[str, int] | None = None,
+    max_label: int = 150,
+    workers: int = 1,
+) -> Report:
+    """Check every split of ``expected`` (default: ADE20K's) under ``root``.
+
+    Args:
+        root: data set root holding ``images/`` and ``annotations/``.
+        expected: split name -> expected number of pairs; a value < 0 skips the count check of that split.
+        max_label: largest legal raw label value (150 for ADE20K: 0 = other, 1..150 classes).
+        workers: processes decoding label maps (1: in this process).
+    """
+    expected = dict(EXPECTED_COUNTS if expected is None else expected)
+    report = Report(root=root)
+    jobs: list[tuple[str, str, int]] = []
+    for split, count in expected.items():
+        image_dir, label_dir = root / "images" / split, root / "annotations" / split
+        missing = [d for d in (image_dir, label_dir) if not d.is_dir()]
+        for folder in missing:
+            report.problems.append(Problem("missing folder", str(folder), "split folder does not exist"))
+        if missing:
+            report.counts[split] = (0, 0)
+            continue
+        images = _by_stem(image_dir, IMAGE_SUFFIXES, report)
+        labels = _by_stem(label_dir, (".png",), report)
+        report.counts[split] = (len(images), len(labels))
+        if count >= 0 and (len(images) != count or len(labels) != count):
+            report.problems.append(Problem("count", f"{image_dir} | {label_dir}", f"{len(images)} images and "
+                                           f"{len(labels)} label maps, expected {count} each"))
+        for stem in sorted(set(images) - set(labels)):
+            report.problems.append(Problem("missing label", str(images[stem]), f"no {label_dir / stem}.png"))
+        for stem in sorted(set(labels) - set(images)):
+            detail = f"no image {stem}.* in {image_dir}"
+            report.problems.append(Problem("missing image", str(labels[stem]), detail))
+        jobs += [(str(images[s]), str(labels[s]), max_label) for s in sorted(set(images) & set(labels))]
+    if workers > 1 and len(jobs) > 64:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_check_pair_args, jobs, chunksize=64))
+    else:
+        results = [check_pair(*job) for job in jobs]
+    for problems in results:
+        report.problems.extend(problems)
+    return report
+
+
+def print_report(report: Report, max_per_kind: int = 50) -> None:
+    """Print the counts, the problems (at most ``max_per_kind`` of each kind) and a summary."""
+    print(f"data set: {report.root}")
+    for split, (n_images, n_labels) in report.counts.items():
+        print(f"  {split}: {n_images} images, {n_labels} label maps")
+    shown: Counter[str] = Counter()
+    for problem in report.problems:
+        shown[problem.kind] += 1
+        if shown[problem.kind] <= max_per_kind:
+            print(f"  [{problem.kind}] {problem.path}: {problem.detail}")
+    for kind, count in report.kinds().items():
+        if count > max_per_kind:
+            print(f"  [{kind}] ... and {count - max_per_kind} more")
+    if report.ok:
+        print("summary: OK, no problems found")
+    else:
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(report.kinds().items()))
+        print(f"summary: {len(report.problems)} problems ({kinds})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the exit status (0 OK, 1 problems found, 2 bad input)."""
+    parser = argparse.ArgumentParser(prog="python -m seg.data.prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("path", type=Path, help="ADEChallengeData2016.zip or an extracted data set folder")
+    parser.add_argument("--out", type=Path, default=Path("data"), help="where a zip is extracted (data/)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="checking processes")
+    parser.add_argument("--max-label", type=int, default=150, help="largest legal raw label value")
+    parser.add_argument("--skip-count-check", action="store_true", help="do not compare with ADE20K's counts")
+    parser.add_argument("--max-report", type=int, default=50, help="problems printed per kind")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.path.is_file():
+            root = extract(args.path, args.out)
+        elif args.path.is_dir():
+            root = args.path
+        else:
+            raise FileNotFoundError(f"{args.path} does not exist")
+        if not (root / "images").is_dir():
+            raise FileNotFoundError(f"{root} holds no images/ folder (expected the ADEChallengeData2016 "
+                                    "layout)")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    expected = {split: -1 for split in EXPECTED_COUNTS} if args.skip_count_check else EXPECTED_COUNTS
+    report = verify(root, expected, max_label=args.max_label, workers=args.workers)
+    print_report(report, args.max_report)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

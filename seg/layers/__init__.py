@@ -1,0 +1,21 @@
+"""Attention layers: pure maths over (B, h, N, d) tensors plus thin modules."""
+
+from seg.layers.focused_linear import (
+    FocusedLinearAttention,
+    focus,
+    focused_kernel,
+    focused_linear_attention,
+    linear_attention,
+    resize_token_grid,
+)
+from seg.layers.softmax import SpatialReductionAttention
+
+__all__ = [
+    "FocusedLinearAttention",
+    "SpatialReductionAttention",
+    "focus",
+    "focused_kernel",
+    "focused_linear_attention",
+    "linear_attention",
+    "resize_token_grid",
+]

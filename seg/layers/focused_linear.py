@@ -1,0 +1,221 @@
+"""Focused linear attention (FLatten, Han et al., ICCV 2023, arXiv 2308.00442).
+
+The maths lives in three pure functions over (B, h, N, d) tensors; :class:`FocusedLinearAttention`
+is a thin module that owns the projections, the optional spatial reduction, the learned positional
+encoding on k, the per-channel temperature and the depthwise conv (DWC) that restores the rank.
+
+Numerics: the kernel, the power and the norms run in float32 even under autocast (x**3 of an fp16
+activation overflows), and the d x d summary keeps the published mean-based formulation
+(kv = k^T v / n, z = 1 / (q . mean(k) + eps)) that avoids the fp16 overflow of plain sums.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "FocusedLinearAttention",
+    "focus",
+    "focused_kernel",
+    "focused_linear_attention",
+    "linear_attention",
+    "resize_token_grid",
+]
+
+KERNEL_EPS = 1e-6  # added after ReLU so that no feature is exactly zero
+DENOM_EPS = 1e-6  # added to the normaliser q . mean(k)
+
+
+def focus(x: Tensor, p: float) -> Tensor:
+    """Focusing function f_p: element-wise power p, rescaled to keep each token's norm.
+
+    Args:
+        x: positive features (B, h, N, d); the norm is taken over all h * d channels of a token.
+        p: focusing factor (3 in every published model).
+    """
+    norm = x.square().sum(dim=(1, 3), keepdim=True).sqrt()  # (B, 1, N, 1) norm over h*d channels
+    # f_p is invariant to the scale of x: powering the unit vector keeps every value in [0, 1]
+    # and its norm >= C^(-p/2), so nothing under- or overflows (the published form powers x itself)
+    up = (x / norm).pow(p)
+    return up * (norm / up.square().sum(dim=(1, 3), keepdim=True).sqrt())
+
+
+def focused_kernel(x: Tensor, scale: Tensor, p: float) -> Tensor:
+    """phi_p(x) = f_p((ReLU(x) + eps) / softplus(scale)), computed in float32.
+
+    Args:
+        x: raw projections (B, h, N, d), any float dtype.
+        scale: the learnable temperature (1, 1, C) with C = h * d.
+        p: focusing factor.
+    """
+    h, d = x.shape[1], x.shape[3]
+    temperature = F.softplus(scale.float()).view(1, h, 1, d)  # (1, C) channel order is head-major
+    x = (F.relu(x.float()) + KERNEL_EPS) / temperature
+    return focus(x, p)
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Normalised linear attention out_i = sum_j (q_i . k_j) v_j / sum_j (q_i . k_j), linear order.
+
+    Uses the mean-based form: kv = k^T v / n (d x d per head) and z = 1 / (q . mean_j k_j + eps),
+    so no intermediate grows with n. q: (B, h, N, d), k and v: (B, h, n, d) -> (B, h, N, d).
+    """
+    n = k.shape[-2]
+    kv = k.transpose(-2, -1) @ (v * (1.0 / n))  # (B, h, d, d)
+    k_mean = k.mean(dim=-2, keepdim=True).transpose(-2, -1)  # (B, h, d, 1)
+    # one matmul for numerator and denominator: q @ [kv | mean(k)]
+    qkv = q @ torch.cat([kv, k_mean], dim=-1)  # (B, h, N, d + 1)
+    return qkv[..., :-1] / (qkv[..., -1:] + DENOM_EPS)
+
+
+def focused_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: Tensor, focusing_factor: float = 3.0
+) -> Tensor:
+    """Focused linear attention without the DWC term, returned in v's dtype.
+
+    Args:
+        q: raw query projections (B, h, N, d).
+        k: raw key projections (B, h, n, d), positional encoding already added.
+        v: values (B, h, n, d).
+        scale: learnable temperature (1, 1, h * d); softplus(scale) divides q and k.
+        focusing_factor: the power p of the focusing function.
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = focused_kernel(q, scale, focusing_factor)
+        k = focused_kernel(k, scale, focusing_factor)
+        out = linear_attention(q, k, v.float())
+    return out.to(v.dtype)
+
+
+def resize_token_grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a (1, n, C) table stored on a square grid to (1, H * W, C), bilinear, align_corners=False."""
+    n, c = tokens.shape[1], tokens.shape[2]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"a token table of {n} entries is not a square grid")
+    if (side, side) == tuple(size):
+        return tokens
+    grid = tokens.reshape(1, side, side, c).permute(0, 3, 1, 2)  # (1, C, s, s)
+    grid = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=False).to(tokens.dtype)
+    return grid.flatten(2).transpose(1, 2)  # (1, H*W, C)
+
+
+class FocusedLinearAttention(nn.Module):
+    """Focused linear attention over an H x W token grid, as in the published FLatten models.
+
+    Parameter names match the published checkpoints: ``q``, ``kv`` (or ``qkv`` when ``fused_qkv``),
+    ``proj``, ``scale``, ``positional_encoding``, ``dwc`` and, with ``sr_ratio > 1``, ``sr``, ``norm``.
+
+    Args:
+        dim: channels C.
+        num_heads: heads h; head dim d = C / h.
+        grid_size: (H, W) token grid the positional encoding is stored at (the training grid,
+            56 x 56 for stage 1 at 224 x 224). It is resized to any other grid on the fly.
+        qkv_bias: bias in the q / kv projections.
+        sr_ratio: spatial reduction of keys and values (conv k = s = sr, then LayerNorm).
+        focusing_factor: power p of the focusing function.
+        kernel_size: DWC kernel; one depthwise filter bank of size d shared by all heads.
+        proj_drop: dropout after the output projection.
+        fused_qkv: one ``qkv`` projection (Swin naming) instead of ``q`` and ``kv`` (PVT naming).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid_size: tuple[int, int] = (56, 56),
+        qkv_bias: bool = True,
+        sr_ratio: int = 1,
+        focusing_factor: float = 3.0,
+        kernel_size: int = 5,
+        proj_drop: float = 0.0,
+        fused_qkv: bool = False,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if fused_qkv and sr_ratio > 1:
+            raise ValueError("fused_qkv projects q, k and v from the same tokens: it needs sr_ratio=1")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.sr_ratio = sr_ratio
+        self.focusing_factor = focusing_factor
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        else:
+            self.q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = nn.Conv2d(self.head_dim, self.head_dim, kernel_size, padding=kernel_size // 2,
+                             groups=self.head_dim)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim))
+        kv_grid = (grid_size[0] // sr_ratio) * (grid_size[1] // sr_ratio)
+        self.positional_encoding = nn.Parameter(torch.zeros(1, kv_grid, dim))
+        self._pe_cache: dict[tuple, Tensor] = {}
+
+    def positional_encoding_at(self, size: tuple[int, int]) -> Tensor:
+        """The positional encoding resized to an (H', W') key grid; cached per size in eval mode."""
+        pe = self.positional_encoding
+        if self.training or torch.is_grad_enabled():
+            return resize_token_grid(pe, size)
+        key = (size, pe.device, pe.dtype, pe._version)
+        cached = self._pe_cache.get(key)
+        if cached is None:
+            if len(self._pe_cache) > 16:
+                self._pe_cache.clear()
+            cached = self._pe_cache[key] = resize_token_grid(pe.detach(), size)
+        return cached
+
+    def _project(self, x: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+        """q (B, N, C) and k, v (B, n, C) plus the key grid (H', W')."""
+        B, N, C = x.shape
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return q, k, v, size
+        q = self.q(x)
+        if self.sr_ratio > 1:
+            x_map = x.transpose(1, 2).reshape(B, C, *size)  # (B, C, H, W)
+            x_map = self.sr(x_map)  # (B, C, H', W')
+            kv_size = (x_map.shape[2], x_map.shape[3])
+            x = self.norm(x_map.flatten(2).transpose(1, 2))  # (B, n, C)
+        else:
+            kv_size = size
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return q, k, v, kv_size
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """x: (B, N, C) tokens of an H x W grid (N = H * W) -> (B, N, C)."""
+        B, N, C = x.shape
+        H, W = size
+        if N != H * W:
+            raise ValueError(f"{N} tokens do not form a {H} x {W} grid")
+        q, k, v, kv_size = self._project(x, size)
+        k = k + self.positional_encoding_at(kv_size).to(k.dtype)
+        h, d = self.num_heads, self.head_dim
+        q = q.reshape(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
+        k = k.reshape(B, -1, h, d).transpose(1, 2)  # (B, h, n, d)
+        v = v.reshape(B, -1, h, d).transpose(1, 2)  # (B, h, n, d)
+        out = focused_linear_attention(q, k, v, self.scale, self.focusing_factor)
+        out = out + self._rank_restoration(v, kv_size, size)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj_drop(self.proj(out))
+
+    def _rank_restoration(self, v: Tensor, kv_size: tuple[int, int], size: tuple[int, int]) -> Tensor:
+        """DWC(v) on the H x W map, one filter bank shared by all heads: (B, h, n, d) -> (B, h, N, d)."""
+        B, h, n, d = v.shape
+        v_map = v.transpose(2, 3).reshape(B * h, d, *kv_size)  # (B*h, d, H', W')
+        if kv_size != size:
+            # sr > 1: bring v back to the full grid with a 2-D bilinear resize (the published code
+            # interpolates the flattened sequence in 1-D, which mixes rows on non-square maps)
+            v_map = F.interpolate(v_map, size=size, mode="bilinear", align_corners=False)
+        out = self.dwc(v_map)  # (B*h, d, H, W)
+        return out.reshape(B, h, d, -1).transpose(2, 3)  # (B, h, N, d)

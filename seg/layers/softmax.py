@@ -1,0 +1,60 @@
+"""Softmax spatial-reduction attention of PVT (Wang et al., ICCV 2021): the A/B baseline of FLatten-PVT."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SpatialReductionAttention"]
+
+
+class SpatialReductionAttention(nn.Module):
+    """Multi-head softmax attention whose keys and values come from an sr-times reduced grid.
+
+    Parameter names match PVT checkpoints (``q``, ``kv``, ``proj``, ``sr``, ``norm``). The attention
+    itself runs through ``scaled_dot_product_attention``.
+
+    Args:
+        dim: channels C.
+        num_heads: heads h.
+        qkv_bias: bias in the q / kv projections.
+        sr_ratio: spatial reduction of keys and values (conv k = s = sr, then LayerNorm).
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        sr_ratio: int = 1,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.sr_ratio = sr_ratio
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """x: (B, N, C) tokens of an H x W grid -> (B, N, C)."""
+        B, N, C = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
+        if self.sr_ratio > 1:
+            x_map = x.transpose(1, 2).reshape(B, C, *size)  # (B, C, H, W)
+            x = self.norm(self.sr(x_map).flatten(2).transpose(1, 2))  # (B, n, C)
+        k, v = self.kv(x).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, n, d)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj_drop(self.proj(out))

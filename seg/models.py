@@ -1,0 +1,245 @@
+"""Segmentor: a timm encoder + a decode head (+ the recipe's auxiliary FCN head), padded to /32, cropped back.
+
+The encoder is smp's timm universal encoder (``tu-<name>``): any timm model with 4 feature stages works,
+ours (``flatten_pvt_tiny``, ...; registered on ``import seg``) or timm's (``pvt_v2_b0``, ...). It returns
+smp's feature list ``[x, empty, s4, s8, s16, s32]`` (strides 1, 2, 4, 8, 16, 32; the stride-2 map has
+0 channels for transformer encoders) and reports the matching ``out_channels``. Every head reads its widths
+from there.
+
+Decoders (``DECODERS``): ``upernet`` (smp decoder, 512 channels, dropout 0.1 + 1x1 classifier: the Swin
+recipe), ``semantic_fpn`` (the PVT recipe, ``seg.heads.SemanticFPNHead``), and smp's ``fpn`` and ``segformer``
+decoders at their default widths. smp's DeepLabV3+ needs an encoder that can run at output stride 16
+(dilation), which the transformer encoders here cannot, so it is not offered.
+
+UperNet's pyramid pooling has BatchNorm on 1x1 pooled maps: in training each device must hold more than one
+image (``forward`` raises otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch.nn.functional as F
+from segmentation_models_pytorch.base.initialization import initialize_decoder
+from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
+from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
+from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
+from segmentation_models_pytorch.encoders import get_encoder
+from torch import Tensor, nn
+
+from seg.heads import AuxFCNHead, SemanticFPNHead
+
+__all__ = ["DECODERS", "DecoderName", "Segmentor", "SmpDecodeHead", "skips_weight_decay"]
+
+DecoderName = Literal["upernet", "semantic_fpn", "fpn", "segformer"]
+
+# smp feature lists hold the input and a stride-2 map before the 4 encoder stages: depth 5 = strides 1..32.
+_SMP_DEPTH = 5
+
+# Parameters matched by these substrings, or with "scale" as a full name component (FLatten's temperature),
+# get no weight decay; neither do 1-D parameters (norm weights, biases).
+_NO_DECAY_SUBSTRINGS = (
+    "pos_embed",  # PVT / ViT absolute position tables, Swin's absolute_pos_embed
+    "pos_embedding",
+    "positional_encoding",  # FLatten's learned key position table
+    "relative_position_bias_table",  # Swin
+    "cls_token",
+)
+_NO_DECAY_COMPONENTS = frozenset({"scale"})
+
+
+class SmpDecodeHead(nn.Module):
+    """An smp decoder followed by channel dropout and a 1x1 classifier (smp's own head upsamples with
+    ``align_corners=True``; the segmentor resizes the logits itself instead).
+
+    Args:
+        decoder: smp decoder taking smp's feature list and returning (B, channels, H/4, W/4).
+        channels: width of the decoder output.
+        num_classes: number of output classes.
+        dropout: channel dropout probability before the classifier.
+    """
+
+    def __init__(self, decoder: nn.Module, channels: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
+        initialize_decoder(self.decoder)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """Map smp's feature list to logits (B, num_classes, H/4, W/4)."""
+        # smp decoders may overwrite list entries in place; give them their own list.
+        return self.classifier(self.dropout(self.decoder(list(features))))
+
+
+def _upernet(encoder_channels: Sequence[int], num_classes: int, channels: int | None) -> nn.Module:
+    """UperNet (PPM + FPN), 512 channels and dropout 0.1 by default (Swin recipe)."""
+    channels = channels or 512
+    decoder = UPerNetDecoder(encoder_channels, encoder_depth=_SMP_DEPTH, decoder_channels=channels)
+    return SmpDecodeHead(decoder, channels, num_classes, dropout=0.1)
+
+
+def _semantic_fpn(encoder_channels: Sequence[int], num_classes: int, channels: int | None) -> nn.Module:
+    """Semantic FPN of the PVT recipe: 256-channel pyramid, 128-channel scale heads by default."""
+    fpn_channels = channels or 256
+    return SemanticFPNHead(encoder_channels[-4:], num_classes, fpn_channels, head_channels=fpn_channels // 2)
+
+
+def _fpn(encoder_channels: Sequence[int], num_classes: int, channels: int | None) -> nn.Module:
+    """smp's FPN (GroupNorm, dropout 0.2 inside); ``channels`` sets its pyramid width (smp default 256)."""
+    decoder = FPNDecoder(encoder_channels, encoder_depth=_SMP_DEPTH, pyramid_channels=channels or 256)
+    return SmpDecodeHead(decoder, decoder.out_channels, num_classes, dropout=0.0)
+
+
+def _segformer(encoder_channels: Sequence[int], num_classes: int, channels: int | None) -> nn.Module:
+    """smp's SegFormer all-MLP decoder; ``channels`` sets its width (smp default 256)."""
+    channels = channels or 256
+    decoder = SegformerDecoder(encoder_channels, encoder_depth=_SMP_DEPTH, segmentation_channels=channels)
+    return SmpDecodeHead(decoder, channels, num_classes, dropout=0.0)
+
+
+@dataclass(frozen=True)
+class _DecoderSpec:
+    """How to build a decode head, and whether it has BatchNorm over 1x1 pooled maps (needs batch > 1)."""
+
+    build: Callable[[Sequence[int], int, int | None], nn.Module]
+    pooled_batchnorm: bool = False
+
+
+DECODERS: dict[str, _DecoderSpec] = {
+    "upernet": _DecoderSpec(_upernet, pooled_batchnorm=True),
+    "semantic_fpn": _DecoderSpec(_semantic_fpn),
+    "fpn": _DecoderSpec(_fpn),
+    "segformer": _DecoderSpec(_segformer),
+}
+assert set(DECODERS) == set(get_args(DecoderName)), "DECODERS and DecoderName must list the same names"
+
+
+class Segmentor(nn.Module):
+    """Encoder + decode head (+ auxiliary FCN head on the stride-16 map in training).
+
+    Args:
+        encoder: timm model name (``flatten_pvt_tiny``, ``pvt_v2_b0``, ...), built features-only.
+        decoder: decode head, one of ``DECODERS``.
+        num_classes: number of output classes.
+        decoder_channels: decoder width; None uses the recipe's (upernet 512; semantic_fpn 256 pyramid /
+            128 scale heads) or smp's default (fpn, segformer: 256).
+        aux_head: add the recipe's auxiliary FCN head (256 channels) on the stride-16 encoder map; its logits
+            are returned in training only.
+        encoder_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``attn_type``,
+            ``drop_path_rate``).
+        encoder_checkpoint: path of an ImageNet checkpoint to load into the encoder, the timm way
+            (``pretrained=True, pretrained_cfg_overlay=dict(file=path)``; the model's filter function
+            converts it).
+        pad_multiple: inputs are zero-padded on the bottom/right to a multiple of this (pixels) and the logits
+            cropped back; keep it a multiple of the encoder's output stride (32).
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        decoder: DecoderName = "upernet",
+        num_classes: int = 150,
+        decoder_channels: int | None = None,
+        aux_head: bool = True,
+        encoder_kwargs: dict[str, Any] | None = None,
+        encoder_checkpoint: str | None = None,
+        pad_multiple: int = 32,
+    ) -> None:
+        super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; valid options: {', '.join(DECODERS)}")
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+        kwargs = dict(encoder_kwargs or {})
+        if encoder_checkpoint is not None:
+            path = Path(encoder_checkpoint).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"encoder checkpoint not found: {path}")
+            kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
+
+        self.encoder_name = encoder
+        self.decoder_name = decoder
+        self.num_classes = num_classes
+        self.pad_multiple = pad_multiple
+        # smp maps weights=None -> pretrained=False and anything else -> pretrained=True for tu- encoders.
+        weights = True if encoder_checkpoint is not None else None
+        self.encoder = get_encoder("tu-" + encoder, depth=_SMP_DEPTH, weights=weights, **kwargs)
+        channels = list(self.encoder.out_channels)  # [3, 0 or C_s2, C1, C2, C3, C4] for strides 1..32
+        spec = DECODERS[decoder]
+        self._pooled_batchnorm = spec.pooled_batchnorm
+        self.decode_head = spec.build(channels, num_classes, decoder_channels)
+        self.aux_head = AuxFCNHead(channels[-2], num_classes) if aux_head else None
+
+    @property
+    def encoder_channels(self) -> list[int]:
+        """Channels of the 4 encoder stages at strides 4, 8, 16, 32."""
+        return list(self.encoder.out_channels[-4:])
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Segment a batch.
+
+        Args:
+            x: normalized images (B, 3, H, W), any H and W.
+
+        Returns:
+            ``{'out': logits (B, num_classes, H, W)}``, plus ``'aux'`` (same shape) in training when the
+            auxiliary head exists.
+        """
+        B, _, H, W = x.shape
+        if self.training and self._pooled_batchnorm and B < 2:
+            raise ValueError(
+                f"decoder {self.decoder_name!r} has BatchNorm on 1x1 pooled maps: training needs more than "
+                f"one image per device, got batch size {B}"
+            )
+        pad_h, pad_w = -H % self.pad_multiple, -W % self.pad_multiple
+        x = F.pad(x, (0, pad_w, 0, pad_h))  # (B, 3, H + pad_h, W + pad_w), zeros bottom/right
+        padded = (H + pad_h, W + pad_w)
+        features = self.encoder(x)  # [x, s2, s4, s8, s16, s32]
+        outputs = {"out": _resize_crop(self.decode_head(features), padded, (H, W))}
+        if self.training and self.aux_head is not None:
+            outputs["aux"] = _resize_crop(self.aux_head(features[-2]), padded, (H, W))
+        return outputs
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Split trainable parameters into a decayed and a non-decayed group for the optimizer.
+
+        No decay on 1-D parameters (norm weights, biases), position tables (``pos_embed``,
+        ``positional_encoding``, ``relative_position_bias_table``, ``cls_token``) and the FLatten ``scale``.
+
+        Args:
+            weight_decay: decay of the first group; the second group has 0.
+
+        Returns:
+            ``[{'params': decayed, 'weight_decay': weight_decay}, {'params': others, 'weight_decay': 0.0}]``.
+        """
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if skips_weight_decay(name, param) else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def skips_weight_decay(name: str, param: Tensor) -> bool:
+    """Whether a parameter is exempt from weight decay (1-D, position table, or a ``scale`` temperature)."""
+    if param.ndim <= 1:
+        return True
+    if any(key in name for key in _NO_DECAY_SUBSTRINGS):
+        return True
+    return not _NO_DECAY_COMPONENTS.isdisjoint(name.split("."))
+
+
+def _resize_crop(logits: Tensor, padded: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """Resize logits (B, K, h, w) bilinearly to the padded input size, then crop to (B, K, H, W)."""
+    if tuple(logits.shape[-2:]) != padded:
+        logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+    return logits[..., : size[0], : size[1]]

@@ -1,0 +1,193 @@
+"""Tests for the segmentor: shapes, padding and cropping, aux head, gradients, param groups, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import get_args
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import seg.models as models
+from seg.models import DECODERS, DecoderName, Segmentor, skips_weight_decay
+
+# timm's PVTv2-B0 shrunk to one block per stage: same code path as a real encoder, fast on CPU.
+TINY = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))
+NUM_CLASSES = 5
+SIZES = [(64, 96), (70, 101)]
+_CACHE: dict[str, Segmentor] = {}
+
+
+def _tiny(decoder: str) -> Segmentor:
+    """One tiny segmentor per decoder, shared by the tests (they never change its weights)."""
+    if decoder not in _CACHE:
+        torch.manual_seed(0)
+        _CACHE[decoder] = Segmentor(
+            "pvt_v2_b0", decoder, num_classes=NUM_CLASSES, decoder_channels=32, encoder_kwargs=TINY
+        )
+    return _CACHE[decoder]
+
+
+@pytest.mark.parametrize("decoder", ["upernet", "semantic_fpn", "segformer", "fpn"])
+@pytest.mark.parametrize("size", SIZES)
+def test_output_shapes_train_and_eval(decoder: str, size: tuple[int, int]) -> None:
+    model = _tiny(decoder)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        out = model.train()(x)
+        assert set(out) == {"out", "aux"}
+        assert out["out"].shape == out["aux"].shape == (2, NUM_CLASSES, *size)
+        out = model.eval()(x)
+    assert set(out) == {"out"}
+    assert out["out"].shape == (2, NUM_CLASSES, *size)
+    assert torch.isfinite(out["out"]).all()
+
+
+@pytest.mark.parametrize("decoder", ["upernet", "semantic_fpn"])
+def test_crop_is_top_left_of_padded_prediction(decoder: str) -> None:
+    """Predicting an odd-sized image equals predicting its zero-padded /32 version, cropped top left."""
+    model = _tiny(decoder).eval()
+    x = torch.randn(2, 3, 70, 101)
+    with torch.no_grad():
+        small = model(x)["out"]
+        big = model(F.pad(x, (0, 128 - 101, 0, 96 - 70)))["out"]
+    assert big.shape[-2:] == (96, 128)
+    torch.testing.assert_close(small, big[..., :70, :101])
+
+
+def test_no_aux_head_when_disabled() -> None:
+    model = Segmentor("pvt_v2_b0", "semantic_fpn", num_classes=3, aux_head=False, encoder_kwargs=TINY)
+    assert model.aux_head is None
+    assert set(model.train()(torch.randn(2, 3, 64, 64))) == {"out"}
+
+
+def test_aux_head_reads_stride_16_stage() -> None:
+    model = _tiny("semantic_fpn")
+    assert model.encoder_channels == [16, 32, 64, 128]
+    assert model.aux_head.conv[0].in_channels == 64
+
+
+@pytest.mark.parametrize("decoder", ["upernet", "semantic_fpn", "segformer"])
+def test_backward_reaches_every_parameter(decoder: str) -> None:
+    torch.manual_seed(0)
+    model = Segmentor("pvt_v2_b0", decoder, num_classes=NUM_CLASSES, decoder_channels=32, encoder_kwargs=TINY)
+    out = model.train()(torch.randn(2, 3, 70, 101))
+    target = torch.randint(0, NUM_CLASSES, (2, 70, 101))
+    (F.cross_entropy(out["out"], target) + 0.4 * F.cross_entropy(out["aux"], target)).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_upernet_training_batch_of_one_raises() -> None:
+    model = _tiny("upernet")
+    with pytest.raises(ValueError, match="more than one image"):
+        model.train()(torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 64))["out"].shape == (1, NUM_CLASSES, 64, 64)
+
+
+def test_semantic_fpn_trains_with_batch_of_one() -> None:
+    out = _tiny("semantic_fpn").train()(torch.randn(1, 3, 64, 64))
+    assert out["out"].shape == (1, NUM_CLASSES, 64, 64)
+
+
+def test_decoder_table_matches_literal() -> None:
+    assert set(DECODERS) == set(get_args(DecoderName))
+
+
+def test_unknown_decoder_lists_options() -> None:
+    with pytest.raises(ValueError, match="upernett") as err:
+        Segmentor("pvt_v2_b0", "upernett", encoder_kwargs=TINY)  # type: ignore[arg-type]
+    for name in DECODERS:
+        assert name in str(err.value)
+
+
+def test_config_parser_rejects_unknown_decoder() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Segmentor, "model")
+    cfg = parser.parse_args(["--model.encoder=pvt_v2_b0", "--model.decoder=semantic_fpn"])
+    assert cfg.model.decoder == "semantic_fpn"
+    with pytest.raises(Exception, match="semantic_fpn"):
+        parser.parse_args(["--model.encoder=pvt_v2_b0", "--model.decoder=upernett"])
+
+
+def test_missing_checkpoint_raises_before_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def _no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("encoder built before checking the checkpoint path")
+
+    monkeypatch.setattr(models, "get_encoder", _no_build)
+    path = tmp_path / "missing.pth"
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        Segmentor("pvt_v2_b0", encoder_checkpoint=str(path), encoder_kwargs=TINY)
+
+
+def test_encoder_checkpoint_is_loaded(tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    source = timm.create_model("pvt_v2_b0", **TINY)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))  # move away from any init a fresh model could share
+    state = source.state_dict()
+    path = tmp_path / "imagenet.pth"
+    torch.save({"model": state}, path)
+
+    def encoder_state(model: Segmentor) -> dict[str, torch.Tensor]:
+        # The features-only wrapper renames "stages.0" to "stages_0".
+        return {k.replace("stages_", "stages."): v for k, v in model.encoder.model.state_dict().items()}
+
+    loaded = encoder_state(
+        Segmentor("pvt_v2_b0", "semantic_fpn", encoder_checkpoint=str(path), encoder_kwargs=TINY)
+    )
+    fresh = encoder_state(Segmentor("pvt_v2_b0", "semantic_fpn", encoder_kwargs=TINY))
+    assert set(loaded) == set(state) - {"head.weight", "head.bias"}
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    key = "patch_embed.proj.weight"
+    assert (fresh[key] - state[key]).abs().max() > 0.1
+
+
+def test_weight_decay_rule() -> None:
+    assert skips_weight_decay("encoder.model.block1.0.attn.scale", torch.zeros(1, 1, 64))
+    assert skips_weight_decay("encoder.model.block1.0.attn.positional_encoding", torch.zeros(1, 49, 64))
+    assert skips_weight_decay("encoder.model.pos_embed1", torch.zeros(1, 3136, 64))
+    assert skips_weight_decay(
+        "encoder.model.layers_0.blocks.0.attn.relative_position_bias_table", torch.zeros(9, 3)
+    )
+    assert skips_weight_decay("decode_head.classifier.bias", torch.zeros(5))
+    assert not skips_weight_decay("encoder.model.block1.0.attn.logit_scale", torch.zeros(3, 1, 1))
+    assert not skips_weight_decay("decode_head.classifier.weight", torch.zeros(5, 32, 1, 1))
+    assert not skips_weight_decay("encoder.model.block1.0.attn.q.weight", torch.zeros(64, 64))
+
+
+@pytest.mark.parametrize("encoder", ["pvt_v2_b0", "test_flatten_pvt"])
+def test_param_groups_partition(encoder: str) -> None:
+    if encoder not in timm.list_models(encoder):
+        pytest.skip(f"{encoder} is not registered")
+    kwargs = TINY if encoder == "pvt_v2_b0" else {}
+    model = Segmentor(encoder, "upernet", num_classes=NUM_CLASSES, decoder_channels=32, encoder_kwargs=kwargs)
+    decay, no_decay = model.param_groups(0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    ids_decay = [id(p) for p in decay["params"]]
+    ids_no = [id(p) for p in no_decay["params"]]
+    all_ids = [id(p) for p in model.parameters()]
+    assert len(ids_decay) + len(ids_no) == len(all_ids)
+    assert set(ids_decay) | set(ids_no) == set(all_ids)
+    assert set(ids_decay).isdisjoint(ids_no)
+    assert all(p.ndim >= 2 for p in decay["params"])
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_names = {names[i] for i in ids_no}
+    decay_names = {names[i] for i in ids_decay}
+    assert any(n.endswith("norm.weight") for n in no_names)  # LayerNorm weights
+    assert any(n.endswith(".bias") for n in no_names)
+    assert "decode_head.classifier.weight" in decay_names
+    assert "aux_head.conv.0.weight" in decay_names
+    assert any(n.endswith("attn.q.weight") for n in decay_names)  # a linear weight
+    if encoder == "test_flatten_pvt":
+        keys = ("pos_embed", "positional_encoding")
+        tables = [n for n in names.values() if any(k in n for k in keys) or n.endswith(".scale")]
+        assert tables and set(tables) <= no_names
