@@ -206,27 +206,27 @@ class Segmentor(nn.Module):
             outputs["aux"] = _resize_crop(self.aux_head(features[-2]), padded, (H, W))
         return outputs
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+    def param_groups(self, weight_decay: float | None = None) -> list[dict[str, Any]]:
         """Split trainable parameters into a decayed and a non-decayed group for the optimizer.
 
         No decay on 1-D parameters (norm weights, biases), position tables (``pos_embed``,
         ``positional_encoding``, ``relative_position_bias_table``, ``cls_token``) and the FLatten ``scale``.
 
         Args:
-            weight_decay: decay of the first group; the second group has 0.
+            weight_decay: decay of the first group; None leaves it to the optimizer's own setting.
 
         Returns:
-            ``[{'params': decayed, 'weight_decay': weight_decay}, {'params': others, 'weight_decay': 0.0}]``.
+            ``[{'params': decayed(, 'weight_decay': weight_decay)}, {'params': others, 'weight_decay': 0.0}]``.
         """
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
         for name, param in self.named_parameters():
             if param.requires_grad:
                 (no_decay if skips_weight_decay(name, param) else decay).append(param)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        decayed: dict[str, Any] = {"params": decay}
+        if weight_decay is not None:
+            decayed["weight_decay"] = weight_decay
+        return [decayed, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def skips_weight_decay(name: str, param: Tensor) -> bool:

@@ -167,3 +167,17 @@ def test_full_tiny_upernet_trains_at_512() -> None:
     model = smp.UPerNet(encoder_name="tu-flatten_pvt_tiny", encoder_weights=None, classes=150)
     model(torch.randn(2, 3, 512, 512)).logsumexp(1).mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_original_pvt_checkpoint_with_class_token_loads_into_softmax_baseline(tmp_path: Path) -> None:
+    model = timm.create_model("test_flatten_pvt", attn_type="SSSS")
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("norm1", "norm2", "norm3", "norm4"))}
+    cls_entry = torch.randn(1, 1, sd["pos_embed4"].shape[-1])
+    sd["pos_embed4"] = torch.cat([cls_entry, sd["pos_embed4"]], dim=1)  # (1, 1 + 7*7, C)
+    sd["cls_token"] = cls_entry
+    sd["norm.weight"], sd["norm.bias"] = torch.ones(64), torch.zeros(64)
+    path = tmp_path / "pvt_tiny.pth"
+    torch.save({"model": sd}, path)
+    loaded = timm.create_model("test_flatten_pvt", attn_type="SSSS", pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path)))
+    assert loaded.pos_embed4.equal(model.pos_embed4)

@@ -56,7 +56,8 @@ def adapt_state_dict(
         position_tables: names of (1, n, C) tables to resize bilinearly to the model's grid.
         dropped: checkpoint names the model deliberately does not have (ignored).
         fresh: model names the checkpoint is not expected to have (kept at their initial values).
-        converters: extra ``fn(name, value, target) -> tensor or None`` for other resizable tensors.
+        converters: ``fn(name, value, target) -> tensor or None`` applied first (renames of layout, e.g.
+            dropping a class-token entry, or resizing other tables).
         classifier: prefix of the classifier, dropped when the model's differs (other class count).
     """
     state_dict = unwrap_checkpoint(state_dict)
@@ -74,12 +75,12 @@ def adapt_state_dict(
                 unexpected.append(name)
             continue
         ref = target[name]
-        if position_tables(name) and value.shape != ref.shape and value.shape[-1] == ref.shape[-1]:
-            value = _resize_table(value, ref)
         for convert in converters:
             converted = convert(name, value, ref)
             if converted is not None:
                 value = converted
+        if position_tables(name) and value.shape != ref.shape and value.shape[-1] == ref.shape[-1]:
+            value = _resize_table(value, ref)
         if value.shape != ref.shape:
             if is_head:
                 continue  # another class count: keep the model's own initial head

@@ -12,7 +12,8 @@ Features: ``features_only=True`` gives 4 NCHW maps at strides 4/8/16/32, each th
 LayerNorm: v2's published ``norm1..4`` (inside the trunk, as published), and for v1 new output norms
 ``norm1..4`` applied to the returned maps only. The classifier is the published one: mean of the
 stage-4 tokens, then ``head`` (v1 published checkpoints hold a final ``norm`` their forward never
-uses; it is dropped on load).
+uses; it is dropped on load). Original PVT v1 checkpoints (class token in stage 4) load into
+``attn_type='SSSS'``: the class token and its position entry are dropped.
 """
 
 from __future__ import annotations
@@ -307,10 +308,19 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: FLattenPVT) -> di
         state_dict,
         model,
         position_tables=lambda name: name.startswith("pos_embed") or name.endswith("positional_encoding"),
-        dropped={"norm.weight", "norm.bias"} if v1 else (),
+        converters=[_drop_class_token],
+        dropped={"norm.weight", "norm.bias", "cls_token"} if v1 else (),
         fresh=(lambda name: name.split(".")[0] in {"norm1", "norm2", "norm3", "norm4"}) if v1 else
         (lambda name: False),
     )
+
+
+def _drop_class_token(name: str, value: Tensor, target: Tensor) -> Tensor | None:
+    """Original PVT v1 checkpoints prepend a class-token entry to ``pos_embed4`` (50 = 1 + 7 x 7)."""
+    n = value.shape[1] if value.dim() == 3 else 0
+    if name == "pos_embed4" and math.isqrt(n - 1) ** 2 == n - 1 and math.isqrt(n) ** 2 != n:
+        return value[:, 1:]
+    return None
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> FLattenPVT:

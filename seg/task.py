@@ -1,0 +1,127 @@
+"""The LightningModule: loss, metrics per stage, inference modes and optimizer parameter groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+
+from seg.inference import InferenceConfig, run_inference
+from seg.metrics import SegmentationMetric
+from seg.models import Segmentor
+from seg.schedules import WarmupPolyLR
+
+__all__ = ["SegmentationTask"]
+
+
+def _default_optimizer(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
+
+
+class SegmentationTask(pl.LightningModule):
+    """Semantic segmentation with a :class:`~seg.models.Segmentor`.
+
+    Args:
+        model: encoder + decoder (its ``num_classes`` is linked from the data module by the CLI).
+        ignore_index: label excluded from loss and metrics (linked from the data module).
+        aux_weight: weight of the auxiliary head's cross-entropy (0.4 in the recipes).
+        optimizer: optimizer factory; it receives the model's parameter groups (no weight decay on norms,
+            biases, position tables, ``positional_encoding`` and ``scale``).
+        scheduler: learning-rate scheduler factory, stepped every optimizer step. A
+            :class:`~seg.schedules.WarmupPolyLR` without ``max_steps`` takes the trainer's step count.
+        inference: how validation, test and predict turn an image into logits.
+        class_names: names for per-class metrics (linked from the data module).
+    """
+
+    def __init__(
+        self,
+        model: Segmentor,
+        ignore_index: int = 255,
+        aux_weight: float = 0.4,
+        optimizer: OptimizerCallable = _default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        inference: InferenceConfig | None = None,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.model = model
+        self.ignore_index = ignore_index
+        self.aux_weight = aux_weight
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.inference = inference or InferenceConfig()
+        num_classes = model.num_classes
+        self.class_names = list(class_names or [f"class_{i}" for i in range(num_classes)])
+        self.val_metric = SegmentationMetric(num_classes, ignore_index)
+        self.test_metric = SegmentationMetric(num_classes, ignore_index)
+        self.last_scores: dict[str, dict[str, Tensor]] = {}
+
+    def forward(self, image: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
+        """Inference: normalised images (B, 3, H, W) -> logits (B, K, H', W'), ``out_size`` or input size."""
+        return run_inference(lambda x: self.model(x)["out"], image, self.inference, out_size)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        outputs = self.model(batch["image"])
+        loss = F.cross_entropy(outputs["out"], batch["mask"], ignore_index=self.ignore_index)
+        self.log("train/loss_main", loss, batch_size=len(batch["image"]))
+        if "aux" in outputs and self.aux_weight > 0:
+            aux = F.cross_entropy(outputs["aux"], batch["mask"], ignore_index=self.ignore_index)
+            self.log("train/loss_aux", aux, batch_size=len(batch["image"]))
+            loss = loss + self.aux_weight * aux
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def _evaluate(self, batch: dict[str, Tensor], metric: SegmentationMetric, stage: str) -> None:
+        target = batch["mask"]  # (B, H0, W0) labels at the original size
+        logits = self(batch["image"], out_size=tuple(target.shape[-2:]))
+        metric.update(logits.argmax(dim=1), target)
+        if (target != self.ignore_index).any():
+            loss = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+            self.log(f"{stage}/loss", loss, batch_size=len(target), sync_dist=True)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metric, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metric, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Label maps (B, H0, W0) at each image's original size, with the batch's paths."""
+        size = tuple(int(s) for s in batch["orig_size"][0])
+        labels = self(batch["image"], out_size=size).argmax(dim=1)
+        return {"labels": labels, "path": batch["path"]}
+
+    def _finish(self, metric: SegmentationMetric, stage: str) -> None:
+        scores = metric.compute()
+        metric.reset()
+        self.last_scores[stage] = scores
+        summary = {f"{stage}/{key}": scores[key].float() for key in ("mIoU", "mAcc", "aAcc")}
+        if self.trainer.sanity_checking:
+            rank_zero_info(f"before training: {stage} mIoU {summary[f'{stage}/mIoU']:.4f} "
+                           f"(sanity check over {self.trainer.num_sanity_val_batches[0]} images)")
+            return
+        self.log_dict(summary, prog_bar=True)
+        for name, iou in zip(self.class_names, scores["IoU"].tolist(), strict=True):
+            if iou == iou:  # skip NaN: classes absent from labels and predictions
+                self.log(f"{stage}/IoU/{name}", iou)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish(self.val_metric, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish(self.test_metric, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.model.param_groups())
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupPolyLR) and scheduler.max_steps is None:
+            scheduler.max_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
