@@ -100,7 +100,8 @@ def adapt_state_dict(
         lines = [f"{source} does not match {type(model).__name__}"]
         for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
             if names:
-                lines.append(f"  {title} ({len(names)}): " + ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
+                more = " ..." if len(names) > 20 else ""
+                lines.append(f"  {title} ({len(names)}): " + ", ".join(names[:20]) + more)
         raise CheckpointMismatchError("\n".join(lines))
     return out
 

@@ -24,6 +24,8 @@ import yaml
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from seg.data.transforms import seed_pipeline
+
 __all__ = [
     "ADE20K_CLASSES",
     "ADE20K_PALETTE",
@@ -292,8 +294,6 @@ class SegmentationFolder(Dataset):
 
     def reseed(self, seed: int) -> None:
         """Reseed the random state of the transform (see :func:`seg.data.transforms.seed_pipeline`)."""
-        from seg.data.transforms import seed_pipeline
-
         if self.transform is not None:
             seed_pipeline(self.transform, seed)
 

@@ -214,8 +214,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError("call setup('fit') before asking for the train loader")
         rank, world = self._rank_and_world()
-        if self.num_workers == 0:  # no worker_init_fn runs: seed the pipeline here (fixed by seed_everything)
-            self.train_set.reseed(_mixed_seed(torch.initial_seed(), rank))
+        if self.num_workers == 0:  # no worker runs seed_worker: draw from the global torch RNG as workers do
+            base = int(torch.empty((), dtype=torch.int64).random_().item())
+            self.train_set.reseed(_mixed_seed(base, rank))
         # full batches only (BatchNorm in the heads needs > 1 image), unless the data set is tiny
         drop_last = len(self.train_set) >= self.batch_size * world
         return self._loader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=drop_last)
