@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-__all__ = ["machine", "median_time", "peak_memory_mb"]
+__all__ = ["machine", "median_time", "peak_memory_mb", "track_cpu_memory"]
 
 
 def machine() -> str:
@@ -27,6 +28,17 @@ def machine() -> str:
     import timm
 
     return f"{dev}; torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}"
+
+
+def track_cpu_memory() -> None:
+    """Re-run this process with glibc serving large blocks by mmap, so freed tensors leave the resident set.
+
+    Without it, memory freed by one forward pass stays in malloc's arena and the next pass's peak hides
+    inside the resident size. Call first thing in ``main``.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and not torch.cuda.is_available():
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -19,7 +19,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import machine, median_time, peak_memory_mb  # noqa: E402
+from _measure import machine, median_time, peak_memory_mb, track_cpu_memory  # noqa: E402
 
 import seg  # noqa: E402,F401  (registers the encoders)
 
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    track_cpu_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

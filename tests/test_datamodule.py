@@ -125,6 +125,11 @@ def test_training_batches_follow_seed_everything(tiny_root: Path) -> None:
 
     assert torch.equal(first_batch(3), first_batch(3))
     assert not torch.equal(first_batch(3), first_batch(4))
+    seed_everything(3, verbose=False)
+    dm = make_dm(tiny_root)
+    dm.setup("fit")
+    first, reloaded = (next(iter(dm.train_dataloader()))["image"] for _ in range(2))
+    assert not torch.equal(first, reloaded)  # a reloaded loader continues the stream, it does not repeat it
 
 
 def test_loader_options(tiny_root: Path) -> None:

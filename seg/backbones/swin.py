@@ -267,10 +267,12 @@ class FLattenSwin(nn.Module):
             size = next_size
         if intermediates_only:
             return intermediates
+        if last < self._num_stages - 1:  # stopped early: the merged tokens, no final norm
+            return x.transpose(1, 2).reshape(B, -1, *size), intermediates
         return self._final_map(x, size), intermediates
 
     def _final_map(self, x: Tensor, size: Size) -> Tensor:
-        """Stage-4 tokens (B, N, C) -> final ``norm`` -> (B, C, H, W)."""
+        """Last-stage tokens (B, N, C) -> final ``norm`` -> (B, C, H, W)."""
         return self.norm(x).transpose(1, 2).reshape(x.shape[0], -1, *size)
 
     def prune_intermediate_layers(
@@ -283,9 +285,9 @@ class FLattenSwin(nn.Module):
         for i in range(self._num_stages):
             if i not in take_indices and hasattr(self, f"norm{i}"):
                 delattr(self, f"norm{i}")
-        self._num_stages = max_index + 1
-        if prune_norm:
+        if prune_norm or max_index < self._num_stages - 1:  # the final norm only fits the last stage
             self.norm = nn.Identity()
+        self._num_stages = max_index + 1
         if prune_head:
             self.reset_classifier(0)
         return take_indices

@@ -11,16 +11,20 @@ from seg.data.ade20k import (
     read_rgb,
 )
 from seg.data.datamodule import SegmentationDataModule, seed_worker
+from seg.data.synthetic import DEMO_CLASS_NAMES, ensure_demo_dataset, make_demo_dataset
 from seg.data.transforms import eval_transform, seed_pipeline, train_transform
 
 __all__ = [
     "ADE20K_CLASSES",
     "ADE20K_PALETTE",
+    "DEMO_CLASS_NAMES",
     "ImageFolder",
     "SegmentationDataModule",
     "SegmentationFolder",
+    "ensure_demo_dataset",
     "eval_transform",
     "load_class_names",
+    "make_demo_dataset",
     "make_palette",
     "read_label",
     "read_rgb",

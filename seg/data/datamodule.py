@@ -24,6 +24,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from seg.data.ade20k import ADE20K_CLASSES, ImageFolder, SegmentationFolder, load_class_names
+from seg.data.synthetic import ensure_demo_dataset
 from seg.data.transforms import eval_transform, train_transform
 
 __all__ = ["SegmentationDataModule", "seed_worker"]
@@ -76,6 +77,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         train_split: training split folder name.
         val_split: validation (and test) split folder name.
         predict_root: folder (recursive) or image file to predict on.
+        demo: the bundled synthetic demo set: generate it into ``root`` on first use (deterministic,
+            seconds, no download); a complete copy is reused.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         train_split: str = "training",
         val_split: str = "validation",
         predict_root: str | None = None,
+        demo: bool = False,
     ) -> None:
         super().__init__()
         if crop_size < 1 or batch_size < 1 or num_workers < 0:
@@ -100,6 +104,8 @@ class SegmentationDataModule(pl.LightningDataModule):
                              f"{batch_size}, {num_workers}")
         self.save_hyperparameters()
         self.root = Path(root)
+        if demo:  # before anything reads root (class names are linked into the model at instantiation)
+            ensure_demo_dataset(self.root)
         self.crop_size = crop_size
         self.batch_size = batch_size
         self.num_workers = num_workers

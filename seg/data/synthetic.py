@@ -287,8 +287,11 @@ def render_demo_sample(rng: Rng, height: int, width: int) -> tuple[Array, Array]
             image[border] = rng.uniform(0.0, 255.0, size=3)
             label[border] = 0
         inside = sdf < 0.0
-        outline = sdf > -rng.uniform(2.0, 4.0)
-        body = np.where(outline[..., None], line, fill + shading)
+        # Nested copies of the outline (iso-lines of the distance, 8-14 px apart): the shape is visible
+        # locally, as arcs, corners or zigzags, not only along the border.
+        period = rng.uniform(8.0, 14.0)
+        contour = (np.mod(-sdf / period, 1.0) < rng.uniform(0.25, 0.45))[..., None]
+        body = np.where(contour, line, fill + shading)
         image[inside] = body[inside]
         label[inside] = len(DEMO_STUFF) + kind + 1
 

@@ -9,13 +9,16 @@ from seg.layers.focused_linear import (
     resize_token_grid,
 )
 from seg.layers.softmax import SpatialReductionAttention
+from seg.layers.window import WindowAttention, resize_bias_table
 
 __all__ = [
     "FocusedLinearAttention",
     "SpatialReductionAttention",
+    "WindowAttention",
     "focus",
     "focused_kernel",
     "focused_linear_attention",
     "linear_attention",
+    "resize_bias_table",
     "resize_token_grid",
 ]

@@ -16,6 +16,7 @@ removed. At 224 x 224 this reproduces the published models exactly (stage 4, 7 x
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +144,8 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
         self._cache: dict[tuple, Tensor] = {}
 
-    def _cached(self, key: tuple, build) -> Tensor:
+    def _cached(self, key: tuple, build: Callable[[], Tensor]) -> Tensor:
+        """A size-dependent constant (index, shift mask), built once per key."""
         value = self._cache.get(key)
         if value is None:
             if len(self._cache) > 32:
