@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from seg.data import SegmentationDataModule
@@ -9,21 +11,8 @@ from seg.task import SegmentationTask
 
 __all__ = ["SegmentationCLI", "cli_main"]
 
-TRAINER_DEFAULTS = {
-    "logger": [
-        {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
-        {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs"}},
-    ],
-    "callbacks": [
-        {
-            "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-            "init_args": {"monitor": "val/mIoU", "mode": "max", "save_last": True, "filename": "best",
-                          "auto_insert_metric_name": False, "enable_version_counter": False},
-        },
-        {"class_path": "pytorch_lightning.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
-        {"class_path": "pytorch_lightning.callbacks.TQDMProgressBar"},
-    ],
-}
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEFAULTS_FILE = Path(__file__).with_name("trainer_defaults.yaml")  # loggers and callbacks of every run
 
 
 class SegmentationCLI(LightningCLI):
@@ -42,7 +31,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SegmentationCLI
         SegmentationDataModule,
         args=args,
         run=run,
-        trainer_defaults=TRAINER_DEFAULTS,
+        parser_kwargs={cmd: {"default_config_files": [str(DEFAULTS_FILE)]} for cmd in SUBCOMMANDS},
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
     )

@@ -49,7 +49,7 @@ class SegmentationTask(pl.LightningModule):
         class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "class_names"])
         self.model = model
         self.ignore_index = ignore_index
         self.aux_weight = aux_weight

@@ -275,7 +275,7 @@ def render_demo_sample(rng: Rng, height: int, width: int) -> tuple[Array, Array]
         label[inside] = cls + 1
 
     short = min(height, width)
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(2, 5))):
         kind = int(rng.integers(len(DEMO_THINGS)))
         size = rng.uniform(0.15, 0.35) * short
         cx, cy = rng.uniform(0.1 * width, 0.9 * width), rng.uniform(0.1 * height, 0.9 * height)
