@@ -141,3 +141,23 @@ def test_rejects_tokens_that_do_not_form_the_grid() -> None:
     attn = FocusedLinearAttention(16, 2)
     with pytest.raises(ValueError, match="do not form a 5 x 5 grid"):
         attn(torch.randn(1, 24, 16), (5, 5))
+
+
+def test_kernel_backward_matches_autograd_in_float64() -> None:
+    from seg.layers.focused_linear import _KernelPower
+
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    inv_temp = (torch.rand(1, 1, 6, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _KernelPower.apply(a, b, 3.0), (x, inv_temp))
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_token_layout_function_equals_head_layout_function(heads: int) -> None:
+    from seg.layers import focused_linear_attention_tokens
+
+    C = heads * 8
+    q, k, v = (torch.randn(2, m, C, dtype=torch.float64) for m in (30, 20, 20))
+    scale = torch.randn(1, 1, C, dtype=torch.float64)
+    ref = focused_linear_attention(split(q, heads), split(k, heads), split(v, heads), scale)
+    got = focused_linear_attention_tokens(q, k, v, scale, heads)
+    torch.testing.assert_close(got, ref.transpose(1, 2).reshape(2, 30, C), rtol=1e-10, atol=1e-10)

@@ -5,6 +5,7 @@ from seg.layers.focused_linear import (
     focus,
     focused_kernel,
     focused_linear_attention,
+    focused_linear_attention_tokens,
     linear_attention,
     resize_token_grid,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "focus",
     "focused_kernel",
     "focused_linear_attention",
+    "focused_linear_attention_tokens",
     "linear_attention",
     "resize_bias_table",
     "resize_token_grid",

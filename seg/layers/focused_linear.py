@@ -22,12 +22,18 @@ __all__ = [
     "focus",
     "focused_kernel",
     "focused_linear_attention",
+    "focused_linear_attention_tokens",
     "linear_attention",
     "resize_token_grid",
 ]
 
 KERNEL_EPS = 1e-6  # added after ReLU so that no feature is exactly zero
 DENOM_EPS = 1e-6  # added to the normaliser q . mean(k)
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Half-precision tensors promoted to float32; float32 / float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def focus(x: Tensor, p: float) -> Tensor:
@@ -53,8 +59,8 @@ def focused_kernel(x: Tensor, scale: Tensor, p: float) -> Tensor:
         p: focusing factor.
     """
     h, d = x.shape[1], x.shape[3]
-    temperature = F.softplus(scale.float()).view(1, h, 1, d)  # (1, C) channel order is head-major
-    x = (F.relu(x.float()) + KERNEL_EPS) / temperature
+    temperature = F.softplus(_at_least_fp32(scale)).view(1, h, 1, d)  # (1, C) channel order is head-major
+    x = (F.relu(_at_least_fp32(x)) + KERNEL_EPS) / temperature
     return focus(x, p)
 
 
@@ -87,7 +93,98 @@ def focused_linear_attention(
     with torch.autocast(device_type=q.device.type, enabled=False):
         q = focused_kernel(q, scale, focusing_factor)
         k = focused_kernel(k, scale, focusing_factor)
-        out = linear_attention(q, k, v.float())
+        out = linear_attention(q, k, _at_least_fp32(v))
+    return out.to(v.dtype)
+
+
+class _KernelPower(torch.autograd.Function):
+    """g = y^p and s = |y| / |y^p| for y = (ReLU(x) + eps) / T, with a closed-form backward.
+
+    f_p(y) = s * g. Writing the backward by hand (instead of through ReLU, power and two norms) saves
+    most of the passes over the (B, N, C) tensors. With G = dL/dg, S = dL/ds:
+    dL/dy = p (g / y) (G - S |y| / |g|^3 g) + S / (|y| |g|) y, then dL/dx = dL/dy / T where x > 0, and
+    dL/d(1/T) = sum over tokens of dL/dy (ReLU(x) + eps).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, inv_temp: Tensor, p: float) -> tuple[Tensor, Tensor]:
+        y = torch.addcmul(inv_temp * KERNEL_EPS, F.relu(x), inv_temp)  # (ReLU(x) + eps) / T in one pass
+        g = y.pow(p)
+        norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)  # (B, N, 1)
+        norm_g = torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp_min(1e-30)
+        ctx.save_for_backward(y, g, norm_y, norm_g, inv_temp)
+        ctx.p = p
+        return g, norm_y / norm_g
+
+    @staticmethod
+    def backward(ctx, grad_g: Tensor | None, grad_s: Tensor | None) -> tuple[Tensor, Tensor, None]:
+        y, g, norm_y, norm_g, inv_temp = ctx.saved_tensors
+        grad_g = torch.zeros_like(g) if grad_g is None else grad_g
+        if grad_s is None:
+            t, c2 = grad_g, None
+        else:
+            t = torch.addcmul(grad_g, g, grad_s * norm_y / norm_g.pow(3), value=-1)  # G - c1 g
+            c2 = grad_s / (norm_y * norm_g)  # (B, N, 1)
+        grad_y = t * (g / y) * ctx.p
+        if c2 is not None:
+            grad_y = grad_y.addcmul_(y, c2)
+        grad_inv_temp = (grad_y * y).sum(dim=tuple(range(y.dim() - 1)), keepdim=True) / inv_temp  # (1, 1, C)
+        grad_x = (grad_y * inv_temp).masked_fill_(y <= inv_temp * KERNEL_EPS, 0.0)  # ReLU's gate
+        return grad_x, grad_inv_temp, None
+
+
+def _kernel_power(x: Tensor, inv_temp: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """g = ((ReLU(x) + eps) / T)^p and the per-token factor s = |y| / |y^p| with f_p(y) = s * g.
+
+    x: (B, N, C) float32, inv_temp: (1, 1, C) -> g (B, N, C), s (B, N, 1).
+    """
+    return _KernelPower.apply(x, inv_temp, p)
+
+
+def _head_blocks(channels: int, num_heads: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(C, C) block-diagonal ones (one d x d block per head) and the (C, h) channel-to-head indicator."""
+    head = torch.arange(channels, device=device) // (channels // num_heads)  # (C,) head of each channel
+    onehot = F.one_hot(head, num_heads).to(dtype)  # (C, h)
+    return onehot @ onehot.T, onehot
+
+
+def focused_linear_attention_tokens(
+    q: Tensor, k: Tensor, v: Tensor, scale: Tensor, num_heads: int, focusing_factor: float = 3.0
+) -> Tensor:
+    """Focused linear attention on token-layout tensors, without the DWC term; equal to
+    :func:`focused_linear_attention` with heads as contiguous channel blocks, but with fewer passes:
+
+    - f_p's per-token rescale s cancels between numerator and denominator except at the eps, so q is
+      never rescaled: out = (g_q . KV) / (g_q . mean(phi(k)) + eps / s_q) with g = y^p;
+    - all heads share one block-diagonal (C, C) summary, so no head permutes are materialised.
+
+    Args:
+        q: raw queries (B, N, C); k: raw keys with positional encoding (B, n, C); v: values (B, n, C).
+        scale: learnable temperature (1, 1, C).
+        num_heads: heads h (C = h * d).
+        focusing_factor: power p.
+
+    Returns:
+        (B, N, C) in v's dtype.
+    """
+    B, N, C = q.shape
+    n = k.shape[1]
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        inv_temp = 1.0 / F.softplus(_at_least_fp32(scale))  # (1, 1, C)
+        g_q, s_q = _kernel_power(_at_least_fp32(q), inv_temp, focusing_factor)
+        g_k, s_k = _kernel_power(_at_least_fp32(k), inv_temp, focusing_factor)
+        phi_k = g_k * (s_k * (1.0 / n))  # (B, n, C) phi(k) / n
+        kv = phi_k.transpose(1, 2) @ _at_least_fp32(v)  # (B, C, C), sum_j phi(k_j) v_j^T / n
+        k_mean = phi_k.sum(dim=1).unsqueeze(-1)  # (B, C, 1) mean_j phi(k_j)
+        if num_heads > 1:
+            blocks, onehot = _head_blocks(C, num_heads, q.device, g_q.dtype)
+            kv = kv * blocks  # keep each head's d x d block
+            k_mean = k_mean * onehot  # (B, C, h)
+        num_den = g_q @ torch.cat([kv, k_mean], dim=-1)  # (B, N, C + h)
+        d = C // num_heads
+        num = num_den[..., :C].view(B, N, num_heads, d)  # (B, N, h, d)
+        den = num_den[..., C:].unsqueeze(-1) + (DENOM_EPS / s_q).unsqueeze(-1)  # (B, N, h, 1)
+        out = (num * den.reciprocal()).view(B, N, C)  # (B, N, C)
     return out.to(v.dtype)
 
 
@@ -100,7 +197,7 @@ def resize_token_grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
     if (side, side) == tuple(size):
         return tokens
     grid = tokens.reshape(1, side, side, c).permute(0, 3, 1, 2)  # (1, C, s, s)
-    grid = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=False).to(tokens.dtype)
+    grid = F.interpolate(_at_least_fp32(grid), size=size, mode="bilinear", align_corners=False).to(tokens.dtype)
     return grid.flatten(2).transpose(1, 2)  # (1, H*W, C)
 
 
@@ -176,11 +273,15 @@ class FocusedLinearAttention(nn.Module):
         return cached
 
     def _project(self, x: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
-        """q (B, N, C) and k, v (B, n, C) plus the key grid (H', W')."""
+        """q (B, N, C) and k, v (B, n, C) plus the key grid (H', W').
+
+        The fused ``kv`` / ``qkv`` weights are applied slice by slice so that each output is contiguous.
+        """
         B, N, C = x.shape
         if self.fused_qkv:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-            return q, k, v, size
+            wq, wk, wv = self.qkv.weight.chunk(3)
+            bq, bk, bv = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None, None, None)
+            return F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv), size
         q = self.q(x)
         if self.sr_ratio > 1:
             x_map = x.transpose(1, 2).reshape(B, C, *size)  # (B, C, H, W)
@@ -189,8 +290,9 @@ class FocusedLinearAttention(nn.Module):
             x = self.norm(x_map.flatten(2).transpose(1, 2))  # (B, n, C)
         else:
             kv_size = size
-        k, v = self.kv(x).chunk(2, dim=-1)
-        return q, k, v, kv_size
+        wk, wv = self.kv.weight.chunk(2)
+        bk, bv = self.kv.bias.chunk(2) if self.kv.bias is not None else (None, None)
+        return q, F.linear(x, wk, bk), F.linear(x, wv, bv), kv_size
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """x: (B, N, C) tokens of an H x W grid (N = H * W) -> (B, N, C)."""
@@ -200,22 +302,23 @@ class FocusedLinearAttention(nn.Module):
             raise ValueError(f"{N} tokens do not form a {H} x {W} grid")
         q, k, v, kv_size = self._project(x, size)
         k = k + self.positional_encoding_at(kv_size).to(k.dtype)
-        h, d = self.num_heads, self.head_dim
-        q = q.reshape(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
-        k = k.reshape(B, -1, h, d).transpose(1, 2)  # (B, h, n, d)
-        v = v.reshape(B, -1, h, d).transpose(1, 2)  # (B, h, n, d)
-        out = focused_linear_attention(q, k, v, self.scale, self.focusing_factor)
+        out = focused_linear_attention_tokens(q, k, v, self.scale, self.num_heads, self.focusing_factor)
         out = out + self._rank_restoration(v, kv_size, size)
-        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(out))
 
     def _rank_restoration(self, v: Tensor, kv_size: tuple[int, int], size: tuple[int, int]) -> Tensor:
-        """DWC(v) on the H x W map, one filter bank shared by all heads: (B, h, n, d) -> (B, h, N, d)."""
-        B, h, n, d = v.shape
-        v_map = v.transpose(2, 3).reshape(B * h, d, *kv_size)  # (B*h, d, H', W')
+        """DWC(v) on the H x W map with one filter bank shared by all heads: (B, n, C) -> (B, N, C).
+
+        Runs channels-last on all C channels at once, the d filters repeated for each head, so the
+        token layout needs no copies in or out.
+        """
+        B, n, C = v.shape
+        v_map = v.view(B, *kv_size, C).permute(0, 3, 1, 2)  # (B, C, H', W'), channels-last memory
         if kv_size != size:
             # sr > 1: bring v back to the full grid with a 2-D bilinear resize (the published code
             # interpolates the flattened sequence in 1-D, which mixes rows on non-square maps)
             v_map = F.interpolate(v_map, size=size, mode="bilinear", align_corners=False)
-        out = self.dwc(v_map)  # (B*h, d, H, W)
-        return out.reshape(B, h, d, -1).transpose(2, 3)  # (B, h, N, d)
+        weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1)  # (C, 1, k, k)
+        bias = self.dwc.bias.repeat(self.num_heads) if self.dwc.bias is not None else None
+        out = F.conv2d(v_map, weight, bias, padding=self.dwc.padding, groups=C)  # (B, C, H, W)
+        return out.permute(0, 2, 3, 1).reshape(B, -1, C)  # (B, N, C)
