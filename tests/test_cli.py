@@ -20,7 +20,12 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_overrides(config: Path, root: Path) -> list[str]:
     """Shrink a paper setting to CPU size, keeping its decoder, schedule, optimizer and pipeline."""
-    encoder = "test_flatten_swin" if "swin" in config.name else "test_flatten_pvt"
+    if config.name.startswith("soft_"):
+        encoder = "test_soft"
+    elif "swin" in config.name:
+        encoder = "test_flatten_swin"
+    else:
+        encoder = "test_flatten_pvt"  # also the PVT skeleton with SOFT stages (attn_type from the config)
     return [
         "--config", str(config),
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",

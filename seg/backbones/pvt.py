@@ -2,7 +2,9 @@
 
 Pyramid Vision Transformer v1 (Wang et al., ICCV 2021) and v2 (Wang et al., CVMJ 2022) with focused
 linear attention in the stages marked ``L`` of ``attn_type``; ``S`` stages use PVT's own softmax
-spatial-reduction attention, so ``attn_type='SSSS'`` is the original softmax backbone.
+spatial-reduction attention, so ``attn_type='SSSS'`` is the original softmax backbone; ``G`` stages use
+SOFT-Norm Gaussian-kernel attention (:class:`seg.layers.SoftAttention`, bottleneck reduction = the stage's
+``sr_ratio``), so all three attentions can be compared inside one skeleton.
 
 Every table sized by the 224 x 224 training resolution (PVT v1 ``pos_embed``, the attention's
 ``positional_encoding``) is stored at that grid and resized bilinearly to the current one, so the
@@ -30,7 +32,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from seg.backbones._weights import adapt_state_dict
-from seg.layers import FocusedLinearAttention, SpatialReductionAttention, resize_token_grid
+from seg.layers import FocusedLinearAttention, SoftAttention, SpatialReductionAttention, resize_token_grid
 
 __all__ = ["FLattenPVT", "checkpoint_filter_fn"]
 
@@ -86,7 +88,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block whose attention is focused linear (``L``) or softmax SRA (``S``)."""
+    """Pre-norm transformer block whose attention is focused linear (``L``), softmax SRA (``S``) or SOFT (``G``)."""
 
     def __init__(
         self,
@@ -114,8 +116,12 @@ class Block(nn.Module):
         elif attn_type == "S":
             self.attn = SpatialReductionAttention(dim, num_heads, qkv_bias=qkv_bias, sr_ratio=sr_ratio,
                                                   proj_drop=drop)
+        elif attn_type == "G":  # SOFT-Norm; DWConv kernel 9 / 5 / 3 for sr 8 / 4 / 2 as in SOFT's stages
+            self.attn = SoftAttention(dim, num_heads, sr_ratio=sr_ratio, qkv_bias=qkv_bias, normalize=True,
+                                      proj_drop=drop)
         else:
-            raise ValueError(f"attention type {attn_type!r} is not one of 'L' (focused linear), 'S' (softmax)")
+            raise ValueError(f"attention type {attn_type!r} is not one of 'L' (focused linear), 'S' (softmax), "
+                             "'G' (SOFT)")
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm6(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), conv=conv_mlp, drop=drop)
@@ -136,9 +142,9 @@ class FLattenPVT(nn.Module):
         num_heads: heads per stage.
         mlp_ratios: MLP expansion per stage.
         depths: blocks per stage.
-        sr_ratios: spatial reduction of the softmax (``S``) stages.
+        sr_ratios: spatial reduction of the softmax (``S``) stages; bottleneck reduction of the SOFT (``G``) ones.
         la_sr_ratios: spatial reduction of the focused linear (``L``) stages (1 in every published model).
-        attn_type: one letter per stage, ``L`` focused linear or ``S`` softmax.
+        attn_type: one letter per stage, ``L`` focused linear, ``S`` softmax or ``G`` SOFT (Gaussian kernel).
         version: 1 (non-overlapping patches, absolute position tables) or 2 (overlapping patches, conv MLP).
         qkv_bias: bias in the q / kv projections.
         drop_rate: dropout after attention and MLP projections.
@@ -167,8 +173,9 @@ class FLattenPVT(nn.Module):
         kernel_size: int = 5,
     ) -> None:
         super().__init__()
-        if len(attn_type) != 4 or set(attn_type) - {"L", "S"}:
-            raise ValueError(f"attn_type {attn_type!r} must be 4 letters of L (focused linear) / S (softmax)")
+        if len(attn_type) != 4 or set(attn_type) - {"L", "S", "G"}:
+            raise ValueError(f"attn_type {attn_type!r} must be 4 letters of L (focused linear) / S (softmax) / "
+                             "G (SOFT)")
         if version not in (1, 2):
             raise ValueError(f"version must be 1 or 2, got {version}")
         self.version = version

@@ -1,0 +1,387 @@
+"""SOFT encoders (Lu et al., NeurIPS 2021, arXiv 2110.11945; SOFT-Norm: IJCV, arXiv 2207.03341) for timm.
+
+A four-stage pyramid: a conv stem (3x3 s2 -> 3x3 s1 -> 3x3 s2, each BN + ReLU, 32 channels inside) then
+3x3 s2 conv + BN + ReLU embeddings between stages; learned absolute position tables per stage; stages 1-3
+run post-norm blocks with softmax-free attention (:class:`seg.layers.SoftAttention`, head dim 32, bottleneck
+reduction 8 / 4 / 2, DWConv kernels 9 / 5 / 3, MLP ratio 4 with tanh-GELU), stage 4 runs pre-norm softmax
+attention blocks (PVT's, MLP ratio 4) over a class token plus the stage tokens. The ``*_norm`` variants use
+SOFT-Norm (D^-1/2 pinv(B) D^-1/2), the published choice for dense prediction.
+
+Differences from the published definition: stochastic depth (``DropPath``) in the post-norm blocks where the
+published code applies element dropout at the drop-path rate; any input size (the conv embeds give
+ceil(H / 2^k) x ceil(W / 2^k) maps; the bottleneck rule is in :mod:`seg.layers.soft`).
+
+Every position table is stored at the 224 x 224 training grid (``pos_embed4`` with the class-token entry
+first) and resized bilinearly to the current grid, so the models take any input of at least 32 x 32.
+
+Features: ``features_only=True`` gives 4 NCHW maps at strides 4/8/16/32, each through a new per-stage
+LayerNorm ``norm1..norm4`` (not in the ImageNet checkpoints; they keep their initial values on load); the
+stage-4 map leaves out the class token. The classifier is the published one: final ``norm``, class token,
+``head``. Parameter counts with the 1000-class head: Tiny 13.07M, Small 38.86M, Medium 45.81M (the published
+README lists SOFT-Small as 24M, but its model definition builds 38.86M; this follows the definition).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from functools import partial
+from typing import Literal
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import Tensor, nn
+
+from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
+from seg.backbones.pvt import Block as SoftmaxBlock
+from seg.layers import resize_token_grid
+from seg.layers.soft import NEWTON_ITERS, SoftAttention
+
+__all__ = ["SOFT", "checkpoint_filter_fn"]
+
+Size = tuple[int, int]
+LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
+STEM_WIDTH = 32
+
+
+class ConvEmbed(nn.Module):
+    """3x3 stride-2 conv + BN + ReLU (``stem=True``: preceded by 3x3 s2 and 3x3 s1 convs of 32 channels)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, stem: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        if stem:
+            for c_in, stride in ((in_chans, 2), (STEM_WIDTH, 1)):
+                layers += [nn.Conv2d(c_in, STEM_WIDTH, 3, stride, 1), nn.BatchNorm2d(STEM_WIDTH), nn.ReLU()]
+            in_chans = STEM_WIDTH
+        layers += [nn.Conv2d(in_chans, embed_dim, 3, 2, 1), nn.BatchNorm2d(embed_dim), nn.ReLU()]
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Size]:
+        """(B, C_in, H, W) -> tokens (B, N, C) and their grid (H', W'), each side ceil-halved per stride 2."""
+        x = self.proj(x)
+        size = (x.shape[2], x.shape[3])
+        return x.flatten(2).transpose(1, 2), size  # (B, H'*W', C)
+
+
+class SoftBlock(nn.Module):
+    """Post-norm block: x = LN(x + SOFT(x)); x = LN(x + MLP(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        sr_ratio: int,
+        kernel_size: int,
+        mlp_ratio: float = 4.0,
+        normalize: bool = False,
+        landmarks: Literal["conv", "pool"] = "conv",
+        newton_iters: int = NEWTON_ITERS,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.attn = SoftAttention(dim, num_heads, sr_ratio, kernel_size, qkv_bias=True, landmarks=landmarks,
+                                  normalize=normalize, newton_iters=newton_iters, proj_drop=drop)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"), drop=drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, size: Size) -> Tensor:
+        x = self.norm1(x + self.drop_path(self.attn(x, size)))
+        return self.norm2(x + self.drop_path(self.mlp(x)))
+
+
+class SOFT(nn.Module):
+    """SOFT / SOFT-Norm backbone with a class-token classifier.
+
+    Args:
+        img_size: training resolution; fixes the grids the position tables are stored at.
+        in_chans: input channels.
+        num_classes: classifier outputs (0: no classifier).
+        embed_dims: channels per stage.
+        num_heads: heads per stage (head dim 32 in the published models).
+        depths: blocks per stage.
+        sr_ratios: bottleneck reduction of the SOFT stages 1-3.
+        kernel_sizes: DWConv kernels of the SOFT stages 1-3.
+        mlp_ratio: MLP expansion of every block.
+        normalize: SOFT-Norm in stages 1-3.
+        landmarks: bottleneck tokens by ``'conv'`` (published) or ``'pool'`` (average pooling).
+        newton_iters: Newton-Raphson iterations of the inverse.
+        drop_rate: dropout after the position tables and the attention / MLP projections.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dims: Sequence[int] = (64, 128, 320, 512),
+        num_heads: Sequence[int] = (2, 4, 10, 16),
+        depths: Sequence[int] = (1, 2, 3, 2),
+        sr_ratios: Sequence[int] = (8, 4, 2),
+        kernel_sizes: Sequence[int] = (9, 5, 3),
+        mlp_ratio: float = 4.0,
+        normalize: bool = False,
+        landmarks: Literal["conv", "pool"] = "conv",
+        newton_iters: int = NEWTON_ITERS,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(embed_dims) != 4 or len(num_heads) != 4 or len(depths) != 4:
+            raise ValueError("embed_dims, num_heads and depths need one entry per stage (4)")
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        total = sum(depths)
+        dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # python floats: meta-safe
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.feature_info = []
+        for i in range(4):
+            stride = 4 * 2**i
+            c_in = in_chans if i == 0 else embed_dims[i - 1]
+            self.add_module(f"patch_embed{i + 1}", ConvEmbed(c_in, embed_dims[i], stem=i == 0))
+            n_pos = (img_size // stride) ** 2 + (1 if i == 3 else 0)  # stage 4: class-token entry first
+            self.register_parameter(f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, n_pos, embed_dims[i])))
+            drops = dpr[sum(depths[:i]):sum(depths[:i + 1])]
+            if i < 3:
+                blocks = [SoftBlock(embed_dims[i], num_heads[i], sr_ratios[i], kernel_sizes[i], mlp_ratio,
+                                    normalize, landmarks, newton_iters, drop_rate, p) for p in drops]
+            else:
+                grid = (img_size // stride, img_size // stride)
+                blocks = [SoftmaxBlock(embed_dims[i], num_heads[i], mlp_ratio, "S", grid, 1, 1, conv_mlp=False,
+                                       qkv_bias=True, drop=drop_rate, drop_path=p) for p in drops]
+            self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
+            self.add_module(f"norm{i + 1}", LayerNorm6(embed_dims[i]))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f"norm{i + 1}"))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[3]))
+        self.norm = LayerNorm6(embed_dims[3])
+        self.head = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
+        self._num_stages = 4
+        for i in range(4):
+            trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"pos_embed{i + 1}" for i in range(self._num_stages)} | {"cls_token"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Stage i on an NCHW map: (its tokens (B, N, C), class token first in stage 4; normalised map)."""
+        B = x.shape[0]
+        x, size = getattr(self, f"patch_embed{i + 1}")(x)  # (B, N, C)
+        pos = getattr(self, f"pos_embed{i + 1}")
+        if i == 3:
+            cls = (self.cls_token + pos[:, :1]).expand(B, -1, -1)  # (B, 1, C)
+            x = torch.cat([cls, x + resize_token_grid(pos[:, 1:], size)], dim=1)  # (B, 1 + N, C)
+        else:
+            x = x + resize_token_grid(pos, size)
+        x = self.pos_drop(x)
+        for block in getattr(self, f"block{i + 1}"):
+            x = block(x, size)
+        grid_tokens = x[:, 1:] if i == 3 else x
+        feature = getattr(self, f"norm{i + 1}")(grid_tokens).transpose(1, 2).reshape(B, -1, *size)  # (B, C, H, W)
+        return x, feature
+
+    def _to_map(self, tokens: Tensor, like: Tensor) -> Tensor:
+        """Grid tokens (B, N, C) of a stage (class token already dropped) -> NCHW like the feature ``like``."""
+        return tokens.transpose(1, 2).reshape(like.shape)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Per-stage feature maps, each through its output LayerNorm ``norm{i}`` (timm's feature API).
+
+        The non-intermediate output is the stage-4 token sequence (B, 1 + N, C) after the final ``norm``
+        (what :meth:`forward_head` reads), or the last computed stage's NCHW map when stopped early.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt}")
+        take_indices, max_index = feature_take_indices(self._num_stages, indices)
+        intermediates = []
+        last = max_index if stop_early or intermediates_only else self._num_stages - 1
+        for i in range(last + 1):
+            tokens, feature = self._stage(i, x)
+            if i in take_indices:
+                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
+            x = self._to_map(tokens[:, 1:] if i == 3 else tokens, feature)  # trunk map for the next stage
+        if intermediates_only:
+            return intermediates
+        if last < 3:
+            return x, intermediates
+        return self.norm(tokens), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last requested feature, unused output norms, optionally norm / head."""
+        take_indices, max_index = feature_take_indices(self._num_stages, indices)
+        for i in range(max_index + 1, self._num_stages):
+            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"pos_embed{i + 1}"):
+                delattr(self, name)
+        for i in range(self._num_stages):
+            if i not in take_indices and hasattr(self, f"norm{i + 1}"):
+                setattr(self, f"norm{i + 1}", nn.Identity())
+        if max_index < 3:
+            del self.cls_token
+        if prune_norm or max_index < 3:  # the final norm only serves the classifier
+            self.norm = nn.Identity()
+        self._num_stages = max_index + 1
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Stage-4 tokens after the final norm (B, 1 + H/32 * W/32, C), class token first."""
+        for i in range(self._num_stages):
+            tokens, feature = self._stage(i, x)
+            x = self._to_map(tokens[:, 1:] if i == 3 else tokens, feature)
+        return self.norm(tokens)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x[:, 0]  # class token
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    """Linear: truncated normal 0.02, zero bias; LayerNorm: identity; convs and BN keep PyTorch's init."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# published name pattern -> this model's (block{i}.{j}.att.mha.* and friends of the released files)
+_RENAMES = [
+    (r"\.att\.mha\.W_q\.", ".attn.q."),
+    (r"\.att\.mha\.W_v\.", ".attn.v."),
+    (r"\.att\.mha\.attn\.Qlandmark_op\.", ".attn.landmark."),
+    (r"\.att\.mha\.attn\.Qnorm_act\.0\.", ".attn.landmark_norm."),
+    (r"\.att\.mha\.attn\.conv\.", ".attn.dwc."),
+    (r"\.att\.mha\.ff\.", ".attn.proj."),
+    (r"\.att\.ff1\.", ".mlp.fc1."),
+    (r"\.att\.ff2\.", ".mlp.fc2."),
+    (r"\.att\.norm([12])\.", r".norm\1."),
+]
+
+
+def _resize_pos_embed4(name: str, value: Tensor, target: Tensor) -> Tensor | None:
+    """Resize the stage-4 table (class-token entry first) to the model's training grid."""
+    if name != "pos_embed4" or value.shape == target.shape or value.shape[-1] != target.shape[-1]:
+        return None
+    side = round((target.shape[1] - 1) ** 0.5)
+    return torch.cat([value[:, :1], resize_token_grid(value[:, 1:], (side, side))], dim=1)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SOFT) -> dict[str, Tensor]:
+    """A published SOFT / SOFT-Norm ImageNet checkpoint (names as released) -> this model's state dict.
+
+    The released files are timm training checkpoints; timm's loader picks ``state_dict_ema`` when present.
+    If ``torch.load(..., weights_only=True)`` refuses one (timm checkpoints may pickle the training ``args``),
+    re-save its ``state_dict_ema`` alone: ``torch.save({'model': ckpt['state_dict_ema']}, path)``.
+    """
+    renamed = {}
+    for name, value in unwrap_checkpoint(state_dict).items():
+        for pattern, repl in _RENAMES:
+            name = re.sub(pattern, repl, name)
+        renamed[name] = value
+    return adapt_state_dict(
+        renamed,
+        model,
+        position_tables=lambda name: name in {"pos_embed1", "pos_embed2", "pos_embed3"},
+        converters=(_resize_pos_embed4,),
+        fresh=lambda name: name.split(".")[0] in {"norm1", "norm2", "norm3", "norm4"},
+    )
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> SOFT:
+    return build_model_with_cfg(
+        SOFT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> dict:
+    return dict(
+        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9,
+        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed1.proj.0", classifier="head", **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    name: _cfg() for name in (
+        "soft_tiny", "soft_small", "soft_medium", "soft_tiny_norm", "soft_small_norm", "soft_medium_norm",
+        "test_soft",
+    )
+})
+
+_TINY = dict(embed_dims=(64, 128, 320, 512), num_heads=(2, 4, 10, 16), depths=(1, 2, 3, 2))
+_SMALL = dict(_TINY, depths=(1, 3, 20, 4))
+_MEDIUM = dict(embed_dims=(64, 128, 288, 512), num_heads=(2, 4, 9, 16), depths=(1, 3, 29, 5))
+_TEST = dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1), mlp_ratio=2.0)
+
+
+@register_model
+def soft_tiny(pretrained: bool = False, **kwargs) -> SOFT:
+    return _create("soft_tiny", pretrained, **dict(_TINY, **kwargs))
+
+
+@register_model
+def soft_small(pretrained: bool = False, **kwargs) -> SOFT:
+    return _create("soft_small", pretrained, **dict(_SMALL, **kwargs))
+
+
+@register_model
+def soft_medium(pretrained: bool = False, **kwargs) -> SOFT:
+    return _create("soft_medium", pretrained, **dict(_MEDIUM, **kwargs))
+
+
+@register_model
+def soft_tiny_norm(pretrained: bool = False, **kwargs) -> SOFT:
+    return _create("soft_tiny_norm", pretrained, **dict(_TINY, normalize=True, **kwargs))
+
+
+@register_model
+def soft_small_norm(pretrained: bool = False, **kwargs) -> SOFT:
+    return _create("soft_small_norm", pretrained, **dict(_SMALL, normalize=True, **kwargs))
+
+
+@register_model
+def soft_medium_norm(pretrained: bool = False, **kwargs) -> SOFT:
+    return _create("soft_medium_norm", pretrained, **dict(_MEDIUM, normalize=True, **kwargs))
+
+
+@register_model
+def test_soft(pretrained: bool = False, **kwargs) -> SOFT:
+    """Tiny SOFT-Norm variant (depth 1 per stage, 16-64 channels, head dim 16) for CPU tests."""
+    return _create("test_soft", pretrained, **dict(_TEST, normalize=True, **kwargs))
