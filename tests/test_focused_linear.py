@@ -146,7 +146,9 @@ def test_rejects_tokens_that_do_not_form_the_grid() -> None:
 def test_kernel_backward_matches_autograd_in_float64() -> None:
     from seg.layers.focused_linear import _KernelPower
 
-    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    x[0, 0] = -1.0  # a token at the kernel floor
+    x.requires_grad_(True)
     inv_temp = (torch.rand(1, 1, 6, dtype=torch.float64) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: _KernelPower.apply(a, b, 3.0), (x, inv_temp))
 
@@ -161,3 +163,15 @@ def test_token_layout_function_equals_head_layout_function(heads: int) -> None:
     ref = focused_linear_attention(split(q, heads), split(k, heads), split(v, heads), scale)
     got = focused_linear_attention_tokens(q, k, v, scale, heads)
     torch.testing.assert_close(got, ref.transpose(1, 2).reshape(2, 30, C), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fill", [-1.0, 50.0])
+def test_gradients_stay_finite_for_dead_and_large_tokens(fill: float) -> None:
+    attn = FocusedLinearAttention(32, 2, grid_size=(4, 4))
+    x = torch.randn(2, 16, 32)
+    x[0, :5] = fill  # tokens whose channels are all <= 0 (kernel floor) or all large
+    x.requires_grad_(True)
+    attn(x, (4, 4)).square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    for name, p in attn.named_parameters():
+        assert torch.isfinite(p.grad).all(), name

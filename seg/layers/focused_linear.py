@@ -98,43 +98,45 @@ def focused_linear_attention(
 
 
 class _KernelPower(torch.autograd.Function):
-    """g = y^p and s = |y| / |y^p| for y = (ReLU(x) + eps) / T, with a closed-form backward.
+    """g = u^p with u = y / |y| and s = |y| / |u^p| for y = (ReLU(x) + eps) / T, so that f_p(y) = s * g.
 
-    f_p(y) = s * g. Writing the backward by hand (instead of through ReLU, power and two norms) saves
-    most of the passes over the (B, N, C) tensors. With G = dL/dg, S = dL/ds:
-    dL/dy = p (g / y) (G - S |y| / |g|^3 g) + S / (|y| |g|) y, then dL/dx = dL/dy / T where x > 0, and
-    dL/d(1/T) = sum over tokens of dL/dy (ReLU(x) + eps).
+    Powering the unit vector keeps every value bounded (u, g in (0, 1], |g| >= C^(-p/2)): nothing under-
+    or overflows in float32, whatever the scale of y (a token whose channels are all <= 0 has y = eps / T).
+    The backward is written in closed form, which saves most of the passes autograd would make through
+    ReLU, the power and two norms. With G = dL/dg, S = dL/ds, n = |y|:
+    dL/dy = [p (g / u) (G - S s g / |g|^2) + u ((p + 1) S s - p G.g)] / n,
+    then dL/dx = dL/dy / T where x > 0, and dL/d(1/T) = sum over tokens of dL/dy (ReLU(x) + eps).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, inv_temp: Tensor, p: float) -> tuple[Tensor, Tensor]:
         y = torch.addcmul(inv_temp * KERNEL_EPS, F.relu(x), inv_temp)  # (ReLU(x) + eps) / T in one pass
-        g = y.pow(p)
         norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)  # (B, N, 1)
-        norm_g = torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp_min(1e-30)
-        ctx.save_for_backward(y, g, norm_y, norm_g, inv_temp)
+        u = y * norm_y.reciprocal()
+        g = u.pow(p)
+        norm_g = torch.linalg.vector_norm(g, dim=-1, keepdim=True)  # >= C^(-p/2)
+        s = norm_y / norm_g
+        ctx.save_for_backward(y, u, g, norm_y, norm_g, s, inv_temp)
         ctx.p = p
-        return g, norm_y / norm_g
+        return g, s
 
     @staticmethod
     def backward(ctx, grad_g: Tensor | None, grad_s: Tensor | None) -> tuple[Tensor, Tensor, None]:
-        y, g, norm_y, norm_g, inv_temp = ctx.saved_tensors
+        y, u, g, norm_y, norm_g, s, inv_temp = ctx.saved_tensors
+        p = ctx.p
         grad_g = torch.zeros_like(g) if grad_g is None else grad_g
-        if grad_s is None:
-            t, c2 = grad_g, None
-        else:
-            t = torch.addcmul(grad_g, g, grad_s * norm_y / norm_g.pow(3), value=-1)  # G - c1 g
-            c2 = grad_s / (norm_y * norm_g)  # (B, N, 1)
-        grad_y = t * (g / y) * ctx.p
-        if c2 is not None:
-            grad_y = grad_y.addcmul_(y, c2)
+        grad_s = torch.zeros_like(s) if grad_s is None else grad_s
+        ss = grad_s * s  # (B, N, 1)
+        t = torch.addcmul(grad_g, g, ss / norm_g.square(), value=-1)  # G - S s g / |g|^2
+        radial = (p + 1) * ss - p * torch.linalg.vecdot(grad_g, g).unsqueeze(-1)  # (B, N, 1)
+        grad_y = torch.addcmul(u * radial, t, g / u, value=p) / norm_y
         grad_inv_temp = (grad_y * y).sum(dim=tuple(range(y.dim() - 1)), keepdim=True) / inv_temp  # (1, 1, C)
         grad_x = (grad_y * inv_temp).masked_fill_(y <= inv_temp * KERNEL_EPS, 0.0)  # ReLU's gate
         return grad_x, grad_inv_temp, None
 
 
 def _kernel_power(x: Tensor, inv_temp: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """g = ((ReLU(x) + eps) / T)^p and the per-token factor s = |y| / |y^p| with f_p(y) = s * g.
+    """g = (y / |y|)^p and the per-token factor s = |y| / |g| with f_p(y) = s * g, y = (ReLU(x) + eps) / T.
 
     x: (B, N, C) float32, inv_temp: (1, 1, C) -> g (B, N, C), s (B, N, 1).
     """
