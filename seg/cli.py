@@ -2,17 +2,79 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import re
 from pathlib import Path
+from typing import NoReturn
 
+from jsonargparse import ArgumentParser
+from jsonargparse.typing import import_object
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from seg.data import SegmentationDataModule
 from seg.task import SegmentationTask
 
-__all__ = ["SegmentationCLI", "cli_main"]
+__all__ = ["SegmentationArgumentParser", "SegmentationCLI", "cli_main", "unknown_key_hint"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULTS_FILE = Path(__file__).with_name("trainer_defaults.yaml")  # loggers and callbacks of every run
+
+# How jsonargparse reports a key it does not know, from a config file, a class's init_args or the command line.
+_UNKNOWN_KEY = (
+    re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
+    re.compile(r"class_path '(?P<cls>[\w.]+)':\s*Option '(?P<key>[\w.]+)' is not accepted"),
+    re.compile(r"Option '(?P<key>[\w.]+)' is not accepted"),
+    re.compile(r"unrecognized arguments: --(?P<key>[\w.]+)"),
+)
+
+
+def _option_names(parser: ArgumentParser) -> set[str]:
+    """Dotted option names of a parser and of its subcommands' parsers (without the subcommand)."""
+    names = set()
+    for action in parser._actions:
+        choices = getattr(action, "choices", None)
+        if isinstance(choices, dict) and choices and all(isinstance(p, ArgumentParser) for p in choices.values()):
+            for sub in choices.values():
+                names |= _option_names(sub)
+        elif action.dest not in ("help", "config", "print_config"):
+            names.add(action.dest)
+    return names
+
+
+def unknown_key_hint(parser: ArgumentParser, message: str) -> str:
+    """For an unknown-key error: the valid options at that level and the closest one ("" for other errors)."""
+    match = next((m for m in (p.search(message) for p in _UNKNOWN_KEY) if m), None)
+    if match is None:
+        return ""
+    found = match.groupdict()
+    if found.get("cls"):
+        group, bad = found["cls"], found["key"]
+        params = inspect.signature(import_object(group)).parameters.values()
+        valid = sorted(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    else:
+        parts = (f"{found['group']}.{found['key']}" if found.get("group") else found["key"]).split(".")
+        names = _option_names(parser)
+        depth = len(parts) - 1  # the deepest known group holding the bad key
+        while depth and not any(n.startswith(".".join(parts[:depth]) + ".") for n in names):
+            depth -= 1
+        group, bad = ".".join(parts[:depth]), parts[depth]
+        prefix = f"{group}." if group else ""
+        valid = sorted({n[len(prefix):].split(".")[0] for n in names if n.startswith(prefix)})
+    if not valid:
+        return ""
+    close = difflib.get_close_matches(bad, valid, n=1)
+    where = f" for '{group}'" if group else ""
+    return f"\n  valid options{where}: {', '.join(valid)}" + (f"\n  did you mean '{close[0]}'?" if close else "")
+
+
+class SegmentationArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose unknown-key errors list the valid options and the closest match."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if "valid options for" not in message:
+            message += unknown_key_hint(getattr(ex, "subcommand_parser", None) or self, message)
+        super().error(message, ex)
 
 
 class SegmentationCLI(LightningCLI):
@@ -30,6 +92,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SegmentationCLI
         SegmentationTask,
         SegmentationDataModule,
         args=args,
+        parser_class=SegmentationArgumentParser,
         run=run,
         parser_kwargs={cmd: {"default_config_files": [str(DEFAULTS_FILE)]} for cmd in SUBCOMMANDS},
         save_config_kwargs={"overwrite": True},

@@ -237,6 +237,9 @@ class InferenceConfig:
         self.scales = tuple(float(s) for s in self.scales)
 
 
+
+torch.serialization.add_safe_globals([InferenceConfig])  # kept in checkpoint hparams: allow it in safe loads
+
 def run_inference(
     model: Model, image: Tensor, cfg: InferenceConfig, out_size: Size | None = None
 ) -> Tensor:

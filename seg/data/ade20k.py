@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 import yaml
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from seg.data.transforms import seed_pipeline
@@ -126,7 +126,7 @@ def read_rgb(path: str | os.PathLike[str], exif_transpose: bool = True) -> np.nd
     """
     try:
         with Image.open(path) as img:
-            img.load()
+            img.load()  # decodes every byte: a truncated file raises here
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit grey: 0..65535 -> 0..255
@@ -138,8 +138,8 @@ def read_rgb(path: str | os.PathLike[str], exif_transpose: bool = True) -> np.nd
             return np.asarray(img.convert("RGB"))
     except FileNotFoundError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"cannot decode image {path}: {err}") from err
+    except Exception as err:  # any decoder failure on a bad file, named (decoders raise many types)
+        raise ValueError(f"cannot decode image {path}: {_reason(err)}") from err
 
 
 def read_label(path: str | os.PathLike[str]) -> np.ndarray:
@@ -149,18 +149,30 @@ def read_label(path: str | os.PathLike[str]) -> np.ndarray:
         uint8 array (H, W) of the raw values stored in the file.
     """
     try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P"):
-                raise ValueError(
-                    f"label map {path} has mode {img.mode}; expected a single-channel (mode L or P) image "
-                    "of class indices (a colour-coded RGB label must be converted to indices first)"
-                )
+        img = Image.open(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(f"cannot decode label map {path}: {_reason(err)}") from err
+    with img:
+        if img.mode not in ("L", "P"):
+            raise ValueError(
+                f"label map {path} has mode {img.mode}; expected a single-channel (mode L or P) image "
+                "of class indices (a colour-coded RGB label must be converted to indices first)"
+            )
+        try:
             img.load()
             return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise ValueError(f"cannot decode label map {path}: {err}") from err
+        except Exception as err:
+            raise ValueError(f"cannot decode label map {path}: {_reason(err)}") from err
+
+
+def _reason(err: BaseException) -> str:
+    """A decoder error's message (its type when the message is empty), with a hint for oversized images."""
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, Image.DecompressionBombError):
+        text += " (raise PIL.Image.MAX_IMAGE_PIXELS to allow images this large)"
+    return text
 
 
 def _label_lut(num_classes: int, ignore_index: int, reduce_zero_label: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -276,14 +288,23 @@ class SegmentationFolder(Dataset):
                              f"reduce_zero_label={self.reduce_zero_label}")
         return image, cv2.LUT(raw, self._lut)
 
+    def source(self, index: int) -> str:
+        """The files sample ``index`` is read from (for messages)."""
+        image_path, label_path = self.samples[index]
+        return f"{image_path} + {label_path.name}"
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.load(index)
-        if self.original_mask:
-            out = self.transform(image=image) if self.transform is not None else {"image": image}
-            mask = label
-        else:
-            out = self.transform(image=image, mask=label) if self.transform is not None else {"image": image}
-            mask = out.get("mask", label)
+        try:
+            if self.original_mask:
+                out = self.transform(image=image) if self.transform is not None else {"image": image}
+                mask = label
+            else:
+                out = self.transform(image=image, mask=label) if self.transform is not None else {"image": image}
+                mask = out.get("mask", label)
+        except Exception as err:  # name the sample instead of a bare trace from inside a worker
+            raise ValueError(f"transform failed on {self.source(index)} "
+                             f"(image {image.shape[1]}x{image.shape[0]}): {type(err).__name__}: {err}") from err
         sample = {
             "image": image_to_tensor(out["image"]),
             "mask": torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)),
@@ -308,10 +329,10 @@ def _header_size(path: Path, kind: str) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise ValueError(f"cannot decode {kind} {path}: {err}") from err
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(f"cannot decode {kind} {path}: {_reason(err)}") from err
 
 
 class ImageFolder(Dataset):
@@ -357,7 +378,11 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         image = read_rgb(path, exif_transpose=True)
-        out = self.transform(image=image) if self.transform is not None else {"image": image}
+        try:
+            out = self.transform(image=image) if self.transform is not None else {"image": image}
+        except Exception as err:
+            raise ValueError(f"transform failed on {path} (image {image.shape[1]}x{image.shape[0]}): "
+                             f"{type(err).__name__}: {err}") from err
         return {
             "image": image_to_tensor(out["image"]),
             "path": path.relative_to(self.base).as_posix(),
@@ -372,5 +397,5 @@ def _not_an_image(path: Path) -> str | None:
     try:
         with Image.open(path):
             return None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        return f"not a readable image ({err})"
+    except Exception as err:
+        return f"not a readable image ({_reason(err)})"

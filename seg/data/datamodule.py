@@ -9,11 +9,22 @@ Batches (dicts):
   int64 (1, 2) = (H0, W0).
 
 Test runs on ``val_split`` (ADE20K publishes no test labels).
+
+Bad files (truncated images, label maps of the wrong size or with values beyond ``num_classes``) stop the run
+with an error naming the file, also from inside DataLoader workers. With ``skip_bad_samples=True`` they are
+passed over instead, each with a warning naming the file: in training the next good sample takes the place of
+a bad one (batches keep their size: BatchNorm and DDP need that); in validation, test and predict the sample
+is dropped (duplicating an image would bias the metrics). Each bad file is warned about once, when first met;
+the number of distinct bad samples met so far is logged as ``data/skipped/<stage>`` (train, val, test) each
+time it grows, summed up in a warning at the end of the run, and the problems are listed in
+:attr:`SegmentationDataModule.skipped_samples`. A label value out of range is never clipped into a class.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +32,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from seg.data.ade20k import ADE20K_CLASSES, ImageFolder, SegmentationFolder, load_class_names
 from seg.data.synthetic import ensure_demo_dataset
 from seg.data.transforms import eval_transform, train_transform
 
-__all__ = ["SegmentationDataModule", "seed_worker"]
+__all__ = ["SegmentationDataModule", "SkipBadSamples", "SkipLedger", "SkippingDataLoader", "seed_worker"]
 
 CLASS_NAMES_FILE = "class_names.txt"
 
@@ -58,6 +69,118 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
         _reseed(info.dataset, _mixed_seed(torch.initial_seed(), rank))
 
 
+class SkipBadSamples(Dataset):
+    """Pass over samples whose files cannot be used instead of stopping the run.
+
+    A sample is bad when reading or transforming it raises ``ValueError`` or ``OSError`` (the data sets name
+    the file in those errors; other exceptions are bugs and propagate). With ``substitute`` the next good
+    sample (index + 1, + 2, ..., wrapping) is returned in its place; otherwise a sample dict without
+    ``image`` is returned, which :func:`collate_skipping` drops. Every sample carries ``skipped``: the
+    messages of the bad samples passed over for it.
+
+    Args:
+        dataset: data set of sample dicts whose errors name the file (as the data sets here do).
+        substitute: replace a bad sample by the next good one (training) or drop it (evaluation).
+        max_consecutive: this many bad samples in a row raise: the data set or its settings
+            (``num_classes``, ``reduce_zero_label``, the split) are wrong, not single files.
+    """
+
+    def __init__(self, dataset: Dataset, substitute: bool, max_consecutive: int = 32) -> None:
+        self.dataset = dataset
+        self.substitute = substitute
+        self.max_consecutive = max_consecutive
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        problems: list[str] = []
+        for step in range(min(self.max_consecutive, len(self.dataset))):
+            try:
+                sample = self.dataset[(index + step) % len(self.dataset)]
+            except (ValueError, OSError) as err:
+                problems.append(str(err))
+                if not self.substitute:
+                    return {"skipped": problems}
+                continue
+            sample["skipped"] = problems
+            return sample
+        raise ValueError(f"{len(problems)} samples in a row from index {index} cannot be used: the data set or "
+                         f"its settings (num_classes, reduce_zero_label, split) are likely wrong. First problem: "
+                         f"{problems[0]}")
+
+
+def collate_skipping(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate the samples that hold an image; ``skipped`` lists the problems of the whole batch."""
+    skipped = [problem for sample in samples for problem in sample.pop("skipped", [])]
+    good = [sample for sample in samples if "image" in sample]
+    batch = default_collate(good) if good else {}
+    batch["skipped"] = skipped
+    return batch
+
+
+class SkipLedger:
+    """Skipped samples of one stage in this process: one warning per bad file, a running count logged.
+
+    Args:
+        stage: ``train``, ``val``, ``test`` or ``predict``.
+        log: ``log(name, value)`` called with ``data/skipped/<stage>`` and the number of distinct bad samples
+            met so far, whenever it grows; None: warnings only.
+    """
+
+    def __init__(self, stage: str, log: Callable[[str, float], None] | None = None) -> None:
+        self.stage = stage
+        self.log = log
+        self.problems: dict[str, int] = {}  # message (naming the file) -> times skipped
+        self._in_pass = 0
+
+    def add(self, problems: list[str]) -> None:
+        """Record the problems of one batch; warn about each the first time it is met."""
+        new = [problem for problem in dict.fromkeys(problems) if problem not in self.problems]
+        for problem in problems:
+            self.problems[problem] = self.problems.get(problem, 0) + 1
+        for problem in new:
+            warnings.warn(f"{self.stage}: skipping a bad sample: {problem}", stacklevel=3)
+        if new and self.log is not None:
+            self.log(f"data/skipped/{self.stage}", float(len(self.problems)))
+        self._in_pass += len(problems)
+
+    def start_pass(self) -> None:
+        """A new pass over the loader begins."""
+        self._in_pass = 0
+
+    def end_pass(self, kept_batches: int) -> None:
+        """Close a pass that ran to its end; raises when every sample of it was bad."""
+        skipped, self._in_pass = self._in_pass, 0
+        if skipped and not kept_batches:
+            raise ValueError(f"{self.stage}: all {skipped} samples of the pass were bad; e.g. "
+                             f"{next(reversed(self.problems))}")
+
+
+class SkippingDataLoader(DataLoader):
+    """A DataLoader over :class:`SkipBadSamples` with :func:`collate_skipping`: it hands each batch's skipped
+    samples to ``ledger`` (in the main process, also with workers) and leaves out batches left empty.
+
+    Args:
+        ledger: where skipped samples are counted.
+        *args, **kwargs: as for ``DataLoader``.
+    """
+
+    def __init__(self, *args: Any, ledger: SkipLedger, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ledger = ledger
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        kept = 0
+        self.ledger.start_pass()
+        for batch in super().__iter__():
+            self.ledger.add(batch.pop("skipped", []))
+            if "image" in batch:
+                kept += 1
+                yield batch
+        self.ledger.end_pass(kept)
+
+
 class SegmentationDataModule(pl.LightningDataModule):
     """ADE20K-layout data: ``root/images/{split}/*.jpg|png`` and ``root/annotations/{split}/*.png``.
 
@@ -79,6 +202,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         predict_root: folder (recursive) or image file to predict on.
         demo: the bundled synthetic demo set: generate it into ``root`` on first use (deterministic,
             seconds, no download); a complete copy is reused.
+        skip_bad_samples: pass over unusable samples with a warning naming the file, and count them (see the
+            module docstring), instead of stopping with an error.
     """
 
     def __init__(
@@ -97,6 +222,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         val_split: str = "validation",
         predict_root: str | None = None,
         demo: bool = False,
+        skip_bad_samples: bool = False,
     ) -> None:
         super().__init__()
         if crop_size < 1 or batch_size < 1 or num_workers < 0:
@@ -122,6 +248,22 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.val_set: SegmentationFolder | None = None
         self.predict_set: ImageFolder | None = None
         self._class_names: list[str] | None = None
+        self.skip_bad_samples = skip_bad_samples
+        self._ledgers = {stage: SkipLedger(stage, self._log_metric) for stage in ("train", "val", "test")}
+        self._ledgers["predict"] = SkipLedger("predict")
+
+    @property
+    def skipped_samples(self) -> dict[str, list[str]]:
+        """Per stage (train / val / test / predict), the distinct problems (each naming its file) met so far in
+        this process."""
+        return {stage: list(ledger.problems) for stage, ledger in self._ledgers.items()}
+
+    def _log_metric(self, name: str, value: float) -> None:
+        trainer = self.trainer
+        if trainer is None or getattr(trainer, "sanity_checking", False):
+            return
+        for logger in getattr(trainer, "loggers", []):
+            logger.log_metrics({name: value}, step=trainer.global_step)
 
     @property
     def num_classes(self) -> int:
@@ -190,31 +332,42 @@ class SegmentationDataModule(pl.LightningDataModule):
             if self.predict_set is None:
                 self.predict_set = ImageFolder(self.predict_root, transform=eval_transform(self.test_scale))
 
+    def teardown(self, stage: str) -> None:
+        """At the end of a run: one warning summing up the samples skipped so far, if any."""
+        counts = {name: len(ledger.problems) for name, ledger in self._ledgers.items() if ledger.problems}
+        if counts:
+            listed = ", ".join(f"{name} {count}" for name, count in counts.items())
+            warnings.warn(f"bad samples skipped so far (distinct files, this process): {listed}; they are named in "
+                          "the warnings above and in `skipped_samples`", stacklevel=2)
+
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
         if trainer is None:
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, stage: str, **kwargs: Any) -> DataLoader:
         rank, _ = self._rank_and_world()
-        return DataLoader(
-            dataset,
+        kwargs.update(
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=functools.partial(seed_worker, rank=rank),
-            **kwargs,
         )
+        if not self.skip_bad_samples:
+            return DataLoader(dataset, **kwargs)
+        wrapped = SkipBadSamples(dataset, substitute=stage == "train")
+        return SkippingDataLoader(wrapped, ledger=self._ledgers[stage], collate_fn=collate_skipping, **kwargs)
 
     def _eval_loader(self, dataset: Dataset | None, stage: str) -> DataLoader:
         if dataset is None:
-            raise RuntimeError(f"call setup('{stage}') before asking for the {stage} loader")
+            setup_stage = "validate" if stage == "val" else stage
+            raise RuntimeError(f"call setup('{setup_stage}') before asking for the {setup_stage} loader")
         rank, world = self._rank_and_world()
         sampler = None
         if world > 1:  # the default DistributedSampler would repeat images to even out the ranks
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return self._loader(dataset, batch_size=1, shuffle=False, sampler=sampler)
+        return self._loader(dataset, stage, batch_size=1, shuffle=False, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -225,10 +378,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             self.train_set.reseed(_mixed_seed(base, rank))
         # full batches only (BatchNorm in the heads needs > 1 image), unless the data set is tiny
         drop_last = len(self.train_set) >= self.batch_size * world
-        return self._loader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=drop_last)
+        return self._loader(self.train_set, "train", batch_size=self.batch_size, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set, "validate")
+        return self._eval_loader(self.val_set, "val")
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set, "test")
