@@ -51,7 +51,7 @@ DEMO_THINGS: tuple[str, ...] = ("disc", "triangle", "rectangle", "star")
 DEMO_CLASS_NAMES: tuple[str, ...] = DEMO_STUFF + DEMO_THINGS
 
 # Bump when the rendering changes, so `ensure_demo_dataset` regenerates stale copies.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _MARKER = ".complete"
 _SPLITS = {"training": "demo_train", "validation": "demo_val"}
 _OWN_ENTRIES = {"images", "annotations", "class_names.txt", _MARKER}
@@ -84,7 +84,7 @@ def _colour_pair(rng: Rng, min_contrast: float = 80.0) -> tuple[Array, Array]:
 def _smooth_field(rng: Rng, height: int, width: int, cells: int) -> Array:
     """Low-frequency noise in [-1, 1] of shape (H, W): a random ``cells`` x ``cells`` grid, resized."""
     grid = rng.uniform(-1.0, 1.0, size=(cells, cells)).astype(np.float32)
-    field = Image.fromarray(grid, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    field = Image.fromarray(grid).resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(field, dtype=np.float32)
 
 
@@ -96,7 +96,7 @@ def _rotated(xx: Array, yy: Array, angle: float) -> tuple[Array, Array]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Stuff textures: each returns a mixing weight in [0, 1] of shape (H, W) between an instance's two colours.
-# Periods are 6-16 px, so a stride-4 encoder sees one to four tokens per period.
+# Periods are 7-16 px, so a stride-4 encoder sees two to four tokens per period.
 
 
 def _stripes(xx: Array, yy: Array, rng: Rng, angle: float) -> Array:
@@ -136,10 +136,10 @@ def _dots(xx: Array, yy: Array, rng: Rng) -> Array:
     period = rng.uniform(8.0, 16.0)
     radius = period * rng.uniform(0.22, 0.35)
     u, v = _rotated(xx, yy, np.deg2rad(rng.uniform(-15.0, 15.0)))
-    row = np.floor(v / period + rng.uniform())
-    shift = 0.5 * np.mod(row, 2.0) * rng.integers(2)
+    v = v / period + rng.uniform()  # in lattice rows; a row's dot centres sit at v = row + 0.5
+    shift = 0.5 * np.mod(np.floor(v), 2.0) * rng.integers(2)  # hexagonal lattice: odd rows shifted
     du = (np.mod(u / period + shift + rng.uniform(), 1.0) - 0.5) * period
-    dv = (np.mod(v / period, 1.0) - 0.5) * period
+    dv = (np.mod(v, 1.0) - 0.5) * period
     return (du * du + dv * dv < radius * radius).astype(np.float32)
 
 
@@ -161,7 +161,7 @@ def _grass(xx: Array, yy: Array, rng: Rng) -> Array:
     height, width = xx.shape
     stretch_y, stretch_x = rng.uniform(5.0, 10.0), rng.uniform(1.0, 2.0)
     small = rng.uniform(0.0, 1.0, size=(int(height / stretch_y) + 2, int(width / stretch_x) + 2))
-    field = Image.fromarray(small.astype(np.float32), mode="F").resize(
+    field = Image.fromarray(small.astype(np.float32)).resize(
         (int(small.shape[1] * stretch_x), int(small.shape[0] * stretch_y)), Image.Resampling.BILINEAR
     )
     blades = np.asarray(field, dtype=np.float32)[:height, :width]
@@ -240,23 +240,30 @@ def _shape_sdf(kind: str, xx: Array, yy: Array, cx: float, cy: float, size: floa
 # One sample
 
 
-def _stuff_layout(rng: Rng, height: int, width: int, xx: Array, yy: Array) -> tuple[Array, list[int]]:
-    """Split the image into 1-3 regions with wavy borders; returns the region index map and region classes."""
+def _stuff_layout(rng: Rng, height: int, width: int, xx: Array, yy: Array, first: int) -> tuple[Array, list[int]]:
+    """Split the image into 1-3 regions with wavy borders, the first one of stuff class ``first``.
+
+    Returns:
+        The region index map (H, W) and the stuff class of each region.
+    """
     num_regions = int(rng.integers(1, 4))
-    classes = [int(c) for c in rng.choice(len(DEMO_STUFF), size=num_regions, replace=False)]
+    others = [c for c in range(len(DEMO_STUFF)) if c != first]
+    classes = [first] + [int(c) for c in rng.choice(others, size=num_regions - 1, replace=False)]
     seeds = rng.uniform([0.0, 0.0], [width, height], size=(num_regions, 2))
     wobble = 20.0 * np.stack([_smooth_field(rng, height, width, cells=5) for _ in range(num_regions)])
     dist = np.hypot(xx[None] - seeds[:, 0, None, None], yy[None] - seeds[:, 1, None, None]) + wobble
     return np.argmin(dist, axis=0), classes
 
 
-def render_demo_sample(rng: Rng, height: int, width: int) -> tuple[Array, Array]:
+def render_demo_sample(rng: Rng, height: int, width: int, index: int | None = None) -> tuple[Array, Array]:
     """Draw one demo image and its label map.
 
     Args:
-        rng: random generator; the sample is a pure function of its state.
+        rng: random generator; the sample is a pure function of its state and ``index``.
         height: image height in px.
         width: image width in px.
+        index: position of the sample in its split. When given, stuff class ``index % 8`` gets a region and
+            thing ``index % 4`` is drawn last (on top), so any 8 consecutive samples show every class.
 
     Returns:
         ``(image, label)``: uint8 RGB (H, W, 3) before JPEG compression, and uint8 (H, W) labels with
@@ -266,17 +273,20 @@ def render_demo_sample(rng: Rng, height: int, width: int) -> tuple[Array, Array]
     image = np.zeros((height, width, 3), dtype=np.float32)
     label = np.zeros((height, width), dtype=np.uint8)
 
-    regions, classes = _stuff_layout(rng, height, width, xx, yy)
-    for index, cls in enumerate(classes):
-        inside = regions == index
+    first_stuff = int(rng.integers(len(DEMO_STUFF))) if index is None else index % len(DEMO_STUFF)
+    regions, classes = _stuff_layout(rng, height, width, xx, yy, first_stuff)
+    for region, cls in enumerate(classes):
+        inside = regions == region
         c0, c1 = _colour_pair(rng)
         weight = _TEXTURES[cls](xx, yy, rng)[inside][:, None]
         image[inside] = c0 + (c1 - c0) * weight
         label[inside] = cls + 1
 
     short = min(height, width)
-    for _ in range(int(rng.integers(2, 5))):
-        kind = int(rng.integers(len(DEMO_THINGS)))
+    kinds = rng.integers(len(DEMO_THINGS), size=int(rng.integers(2, 5)))
+    if index is not None:
+        kinds[-1] = index % len(DEMO_THINGS)
+    for kind in (int(k) for k in kinds):
         size = rng.uniform(0.15, 0.35) * short
         cx, cy = rng.uniform(0.1 * width, 0.9 * width), rng.uniform(0.1 * height, 0.9 * height)
         sdf = _shape_sdf(DEMO_THINGS[kind], xx, yy, cx, cy, size, rng)
@@ -311,7 +321,7 @@ def _draw_size(rng: Rng, min_size: int, max_size: int) -> tuple[int, int]:
 def _jpeg_bytes(image: Array, quality: int) -> bytes:
     """Encode an RGB uint8 image as baseline JPEG at the given quality (deterministic)."""
     buffer = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -326,10 +336,10 @@ def _write_split(folder: Path, split: str, count: int, seed: int, min_size: int,
         # One independent stream per sample: a sample does not depend on how many others are drawn.
         rng = np.random.default_rng([seed, split_key, index])
         height, width = _draw_size(rng, min_size, max_size)
-        image, label = render_demo_sample(rng, height, width)
+        image, label = render_demo_sample(rng, height, width, index)
         stem = f"{prefix}_{index:05d}"
         (image_dir / f"{stem}.jpg").write_bytes(_jpeg_bytes(image, int(rng.integers(70, 96))))
-        Image.fromarray(label, mode="L").save(label_dir / f"{stem}.png")
+        Image.fromarray(label).save(label_dir / f"{stem}.png")
 
 
 # ----------------------------------------------------------------------------------------------------------
