@@ -10,9 +10,11 @@ from typing import NoReturn
 
 from jsonargparse import ArgumentParser
 from jsonargparse.typing import import_object
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from seg.data import SegmentationDataModule
+from seg.scaling import EffectiveBatch
 from seg.task import SegmentationTask
 
 __all__ = ["SegmentationArgumentParser", "SegmentationCLI", "cli_main", "unknown_key_hint"]
@@ -84,6 +86,10 @@ class SegmentationCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.model.init_args.num_classes")
         parser.link_arguments("data.ignore_index", "model.ignore_index")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        # always-present callbacks, configured by top-level keys so an experiment sets one value without
+        # restating the callback list: `checkpoint.dirpath`, `effective_batch.expected`
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EffectiveBatch, "effective_batch")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> SegmentationCLI:

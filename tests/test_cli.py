@@ -67,3 +67,15 @@ def test_fit_then_validate_from_checkpoint(tiny_root: Path, tmp_path: Path, monk
     scores = cli.model.last_scores["val"]
     assert 0.0 <= float(scores["mIoU"]) <= 1.0
     assert scores["IoU"].shape == (12,)
+
+
+def test_resume_from_last_continues_the_same_run(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[1] / "configs" / "flatten_pvt_tiny_fpn_ade20k_80k.yaml"
+    args = tiny_overrides(config, tiny_root)
+    cli_main(["fit", *args, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    resumed = cli_main(["fit", *args, "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--ckpt_path=last"])
+    assert resumed.trainer.ckpt_path.endswith("flatten_pvt_tiny_fpn_ade20k_80k/checkpoints/last.ckpt")
+    assert resumed.trainer.global_step == 4
