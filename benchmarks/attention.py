@@ -24,6 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine, median_time, peak_memory_mb, track_cpu_memory  # noqa: E402
+from published_flatten import published_like  # noqa: E402
 
 from seg.layers import FocusedLinearAttention, SpatialReductionAttention  # noqa: E402
 from seg.layers.soft import SoftAttention  # noqa: E402
@@ -39,13 +40,35 @@ class Entry:
 
 SOFT_SR = 8  # SOFT's stage-1 bottleneck reduction: m = N / 64 landmarks
 
-# label -> entry; more formulations (e.g. the published FLatten one) are added here
+OURS, PUBLISHED = "focused linear (FLatten, ours)", "focused linear (published formulation)"
+
+# label -> entry
 ENTRIES: dict[str, Entry] = {
-    "focused linear (FLatten)": Entry(lambda c, h: FocusedLinearAttention(c, h, grid_size=(56, 56))),
+    OURS: Entry(lambda c, h: FocusedLinearAttention(c, h, grid_size=(56, 56))),
+    PUBLISHED: Entry(lambda c, h: published_like(FocusedLinearAttention(c, h, grid_size=(56, 56)))),
     f"SOFT (sr {SOFT_SR})": Entry(lambda c, h: SoftAttention(c, h, sr_ratio=SOFT_SR)),
     f"SOFT-Norm (sr {SOFT_SR})": Entry(lambda c, h: SoftAttention(c, h, sr_ratio=SOFT_SR, normalize=True)),
     "softmax (SDPA, sr 1)": Entry(lambda c, h: SpatialReductionAttention(c, h, sr_ratio=1), quadratic=True),
 }
+
+
+def check_published_equal(side: int, dim: int, heads: int, device: torch.device) -> float:
+    """Relative difference of ours and the published formulation on the same parameters (fp32), checked
+    before any timing; raises when above 1e-5."""
+    torch.manual_seed(0)
+    ours = FocusedLinearAttention(dim, heads, grid_size=(56, 56))
+    with torch.no_grad():  # exercise the learned temperature and positional encoding too
+        ours.scale.normal_(0, 0.5)
+        ours.positional_encoding.normal_(0, 0.5)
+    ours = ours.to(device).eval()
+    twin = published_like(ours)
+    x = torch.randn(1, side * side, dim, device=device)
+    with torch.inference_mode():
+        a, b = ours(x, (side, side)), twin(x, (side, side))
+    rel = ((a - b).norm() / b.norm()).item()
+    if rel > 1e-5:
+        raise AssertionError(f"ours and the published formulation differ: relative {rel:.2e} at {side}^2")
+    return rel
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -90,9 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     max_quadratic = args.max_quadratic_tokens or (256**2 if device.type == "cuda" else 128**2)
     entries = {k: v for k, v in ENTRIES.items() if args.only is None or k in args.only}
+    if OURS in entries and PUBLISHED in entries:
+        for side in args.sizes:
+            for heads in args.heads:
+                rel = check_published_equal(side, args.dim, heads, device)
+                print(f"# ours == published formulation at {side}^2, {heads} heads: relative difference {rel:.1e}")
     print(f"# attention layers, batch 1, C = {args.dim}, float32, median of {args.repeats}; {machine()}")
     print("| attention | tokens | heads | fwd (ms) | fwd peak (MiB) | fwd+bwd (ms) | fwd+bwd peak (MiB) |")
     print("|---|---|---|---|---|---|---|")
+    times: dict[tuple[str, int, int], dict[str, float]] = {}
     for side in args.sizes:
         for heads in args.heads:
             for label, entry in entries.items():
@@ -113,8 +142,16 @@ def main(argv: list[str] | None = None) -> None:
                     del module
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+                times[label, side, heads] = r
                 print(f"{row} {r['fwd time'] * 1e3:.1f} | {r['fwd peak']:.0f} | {r['fwd+bwd time'] * 1e3:.1f} | "
                       f"{r['fwd+bwd peak']:.0f} |", flush=True)
+    pairs = [(k[1], k[2]) for k in times if k[0] == OURS and (PUBLISHED, k[1], k[2]) in times]
+    if pairs:
+        print("\nSpeed-up of ours over the published formulation (published time / ours):")
+        for side, heads in pairs:
+            ours, pub = times[OURS, side, heads], times[PUBLISHED, side, heads]
+            print(f"- {side}^2 tokens, {heads} heads: forward {pub['fwd time'] / ours['fwd time']:.2f}x, "
+                  f"forward+backward {pub['fwd+bwd time'] / ours['fwd+bwd time']:.2f}x")
 
 
 if __name__ == "__main__":
