@@ -29,12 +29,12 @@ from functools import partial
 from typing import Literal
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from seg.backbones._registry import build_encoder, imagenet_cfg
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.backbones.pvt import Block as SoftmaxBlock
 from seg.layers import resize_token_grid
@@ -320,22 +320,11 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SOFT) -> dict[str
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> SOFT:
-    return build_model_with_cfg(
-        SOFT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
-    )
+    return build_encoder(SOFT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
-    return dict(
-        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9,
-        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="patch_embed1.proj.0", classifier="head", **kwargs,
-    )
+    return imagenet_cfg("patch_embed1.proj.0", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -24,13 +24,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from seg.backbones._registry import build_encoder, imagenet_cfg
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.layers import FocusedLinearAttention
 from seg.layers.window import WindowAttention, resize_bias_table
@@ -347,22 +347,11 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: FLattenSwin) -> d
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> FLattenSwin:
-    return build_model_with_cfg(
-        FLattenSwin,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
-    )
+    return build_encoder(FLattenSwin, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
-    return dict(
-        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9,
-        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="patch_embed.proj", classifier="head", **kwargs,
-    )
+    return imagenet_cfg("patch_embed.proj", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
