@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from seg.data.ade20k import _label_lut, read_label, read_rgb
-from seg.data.prepare import IMAGE_SUFFIXES, Problem, Report, _by_stem, print_report
+from seg.data.prepare import Problem, Report, index_split, print_report
 
 __all__ = ["LabelRules", "check_dataset", "check_sample", "main"]
 
@@ -125,16 +125,11 @@ def check_dataset(
     jobs: list[tuple[str, str, LabelRules]] = []
     job_split: list[str] = []
     for split in splits:
-        image_dir, label_dir = root / "images" / split, root / "annotations" / split
-        missing = [d for d in (image_dir, label_dir) if not d.is_dir()]
-        for folder in missing:
-            report.problems.append(Problem("missing folder", str(folder), "split folder does not exist"))
-        if missing:
-            report.counts[split] = (0, 0)
+        indexed = index_split(root, split, report)
+        if indexed is None:
             continue
-        images = _by_stem(image_dir, IMAGE_SUFFIXES, report)
-        labels = _by_stem(label_dir, (".png",), report)
-        report.counts[split] = (len(images), len(labels))
+        images, labels = indexed
+        image_dir, label_dir = root / "images" / split, root / "annotations" / split
         if not images:
             report.problems.append(Problem("empty split", str(image_dir), "holds no .jpg/.jpeg/.png images"))
         for stem in sorted(set(images) - set(labels)):

@@ -152,6 +152,22 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...], report: Report) -> dict[st
     return files
 
 
+def index_split(root: Path, split: str, report: Report) -> tuple[dict[str, Path], dict[str, Path]] | None:
+    """Images and label maps of one split by stem, counted in ``report``; None (and a problem) when a folder is
+    missing."""
+    image_dir, label_dir = root / "images" / split, root / "annotations" / split
+    missing = [d for d in (image_dir, label_dir) if not d.is_dir()]
+    for folder in missing:
+        report.problems.append(Problem("missing folder", str(folder), "split folder does not exist"))
+    if missing:
+        report.counts[split] = (0, 0)
+        return None
+    images = _by_stem(image_dir, IMAGE_SUFFIXES, report)
+    labels = _by_stem(label_dir, (".png",), report)
+    report.counts[split] = (len(images), len(labels))
+    return images, labels
+
+
 def verify(
     root: Path,
     expected: dict[str, int] | None = None,
@@ -170,16 +186,11 @@ def verify(
     report = Report(root=root)
     jobs: list[tuple[str, str, int]] = []
     for split, count in expected.items():
-        image_dir, label_dir = root / "images" / split, root / "annotations" / split
-        missing = [d for d in (image_dir, label_dir) if not d.is_dir()]
-        for folder in missing:
-            report.problems.append(Problem("missing folder", str(folder), "split folder does not exist"))
-        if missing:
-            report.counts[split] = (0, 0)
+        indexed = index_split(root, split, report)
+        if indexed is None:
             continue
-        images = _by_stem(image_dir, IMAGE_SUFFIXES, report)
-        labels = _by_stem(label_dir, (".png",), report)
-        report.counts[split] = (len(images), len(labels))
+        images, labels = indexed
+        image_dir, label_dir = root / "images" / split, root / "annotations" / split
         if count >= 0 and (len(images) != count or len(labels) != count):
             report.problems.append(Problem("count", f"{image_dir} | {label_dir}", f"{len(images)} images and "
                                            f"{len(labels)} label maps, expected {count} each"))
