@@ -17,6 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from _files import write_pair
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
@@ -33,20 +34,6 @@ from seg.guards import NonFiniteError, NonFiniteGuard
 from seg.models import Segmentor
 
 # ---------------------------------------------------------------- helpers
-
-
-def write_pair(root: Path, split: str, stem: str, label: np.ndarray, image_hw: tuple[int, int] | None = None) -> tuple[
-    Path, Path
-]:
-    """A random JPEG (size of the label, or ``image_hw``) and a mode-L label PNG."""
-    h, w = image_hw or label.shape
-    image = root / "images" / split / f"{stem}.jpg"
-    label_path = root / "annotations" / split / f"{stem}.png"
-    image.parent.mkdir(parents=True, exist_ok=True)
-    label_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(len(stem)).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(image)
-    Image.fromarray(label.astype(np.uint8), mode="L").save(label_path)
-    return image, label_path
 
 
 def stripes(h: int = 40, w: int = 48, values: tuple[int, ...] = (0, 1, 2, 3, 4)) -> np.ndarray:

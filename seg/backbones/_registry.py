@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 from torch import nn
 
-__all__ = ["build_encoder", "imagenet_cfg"]
+__all__ = ["build_encoder", "imagenet_cfg", "init_transformer_weights"]
 
 
 def build_encoder(
@@ -37,3 +38,14 @@ def imagenet_cfg(first_conv: str, **kwargs) -> dict:
         interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         first_conv=first_conv, classifier="head", **kwargs,
     )
+
+
+def init_transformer_weights(m: nn.Module) -> None:
+    """Linear: truncated normal (std 0.02), zero bias; LayerNorm: identity. Other modules keep their own init."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

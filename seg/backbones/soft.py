@@ -34,7 +34,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from seg.backbones._registry import build_encoder, imagenet_cfg
+from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.backbones.pvt import Block as SoftmaxBlock
 from seg.layers import resize_token_grid
@@ -166,7 +166,7 @@ class SOFT(nn.Module):
         for i in range(4):
             trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -263,17 +263,6 @@ class SOFT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    """Linear: truncated normal 0.02, zero bias; LayerNorm: identity; convs and BN keep PyTorch's init."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # published name pattern -> this model's (block{i}.{j}.att.mha.* and friends of the released files)

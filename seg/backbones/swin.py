@@ -24,13 +24,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from seg.backbones._registry import build_encoder, imagenet_cfg
+from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.layers import FocusedLinearAttention
 from seg.layers.window import WindowAttention, resize_bias_table
@@ -212,7 +212,7 @@ class FLattenSwin(nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"norm{i}"))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -306,16 +306,6 @@ class FLattenSwin(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def _resize_bias_tables(name: str, value: Tensor, target: Tensor) -> Tensor | None:
