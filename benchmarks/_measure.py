@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -12,7 +14,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["machine", "median_time", "peak_memory_mb", "track_cpu_memory"]
+__all__ = [
+    "configure_allocator",
+    "is_memory_phase",
+    "machine",
+    "median_time",
+    "memory_from_child",
+    "peak_memory_mb",
+    "report_memory",
+]
 
 
 def machine() -> str:
@@ -27,18 +37,47 @@ def machine() -> str:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
     import timm
 
-    return f"{dev}; torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}"
+    return (f"{dev}; python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+            f"threads {torch.get_num_threads()}")
 
 
-def track_cpu_memory() -> None:
-    """Re-run this process with glibc serving large blocks by mmap, so freed tensors leave the resident set.
+_PHASE = "SEG_BENCH_PHASE"  # set to "memory" in the child process that measures peak memory
+# glibc settings per phase: timing keeps freed memory in the process (no page faults from handing it back
+# to the OS and taking it again, which otherwise add +-30% noise on CPU, as a caching allocator would);
+# the memory phase serves every block >= 64 KiB by mmap so that freed tensors leave the resident set.
+_TIMING_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**30), "MALLOC_MMAP_THRESHOLD_": str(2**25)}
+_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
-    Without it, memory freed by one forward pass stays in malloc's arena and the next pass's peak hides
-    inside the resident size. Call first thing in ``main``.
+
+def configure_allocator() -> None:
+    """Re-run this process with the glibc settings of its phase (CPU only); call first thing in ``main``."""
+    if torch.cuda.is_available():
+        return
+    env = _MEMORY_ENV if is_memory_phase() else _TIMING_ENV
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **env))
+
+
+def is_memory_phase() -> bool:
+    """True in the child process started by :func:`memory_from_child`."""
+    return os.environ.get(_PHASE) == "memory"
+
+
+def memory_from_child() -> dict[str, float]:
+    """Peak memory per case, measured by this script re-run as a separate process in its memory phase.
+
+    The child prints one JSON object {case: MiB} as its last line (see :func:`report_memory`).
     """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and not torch.cuda.is_available():
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    env = dict(os.environ, **_MEMORY_ENV, **{_PHASE: "memory"})
+    done = subprocess.run([sys.executable, *sys.argv], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory phase failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report_memory(peaks: dict[str, float]) -> None:
+    """Print the memory phase's result for :func:`memory_from_child`."""
+    print(json.dumps(peaks), flush=True)
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

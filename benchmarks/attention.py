@@ -1,14 +1,14 @@
 """Attention layers alone: time and peak memory against token count, SOFT vs focused linear vs softmax.
 
-    python benchmarks/attention.py                              # N = 56^2, 128^2, 256^2; C = 64; heads 1, 2
-    python benchmarks/attention.py --sizes 16 24 --repeats 1    # smoke test
+    python benchmarks/attention.py                          # N = 56^2, 128^2, 256^2; C = 64; d = 64, 32; fp32, bf16
+    python benchmarks/attention.py --sizes 16 24 --repeats 1 --dtypes float32   # smoke test
 
 Every entry of ``ENTRIES`` is a module called as ``attn(x, (H, W))`` on x of shape (1, H*W, C). Time is the
 median of ``--repeats`` runs after a warm-up, for the forward pass under ``torch.inference_mode`` and for
-forward + backward (of the mean square of the output, gradients for the input and all parameters). Peak memory
-is measured on a separate run: CUDA allocator peak above the memory held before, or the process's resident
-high-water mark on CPU. Quadratic entries (softmax) are skipped above ``--max-quadratic-tokens`` and an
-out-of-memory error is reported as such instead of ending the run.
+forward + backward (of the mean square of the output, gradients for the input and all parameters); bfloat16 /
+float16 run under autocast. Peak memory is measured on a separate run: CUDA allocator peak above the memory held
+before, or on CPU the resident high-water mark of a separate process (see ``_measure.py``). Quadratic entries
+(softmax) are skipped above ``--max-quadratic-tokens``; an out-of-memory error is reported, not fatal.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import machine, median_time, peak_memory_mb, track_cpu_memory  # noqa: E402
+from _measure import (  # noqa: E402
+    configure_allocator,
+    is_memory_phase,
+    machine,
+    median_time,
+    memory_from_child,
+    peak_memory_mb,
+    report_memory,
+)
 from published_flatten import published_like  # noqa: E402
 
 from seg.layers import FocusedLinearAttention, SpatialReductionAttention  # noqa: E402
@@ -75,83 +83,109 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def measure(module: nn.Module, side: int, dim: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Forward / forward+backward median time (s) and peak memory (MiB) on a side x side grid."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _runs(module: nn.Module, side: int, dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
+    """The forward and forward+backward passes to measure; half precision runs under autocast."""
     size = (side, side)
     x = torch.randn(1, side * side, dim, device=device)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def forward() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), amp:
             module(x, size)
 
     def forward_backward() -> None:
         xg = x.detach().requires_grad_()
-        module(xg, size).square().mean().backward()
+        with amp:
+            out = module(xg, size)
+        out.float().square().mean().backward()
         module.zero_grad(set_to_none=True)
 
-    results = {}
-    for key, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
-        results[f"{key} time"] = median_time(fn, repeats)
-        results[f"{key} peak"] = peak_memory_mb(fn)
-    return results
+    return {"fwd": forward, "fwd+bwd": forward_backward}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[56, 128, 256], help="grid sides (N = side^2)")
     parser.add_argument("--dim", type=int, default=64, help="channels C")
-    parser.add_argument("--heads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--heads", type=int, nargs="+", default=[1, 2], help="heads h (head dim d = C / h)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES),
+                        help="half precision runs under autocast")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--max-quadratic-tokens", type=int, default=0,
                         help="largest N for softmax entries (0: 256^2 on GPU, 128^2 on CPU)")
     parser.add_argument("--only", nargs="+", default=None, help="labels of ENTRIES to run (default: all)")
+    parser.add_argument("--compile", action="store_true", help="run every module under torch.compile")
     args = parser.parse_args(argv)
-    track_cpu_memory()
+    configure_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     max_quadratic = args.max_quadratic_tokens or (256**2 if device.type == "cuda" else 128**2)
     entries = {k: v for k, v in ENTRIES.items() if args.only is None or k in args.only}
+    cases = [(label, side, heads, dtype) for side in args.sizes for heads in args.heads for dtype in args.dtypes
+             for label in entries]
+
+    def case_key(label: str, side: int, heads: int, dtype: str) -> str:
+        return f"{label}|{side}|{heads}|{dtype}"
+
+    def run_case(label: str, side: int, heads: int, dtype: str, memory: bool) -> dict[str, float] | str:
+        if entries[label].quadratic and side * side > max_quadratic:
+            return f"skipped: quadratic, N > {max_quadratic} (--max-quadratic-tokens)"
+        torch.manual_seed(0)
+        module = entries[label].build(args.dim, heads).to(device).eval()
+        if args.compile:
+            module.compile()
+        try:
+            runs = _runs(module, side, args.dim, DTYPES[dtype], device)
+            if memory:
+                return {key: peak_memory_mb(fn) for key, fn in runs.items()}
+            return {key: median_time(fn, args.repeats) for key, fn in runs.items()}
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+            if not _is_oom(error):
+                raise
+            return "out of memory"
+        finally:
+            del module
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    if is_memory_phase():
+        report_memory({case_key(*c): run_case(*c, memory=True) for c in cases})
+        return
     if OURS in entries and PUBLISHED in entries:
         for side in args.sizes:
             for heads in args.heads:
                 rel = check_published_equal(side, args.dim, heads, device)
-                print(f"# ours == published formulation at {side}^2, {heads} heads: relative difference {rel:.1e}")
-    print(f"# attention layers, batch 1, C = {args.dim}, float32, median of {args.repeats}; {machine()}")
-    print("| attention | tokens | heads | fwd (ms) | fwd peak (MiB) | fwd+bwd (ms) | fwd+bwd peak (MiB) |")
-    print("|---|---|---|---|---|---|---|")
-    times: dict[tuple[str, int, int], dict[str, float]] = {}
-    for side in args.sizes:
-        for heads in args.heads:
-            for label, entry in entries.items():
-                row = f"| {label} | {side}^2 = {side * side} | {heads} |"
-                if entry.quadratic and side * side > max_quadratic:
-                    print(f"{row} skipped: quadratic, N > {max_quadratic} (--max-quadratic-tokens) | | | |")
-                    continue
-                torch.manual_seed(0)
-                module = entry.build(args.dim, heads).to(device).eval()
-                try:
-                    r = measure(module, side, args.dim, args.repeats, device)
-                except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
-                    if not _is_oom(error):
-                        raise
-                    print(f"{row} out of memory | | | |")
-                    continue
-                finally:
-                    del module
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                times[label, side, heads] = r
-                print(f"{row} {r['fwd time'] * 1e3:.1f} | {r['fwd peak']:.0f} | {r['fwd+bwd time'] * 1e3:.1f} | "
-                      f"{r['fwd+bwd peak']:.0f} |", flush=True)
-    pairs = [(k[1], k[2]) for k in times if k[0] == OURS and (PUBLISHED, k[1], k[2]) in times]
+                print(f"# ours == published formulation at {side}^2, d = {args.dim // heads}: "
+                      f"relative difference {rel:.1e} (float32)")
+    compiled = ", torch.compile" if args.compile else ""
+    print(f"# attention layers, batch 1, C = {args.dim}, median of {args.repeats}{compiled}; {machine()}")
+    print("| attention | tokens | d | dtype | fwd (ms) | fwd peak (MiB) | fwd+bwd (ms) | fwd+bwd peak (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    times = {case_key(*c): run_case(*c, memory=False) for c in cases}
+    peaks = memory_from_child() if device.type == "cpu" else {
+        case_key(*c): run_case(*c, memory=True) for c in cases}
+    for label, side, heads, dtype in cases:
+        key = case_key(label, side, heads, dtype)
+        row = f"| {label} | {side}^2 = {side * side} | {args.dim // heads} | {dtype} |"
+        t, m = times[key], peaks[key]
+        if isinstance(t, str) or isinstance(m, str):
+            print(f"{row} {t if isinstance(t, str) else m} | | | |")
+            continue
+        m = {key: max(value, 0.0) for key, value in m.items()}  # RSS noise can read a hair below zero
+        print(f"{row} {t['fwd'] * 1e3:.1f} | {m['fwd']:.0f} | {t['fwd+bwd'] * 1e3:.1f} | {m['fwd+bwd']:.0f} |")
+    pairs = [c[1:] for c in cases if c[0] == OURS and isinstance(times[case_key(*c)], dict)
+             and isinstance(times.get(case_key(PUBLISHED, *c[1:])), dict)]
     if pairs:
-        print("\nSpeed-up of ours over the published formulation (published time / ours):")
-        for side, heads in pairs:
-            ours, pub = times[OURS, side, heads], times[PUBLISHED, side, heads]
-            print(f"- {side}^2 tokens, {heads} heads: forward {pub['fwd time'] / ours['fwd time']:.2f}x, "
-                  f"forward+backward {pub['fwd+bwd time'] / ours['fwd+bwd time']:.2f}x")
+        print("\nSpeed-up of ours over the published formulation (published time / ours, same run):")
+        for side, heads, dtype in pairs:
+            ours, pub = times[case_key(OURS, side, heads, dtype)], times[case_key(PUBLISHED, side, heads, dtype)]
+            print(f"- {side}^2 tokens, d = {args.dim // heads}, {dtype}: forward {pub['fwd'] / ours['fwd']:.2f}x, "
+                  f"forward+backward {pub['fwd+bwd'] / ours['fwd+bwd']:.2f}x")
 
 
 if __name__ == "__main__":

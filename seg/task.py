@@ -36,6 +36,8 @@ class SegmentationTask(pl.LightningModule):
             :class:`~seg.schedules.WarmupPolyLR` without ``max_steps`` takes the trainer's step count.
         inference: how validation, test and predict turn an image into logits.
         class_names: names for per-class metrics (linked from the data module).
+        compile: run the segmentor under ``torch.compile`` (compiled in place, so checkpoint keys do not
+            change). Off by default: see BENCHMARKS.md for what it gains on each machine measured.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class SegmentationTask(pl.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         inference: InferenceConfig | None = None,
         class_names: list[str] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "class_names"])
@@ -61,6 +64,12 @@ class SegmentationTask(pl.LightningModule):
         self.val_metric = SegmentationMetric(num_classes, ignore_index)
         self.test_metric = SegmentationMetric(num_classes, ignore_index)
         self.last_scores: dict[str, dict[str, Tensor]] = {}
+        self.compile_model = compile
+
+    def configure_model(self) -> None:
+        """Compile the segmentor in place when asked (Lightning calls this once the strategy is set up)."""
+        if self.compile_model and getattr(self.model, "_compiled_call_impl", None) is None:
+            self.model.compile()
 
     def forward(self, image: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
         """Inference: normalised images (B, 3, H, W) -> logits (B, K, H', W'), ``out_size`` or input size."""

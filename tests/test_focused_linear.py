@@ -143,25 +143,42 @@ def test_rejects_tokens_that_do_not_form_the_grid() -> None:
         attn(torch.randn(1, 24, 16), (5, 5))
 
 
-def test_kernel_backward_matches_autograd_in_float64() -> None:
-    from seg.layers.focused_linear import _KernelPower
+@pytest.mark.parametrize("heads", [1, 3])
+def test_hand_written_backward_passes_gradcheck_in_float64(heads: int) -> None:
+    from seg.layers.fused import FocusedTokens
 
-    x = torch.randn(2, 5, 6, dtype=torch.float64)
-    x[0, 0] = -1.0  # a token at the kernel floor
-    x.requires_grad_(True)
-    inv_temp = (torch.rand(1, 1, 6, dtype=torch.float64) + 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: _KernelPower.apply(a, b, 3.0), (x, inv_temp))
+    C = heads * 4
+    q, k, v = (torch.randn(2, m, C, dtype=torch.float64) for m in (7, 5, 5))
+    q[0, 0] = -1.0  # a query and a key at the kernel floor (all channels <= 0)
+    k[1, 2] = -1.0
+    inv_temp = torch.rand(1, 1, C, dtype=torch.float64) + 0.5
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, inv_temp))
+    assert torch.autograd.gradcheck(lambda *t: FocusedTokens.apply(*t, heads, 3.0), inputs)
+
+
+def test_depthwise_conv_backward_passes_gradcheck_in_float64() -> None:
+    from seg.layers.fused import depthwise_conv_same
+
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(3, 1, 5, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(depthwise_conv_same, inputs)
+    ref = F.conv2d(x, weight, bias, padding=2, groups=3)
+    torch.testing.assert_close(depthwise_conv_same(x, weight, bias), ref)
 
 
 @pytest.mark.parametrize("heads", [1, 3])
-def test_token_layout_function_equals_head_layout_function(heads: int) -> None:
+@pytest.mark.parametrize("training", [False, True], ids=["inference-path", "autograd-path"])
+def test_token_layout_function_equals_head_layout_function(heads: int, training: bool) -> None:
     from seg.layers import focused_linear_attention_tokens
 
     C = heads * 8
     q, k, v = (torch.randn(2, m, C, dtype=torch.float64) for m in (30, 20, 20))
-    scale = torch.randn(1, 1, C, dtype=torch.float64)
-    ref = focused_linear_attention(split(q, heads), split(k, heads), split(v, heads), scale)
+    scale = torch.randn(1, 1, C, dtype=torch.float64, requires_grad=training)
+    with torch.no_grad():
+        ref = focused_linear_attention(split(q, heads), split(k, heads), split(v, heads), scale)
     got = focused_linear_attention_tokens(q, k, v, scale, heads)
+    assert got.requires_grad == training
     torch.testing.assert_close(got, ref.transpose(1, 2).reshape(2, 30, C), rtol=1e-10, atol=1e-10)
 
 
@@ -175,3 +192,22 @@ def test_gradients_stay_finite_for_dead_and_large_tokens(fill: float) -> None:
     assert torch.isfinite(x.grad).all()
     for name, p in attn.named_parameters():
         assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("sr_ratio", [1, 2])
+def test_softmax_baseline_explicit_matrix_equals_sdpa(sr_ratio: int) -> None:
+    from seg.layers import SpatialReductionAttention
+
+    torch.manual_seed(0)
+    attn = SpatialReductionAttention(16, 2, sr_ratio=sr_ratio).double().eval()
+    x = torch.randn(2, 48, 16, dtype=torch.float64)
+    fused = attn(x, (6, 8))
+    attn.fused = False
+    explicit = attn(x, (6, 8))
+    torch.testing.assert_close(explicit, fused, rtol=1e-10, atol=1e-10)
+    # the reference maths: softmax(q k^T / sqrt(d)) v per head, computed by hand for sr = 1
+    if sr_ratio == 1:
+        q = attn.q(x).view(2, 48, 2, 8).transpose(1, 2)
+        k, v = attn.kv(x).view(2, 48, 2, 2, 8).permute(2, 0, 3, 1, 4)
+        ref = torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, -1) @ v
+        torch.testing.assert_close(explicit, attn.proj(ref.transpose(1, 2).reshape(2, 48, 16)))

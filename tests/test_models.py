@@ -46,6 +46,20 @@ def test_output_shapes_train_and_eval(decoder: str, size: tuple[int, int]) -> No
 
 
 @pytest.mark.parametrize("decoder", ["upernet", "semantic_fpn"])
+def test_channels_last_heads_compute_the_same_logits(decoder: str) -> None:
+    model = _tiny(decoder).eval()
+    assert model.decode_head.state_dict()  # heads hold channels-last conv weights by default
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in model.decode_head.parameters())
+    plain = Segmentor("pvt_v2_b0", decoder, num_classes=NUM_CLASSES, decoder_channels=32, encoder_kwargs=TINY,
+                      channels_last=False).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["out"], plain(x)["out"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("decoder", ["upernet", "semantic_fpn"])
 def test_crop_is_top_left_of_padded_prediction(decoder: str) -> None:
     """Predicting an odd-sized image equals predicting its zero-padded /32 version, cropped top left."""
     model = _tiny(decoder).eval()

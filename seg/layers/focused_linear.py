@@ -17,6 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seg.layers.fused import (
+    DENOM_EPS,
+    KERNEL_EPS,
+    FocusedTokens,
+    depthwise_conv_same,
+    focused_tokens_inference,
+)
+
 __all__ = [
     "FocusedLinearAttention",
     "focus",
@@ -27,8 +35,6 @@ __all__ = [
     "resize_token_grid",
 ]
 
-KERNEL_EPS = 1e-6  # added after ReLU so that no feature is exactly zero
-DENOM_EPS = 1e-6  # added to the normaliser q . mean(k)
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -97,59 +103,6 @@ def focused_linear_attention(
     return out.to(v.dtype)
 
 
-class _KernelPower(torch.autograd.Function):
-    """g = u^p with u = y / |y| and s = |y| / |u^p| for y = (ReLU(x) + eps) / T, so that f_p(y) = s * g.
-
-    Powering the unit vector keeps every value bounded (u, g in (0, 1], |g| >= C^(-p/2)): nothing under-
-    or overflows in float32, whatever the scale of y (a token whose channels are all <= 0 has y = eps / T).
-    The backward is written in closed form, which saves most of the passes autograd would make through
-    ReLU, the power and two norms. With G = dL/dg, S = dL/ds, n = |y|:
-    dL/dy = [p (g / u) (G - S s g / |g|^2) + u ((p + 1) S s - p G.g)] / n,
-    then dL/dx = dL/dy / T where x > 0, and dL/d(1/T) = sum over tokens of dL/dy (ReLU(x) + eps).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, inv_temp: Tensor, p: float) -> tuple[Tensor, Tensor]:
-        y = torch.addcmul(inv_temp * KERNEL_EPS, F.relu(x), inv_temp)  # (ReLU(x) + eps) / T in one pass
-        norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)  # (B, N, 1)
-        u = y * norm_y.reciprocal()
-        g = u.pow(p)
-        norm_g = torch.linalg.vector_norm(g, dim=-1, keepdim=True)  # >= C^(-p/2)
-        s = norm_y / norm_g
-        ctx.save_for_backward(y, u, g, norm_y, norm_g, s, inv_temp)
-        ctx.p = p
-        return g, s
-
-    @staticmethod
-    def backward(ctx, grad_g: Tensor | None, grad_s: Tensor | None) -> tuple[Tensor, Tensor, None]:
-        y, u, g, norm_y, norm_g, s, inv_temp = ctx.saved_tensors
-        p = ctx.p
-        grad_g = torch.zeros_like(g) if grad_g is None else grad_g
-        grad_s = torch.zeros_like(s) if grad_s is None else grad_s
-        ss = grad_s * s  # (B, N, 1)
-        t = torch.addcmul(grad_g, g, ss / norm_g.square(), value=-1)  # G - S s g / |g|^2
-        radial = (p + 1) * ss - p * torch.linalg.vecdot(grad_g, g).unsqueeze(-1)  # (B, N, 1)
-        grad_y = torch.addcmul(u * radial, t, g / u, value=p) / norm_y
-        grad_inv_temp = (grad_y * y).sum(dim=tuple(range(y.dim() - 1)), keepdim=True) / inv_temp  # (1, 1, C)
-        grad_x = (grad_y * inv_temp).masked_fill_(y <= inv_temp * KERNEL_EPS, 0.0)  # ReLU's gate
-        return grad_x, grad_inv_temp, None
-
-
-def _kernel_power(x: Tensor, inv_temp: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """g = (y / |y|)^p and the per-token factor s = |y| / |g| with f_p(y) = s * g, y = (ReLU(x) + eps) / T.
-
-    x: (B, N, C) float32, inv_temp: (1, 1, C) -> g (B, N, C), s (B, N, 1).
-    """
-    return _KernelPower.apply(x, inv_temp, p)
-
-
-def _head_blocks(channels: int, num_heads: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(C, C) block-diagonal ones (one d x d block per head) and the (C, h) channel-to-head indicator."""
-    head = torch.arange(channels, device=device) // (channels // num_heads)  # (C,) head of each channel
-    onehot = F.one_hot(head, num_heads).to(dtype)  # (C, h)
-    return onehot @ onehot.T, onehot
-
-
 def focused_linear_attention_tokens(
     q: Tensor, k: Tensor, v: Tensor, scale: Tensor, num_heads: int, focusing_factor: float = 3.0
 ) -> Tensor:
@@ -169,25 +122,16 @@ def focused_linear_attention_tokens(
     Returns:
         (B, N, C) in v's dtype.
     """
-    B, N, C = q.shape
-    n = k.shape[1]
+    v_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         inv_temp = 1.0 / F.softplus(_at_least_fp32(scale))  # (1, 1, C)
-        g_q, s_q = _kernel_power(_at_least_fp32(q), inv_temp, focusing_factor)
-        g_k, s_k = _kernel_power(_at_least_fp32(k), inv_temp, focusing_factor)
-        phi_k = g_k * (s_k * (1.0 / n))  # (B, n, C) phi(k) / n
-        kv = phi_k.transpose(1, 2) @ _at_least_fp32(v)  # (B, C, C), sum_j phi(k_j) v_j^T / n
-        k_mean = phi_k.sum(dim=1).unsqueeze(-1)  # (B, C, 1) mean_j phi(k_j)
-        if num_heads > 1:
-            blocks, onehot = _head_blocks(C, num_heads, q.device, g_q.dtype)
-            kv = kv * blocks  # keep each head's d x d block
-            k_mean = k_mean * onehot  # (B, C, h)
-        num_den = g_q @ torch.cat([kv, k_mean], dim=-1)  # (B, N, C + h)
-        d = C // num_heads
-        num = num_den[..., :C].view(B, N, num_heads, d)  # (B, N, h, d)
-        den = num_den[..., C:].unsqueeze(-1) + (DENOM_EPS / s_q).unsqueeze(-1)  # (B, N, h, 1)
-        out = (num * den.reciprocal()).view(B, N, C)  # (B, N, C)
-    return out.to(v.dtype)
+        q, k, v = _at_least_fp32(q), _at_least_fp32(k), _at_least_fp32(v)
+        k, v, inv_temp = k.to(q.dtype), v.to(q.dtype), inv_temp.to(q.dtype)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, inv_temp)):
+            out = FocusedTokens.apply(q, k, v, inv_temp, num_heads, focusing_factor)
+        else:
+            out = focused_tokens_inference(q, k, v, inv_temp, num_heads, focusing_factor)
+    return out.to(v_dtype)
 
 
 def resize_token_grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
@@ -322,5 +266,5 @@ class FocusedLinearAttention(nn.Module):
             v_map = F.interpolate(v_map, size=size, mode="bilinear", align_corners=False)
         weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1)  # (C, 1, k, k)
         bias = self.dwc.bias.repeat(self.num_heads) if self.dwc.bias is not None else None
-        out = F.conv2d(v_map, weight, bias, padding=self.dwc.padding, groups=C)  # (B, C, H, W)
+        out = depthwise_conv_same(v_map, weight, bias)  # (B, C, H, W)
         return out.permute(0, 2, 3, 1).reshape(B, -1, C)  # (B, N, C)

@@ -12,7 +12,8 @@ class SpatialReductionAttention(nn.Module):
     """Multi-head softmax attention whose keys and values come from an sr-times reduced grid.
 
     Parameter names match PVT checkpoints (``q``, ``kv``, ``proj``, ``sr``, ``norm``). The attention
-    itself runs through ``scaled_dot_product_attention``.
+    itself runs through ``scaled_dot_product_attention``; with ``fused=False`` it materialises the N x n
+    matrix softmax(q k^T / sqrt(d)) as the published PVT code does (the baseline the benchmarks compare with).
 
     Args:
         dim: channels C.
@@ -21,6 +22,7 @@ class SpatialReductionAttention(nn.Module):
         sr_ratio: spatial reduction of keys and values (conv k = s = sr, then LayerNorm).
         attn_drop: dropout on the attention weights.
         proj_drop: dropout after the output projection.
+        fused: run through ``scaled_dot_product_attention`` (True) or the explicit matrix (False).
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class SpatialReductionAttention(nn.Module):
         sr_ratio: int = 1,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -38,6 +41,7 @@ class SpatialReductionAttention(nn.Module):
         self.num_heads = num_heads
         self.sr_ratio = sr_ratio
         self.attn_drop = attn_drop
+        self.fused = fused
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         if sr_ratio > 1:
@@ -55,6 +59,11 @@ class SpatialReductionAttention(nn.Module):
             x_map = x.transpose(1, 2).reshape(B, C, *size)  # (B, C, H, W)
             x = self.norm(self.sr(x_map).flatten(2).transpose(1, 2))  # (B, n, C)
         k, v = self.kv(x).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, n, d)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        drop = self.attn_drop if self.training else 0.0
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, N, n)
+            out = F.dropout(attn.softmax(dim=-1), drop) @ v  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(out))

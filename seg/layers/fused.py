@@ -1,0 +1,227 @@
+"""Hand-written forward and backward passes for the hot path of focused linear attention.
+
+Everything here computes exactly what the reference functions in :mod:`seg.layers.focused_linear`
+compute (tests compare them in float64); the closed-form backwards make fewer passes over memory and
+allocate fewer temporaries than autograd does through the same chain of element-wise operations.
+All inputs are float32 or float64: callers run these outside autocast.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+KERNEL_EPS = 1e-6  # added after ReLU so that no feature is exactly zero
+DENOM_EPS = 1e-6  # added to the normaliser q . mean(k)
+
+
+class KernelPower(NamedTuple):
+    """The focused kernel of one input, f_p(y) = s * g with g = u^p and u = y / |y|, plus its saved state."""
+
+    relu: Tensor  # ReLU(x) (B, N, C)
+    u: Tensor  # y / |y| (B, N, C)
+    u_pm1: Tensor  # u^(p-1) (B, N, C), so that g = u_pm1 * u
+    g: Tensor  # u^p (B, N, C)
+    norm_y: Tensor  # |y| (B, N, 1)
+    norm_g: Tensor  # |g| (B, N, 1), >= C^(-p/2)
+    s: Tensor  # |y| / |g| (B, N, 1)
+
+
+def kernel_power(x: Tensor, inv_temp: Tensor, p: float) -> KernelPower:
+    """g = (y / |y|)^p and s = |y| / |g| for y = (ReLU(x) + eps) / T, so that f_p(y) = s * g.
+
+    Powering the unit vector keeps every value bounded (u, g in (0, 1], |g| >= C^(-p/2)): nothing under-
+    or overflows in float32, whatever the scale of y (a token whose channels are all <= 0 has y = eps / T).
+    x: (B, N, C); inv_temp: 1 / T, (1, 1, C).
+    """
+    relu = F.relu(x)
+    y = torch.addcmul(inv_temp * KERNEL_EPS, relu, inv_temp)  # (ReLU(x) + eps) / T
+    norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)  # (B, N, 1)
+    u = y.mul_(norm_y.reciprocal())
+    u_pm1 = u.pow(p - 1)
+    g = u_pm1 * u
+    norm_g = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    return KernelPower(relu, u, u_pm1, g, norm_y, norm_g, norm_y / norm_g)
+
+
+def kernel_power_inference(x: Tensor, inv_temp: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """g and s of :func:`kernel_power` without keeping anything for a backward pass (one buffer, in place)."""
+    y = torch.addcmul(inv_temp * KERNEL_EPS, F.relu(x), inv_temp)
+    norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    g = y.mul_(norm_y.reciprocal()).pow_(p)
+    return g, norm_y / torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+
+
+def kernel_power_backward(
+    kp: KernelPower, grad_g: Tensor, grad_g_dot_g: Tensor, grad_s: Tensor, inv_temp: Tensor, p: float,
+    grad_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """dL/dx and dL/d(1/T) of :func:`kernel_power`, given G = dL/dg = grad_scale * grad_g and S = dL/ds.
+
+    With n = |y|: dL/dy = [p u^(p-1) (G - S s g / |g|^2) + u ((p + 1) S s - p G.g)] / n, then
+    dL/dx = dL/dy / T where x > 0, and dL/d(1/T) = sum over tokens of dL/dy (ReLU(x) + eps).
+    ``grad_g`` is overwritten. ``grad_g_dot_g`` is grad_g . g per token (B, N, 1); ``grad_scale`` a
+    positive per-token factor (B, N, 1) of the true G, folded into the per-token scalars.
+    """
+    sigma = 1.0 if grad_scale is None else grad_scale
+    ss = grad_s * kp.s  # (B, N, 1)
+    radial = (p + 1) * ss - p * sigma * grad_g_dot_g  # (B, N, 1)
+    t = grad_g.addcmul_(kp.g, -(ss / kp.norm_g.square()) / sigma)  # (G - S s g / |g|^2) / sigma
+    t.mul_(kp.u_pm1)
+    grad_y = (kp.u * (radial / kp.norm_y)).addcmul_(t, (p * sigma) / kp.norm_y)  # (B, N, C)
+    token_dims = tuple(range(grad_y.dim() - 1))
+    grad_inv_temp = torch.linalg.vecdot(grad_y, kp.relu, dim=token_dims[-1]).sum(dim=token_dims[:-1])
+    grad_inv_temp = (grad_inv_temp + KERNEL_EPS * grad_y.sum(dim=token_dims)).view_as(inv_temp)
+    grad_x = torch.ops.aten.threshold_backward(grad_y.mul_(inv_temp), kp.relu, 0)  # ReLU's gate: x > 0
+    return grad_x, grad_inv_temp
+
+
+def head_blocks(channels: int, num_heads: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(C, C) block-diagonal ones (one d x d block per head) and the (C, h) channel-to-head indicator."""
+    head = torch.arange(channels, device=device) // (channels // num_heads)  # (C,) head of each channel
+    onehot = F.one_hot(head, num_heads).to(dtype)  # (C, h)
+    return onehot @ onehot.T, onehot
+
+
+def _attend(g_q: Tensor, s_q: Tensor, phi_k: Tensor, v: Tensor, h: int) -> tuple[Tensor, ...]:
+    """out = (g_q . KV) / (g_q . k_mean + eps / s_q) per head, plus what the backward needs.
+
+    g_q (B, N, C), s_q (B, N, 1), phi_k = phi(k) / n (B, n, C), v (B, n, C) -> out (B, N, C), the stacked
+    summary [KV | k_mean] (B, C, C + h), 1 / denominator (B, N, h) and the head masks (None for h = 1).
+    """
+    B, N, C = g_q.shape
+    kv = phi_k.transpose(1, 2) @ v  # (B, C, C)
+    k_mean = phi_k.sum(dim=1).unsqueeze(-1)  # (B, C, 1)
+    blocks = onehot = None
+    if h > 1:
+        blocks, onehot = head_blocks(C, h, g_q.device, g_q.dtype)
+        kv, k_mean = kv * blocks, k_mean * onehot  # (B, C, C), (B, C, h)
+    kvm = torch.cat([kv, k_mean], dim=-1)  # (B, C, C + h)
+    num_den = g_q @ kvm  # (B, N, C + h)
+    rden = (num_den[..., C:] + DENOM_EPS / s_q).reciprocal_()  # (B, N, h)
+    out = (num_den[..., :C].view(B, N, h, C // h) * rden.unsqueeze(-1)).view(B, N, C)
+    return out, kvm, rden, blocks, onehot
+
+
+def focused_tokens_inference(q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, num_heads: int, p: float) -> Tensor:
+    """:class:`FocusedTokens`' forward for inference: same maths, nothing kept, fewer buffers."""
+    g_q, s_q = kernel_power_inference(q, inv_temp, p)
+    g_k, s_k = kernel_power_inference(k, inv_temp, p)
+    phi_k = g_k.mul_(s_k / k.shape[1])  # (B, n, C)
+    return _attend(g_q, s_q, phi_k, v, num_heads)[0]
+
+
+class FocusedTokens(torch.autograd.Function):
+    """Focused linear attention on token-layout tensors (without the DWC), forward and closed-form backward.
+
+    Forward, per head: out = (g_q . KV) / (g_q . k_mean + eps / s_q), with phi(k) = s_k g_k,
+    KV = sum_j phi(k_j) v_j^T / n and k_mean = sum_j phi(k_j) / n. The per-token factor s_q of f_p
+    cancels except at the eps. All heads share one block-diagonal (C, C) summary and the normaliser
+    rides along as h extra columns, so numerator and denominator come out of a single matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, num_heads: int, p: float) -> Tensor:
+        kq, kk = kernel_power(q, inv_temp, p), kernel_power(k, inv_temp, p)
+        a = kk.s / k.shape[1]  # (B, n, 1): phi(k) / n = a * g_k
+        phi_k = kk.g * a  # (B, n, C)
+        out, kvm, rden, blocks, onehot = _attend(kq.g, kq.s, phi_k, v, num_heads)
+        ctx.save_for_backward(*kq, *kk, a, phi_k, v, kvm, rden, out, inv_temp, blocks, onehot)
+        ctx.num_heads, ctx.p = num_heads, p
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None, None]:
+        saved = ctx.saved_tensors
+        kq, kk = KernelPower(*saved[:7]), KernelPower(*saved[7:14])
+        a, phi_k, v, kvm, rden, out, inv_temp, blocks, onehot = saved[14:]
+        h, p = ctx.num_heads, ctx.p
+        B, N, C = out.shape
+        G = grad_out.contiguous().view(B, N, h, C // h)
+        # dL/d[num | den], written side by side so that one matmul carries both back
+        grad_nd = torch.empty(B, N, C + h, dtype=out.dtype, device=out.device)
+        torch.mul(G, rden.unsqueeze(-1), out=grad_nd[..., :C].view(B, N, h, C // h))
+        grad_den = (G * out.view(B, N, h, C // h)).sum(-1).mul_(rden).neg_()  # (B, N, h)
+        grad_nd[..., C:] = grad_den
+        grad_gq = grad_nd @ kvm.transpose(1, 2)  # (B, N, C)
+        grad_kvm = kq.g.transpose(1, 2) @ grad_nd  # (B, C, C + h)
+        grad_kv, grad_km = grad_kvm[..., :C], grad_kvm[..., C:]  # (B, C, C), (B, C, h)
+        if h > 1:
+            grad_kv, grad_km = grad_kv * blocks, (grad_km * onehot).sum(-1, keepdim=True)
+        grad_phi = torch.baddbmm(grad_km.transpose(1, 2), v, grad_kv.transpose(1, 2))  # (B, n, C)
+        grad_v = phi_k @ grad_kv  # (B, n, C)
+        grad_sq = (-DENOM_EPS / kq.s.square()) * grad_den.sum(-1, keepdim=True)  # (B, N, 1)
+        dot_q = torch.linalg.vecdot(grad_gq, kq.g).unsqueeze(-1)
+        grad_q, grad_it_q = kernel_power_backward(kq, grad_gq, dot_q, grad_sq, inv_temp, p)
+        # phi_k = a g_k with a = s_k / n: dL/dg_k = a dL/dphi, dL/ds_k = dL/dphi . g_k / n
+        dot_k = torch.linalg.vecdot(grad_phi, kk.g).unsqueeze(-1)
+        n = phi_k.shape[1]
+        grad_k, grad_it_k = kernel_power_backward(kk, grad_phi, dot_k, dot_k / n, inv_temp, p, grad_scale=a)
+        return grad_q, grad_k, grad_v, grad_it_q + grad_it_k, None, None
+
+
+class DepthwiseConv(torch.autograd.Function):
+    """Depthwise 'same' convolution (odd square kernel, stride 1) with a backward made of two convolutions.
+
+    dL/dx is the correlation of dL/dout with the flipped filters, and dL/dw[c] the correlation of the
+    padded input channel c with dL/dout[c] used as a filter: both run through fast depthwise kernels,
+    where the generic depthwise weight gradient is several times slower on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        B, C = x.shape[:2]
+        pad = weight.shape[-1] // 2
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad_out, weight.flip(-2, -1), padding=pad, groups=C)
+        if ctx.needs_input_grad[1]:
+            grad_w = sum(  # (1, C, k, k) per image: its dL/dout[c] (H x W) is the filter for channel c
+                F.conv2d(x[i : i + 1], grad_out[i].unsqueeze(1), padding=pad, groups=C) for i in range(B)
+            ).view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, grad_b
+
+
+def depthwise_conv_same(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Depthwise convolution with 'same' padding: x (B, C, H, W), weight (C, 1, k, k)."""
+    k = weight.shape[-1]
+    if k % 2 == 0 or weight.shape[-2] != k:
+        return F.conv2d(x, weight, bias, padding="same", groups=x.shape[1])
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # cast as autocast would, so forward and backward agree on dtypes
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device, enabled=False):
+            return DepthwiseConv.apply(x, weight, bias)
+    return DepthwiseConv.apply(x, weight, bias)
+
+
+__all__ = [
+    "DENOM_EPS",
+    "KERNEL_EPS",
+    "DepthwiseConv",
+    "FocusedTokens",
+    "KernelPower",
+    "depthwise_conv_same",
+    "head_blocks",
+    "focused_tokens_inference",
+    "kernel_power",
+    "kernel_power_backward",
+    "kernel_power_inference",
+]
