@@ -18,6 +18,7 @@ __all__ = [
     "configure_allocator",
     "is_memory_phase",
     "machine",
+    "measure_cases",
     "median_time",
     "memory_from_child",
     "peak_memory_mb",
@@ -78,6 +79,23 @@ def memory_from_child() -> dict[str, float]:
 def report_memory(peaks: dict[str, float]) -> None:
     """Print the memory phase's result for :func:`memory_from_child`."""
     print(json.dumps(peaks), flush=True)
+
+
+def measure_cases(
+    cases: list[tuple], key: Callable[..., str], run: Callable[..., object], device: torch.device
+) -> tuple[dict[str, object], dict[str, object]] | None:
+    """Times and peak memories of every case, keyed by ``key(*case)``; ``run(*case, memory=...)`` measures one.
+
+    On CPU the peaks come from this script re-run as a separate process (:func:`memory_from_child`); in that
+    process this reports them and returns None, and the caller should stop.
+    """
+    if is_memory_phase():
+        report_memory({key(*c): run(*c, memory=True) for c in cases})
+        return None
+    times = {key(*c): run(*c, memory=False) for c in cases}
+    if device.type == "cpu":
+        return times, memory_from_child()
+    return times, {key(*c): run(*c, memory=True) for c in cases}
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -27,10 +27,9 @@ from _measure import (  # noqa: E402
     configure_allocator,
     is_memory_phase,
     machine,
+    measure_cases,
     median_time,
-    memory_from_child,
     peak_memory_mb,
-    report_memory,
 )
 from published_flatten import published_like  # noqa: E402
 
@@ -153,22 +152,20 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    if is_memory_phase():
-        report_memory({case_key(*c): run_case(*c, memory=True) for c in cases})
-        return
-    if OURS in entries and PUBLISHED in entries:
+    if OURS in entries and PUBLISHED in entries and not is_memory_phase():
         for side in args.sizes:
             for heads in args.heads:
                 rel = check_published_equal(side, args.dim, heads, device)
                 print(f"# ours == published formulation at {side}^2, d = {args.dim // heads}: "
                       f"relative difference {rel:.1e} (float32)")
+    results = measure_cases(cases, case_key, run_case, device)
+    if results is None:
+        return
+    times, peaks = results
     compiled = ", torch.compile" if args.compile else ""
     print(f"# attention layers, batch 1, C = {args.dim}, median of {args.repeats}{compiled}; {machine()}")
     print("| attention | tokens | d | dtype | fwd (ms) | fwd peak (MiB) | fwd+bwd (ms) | fwd+bwd peak (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
-    times = {case_key(*c): run_case(*c, memory=False) for c in cases}
-    peaks = memory_from_child() if device.type == "cpu" else {
-        case_key(*c): run_case(*c, memory=True) for c in cases}
     for label, side, heads, dtype in cases:
         key = case_key(label, side, heads, dtype)
         row = f"| {label} | {side}^2 = {side * side} | {args.dim // heads} | {dtype} |"

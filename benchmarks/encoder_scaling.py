@@ -30,15 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import (  # noqa: E402
-    configure_allocator,
-    is_memory_phase,
-    machine,
-    median_time,
-    memory_from_child,
-    peak_memory_mb,
-    report_memory,
-)
+from _measure import configure_allocator, machine, measure_cases, median_time, peak_memory_mb  # noqa: E402
 
 import seg  # noqa: E402,F401  (registers the encoders)
 from seg.layers import SpatialReductionAttention  # noqa: E402
@@ -178,9 +170,10 @@ def main(argv: list[str] | None = None) -> None:
             return peak_memory_mb(fn)
         return median_time(fn, args.repeats)
 
-    if is_memory_phase():
-        report_memory({f"{m.label}|{s}": run_case(m, s, memory=True) for m, s in cases})
+    results = measure_cases(cases, lambda m, s: f"{m.label}|{s}", run_case, device)
+    if results is None:
         return
+    times, peaks = results
     what = {"encoder": "encoders, features only", "segmentor": f"encoder + {decoder} head, whole image",
             "train": f"training step (fwd + bwd + AdamW), {decoder} + aux head"}[args.mode]
     header = f"{args.family} {what}, batch {batch}, {args.dtype}, median of {args.repeats}; {machine()}"
@@ -188,9 +181,6 @@ def main(argv: list[str] | None = None) -> None:
     unit = "time per step (s)" if args.mode == "train" else "time (s)"
     print(f"| model | input | {unit} | time ratio | peak memory (MiB) | memory ratio |")
     print("|---|---|---|---|---|---|")
-    times = {f"{m.label}|{s}": run_case(m, s, memory=False) for m, s in cases}
-    peaks = memory_from_child() if device.type == "cpu" else {
-        f"{m.label}|{s}": run_case(m, s, memory=True) for m, s in cases}
     series_t: dict[str, list[float]] = {}
     series_m: dict[str, list[float]] = {}
     for size in sizes:

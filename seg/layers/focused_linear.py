@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 
-
 def _at_least_fp32(x: Tensor) -> Tensor:
     """Half-precision tensors promoted to float32; float32 / float64 unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -125,8 +124,8 @@ def focused_linear_attention_tokens(
     v_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         inv_temp = 1.0 / F.softplus(_at_least_fp32(scale))  # (1, 1, C)
-        q, k, v = _at_least_fp32(q), _at_least_fp32(k), _at_least_fp32(v)
-        k, v, inv_temp = k.to(q.dtype), v.to(q.dtype), inv_temp.to(q.dtype)
+        q = _at_least_fp32(q)
+        k, v, inv_temp = (t.to(q.dtype) for t in (_at_least_fp32(k), _at_least_fp32(v), inv_temp))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, inv_temp)):
             out = FocusedTokens.apply(q, k, v, inv_temp, num_heads, focusing_factor)
         else:
