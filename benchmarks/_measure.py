@@ -43,10 +43,12 @@ def machine() -> str:
 
 
 _PHASE = "SEG_BENCH_PHASE"  # set to "memory" in the child process that measures peak memory
-# glibc settings per phase: timing keeps freed memory in the process (no page faults from handing it back
-# to the OS and taking it again, which otherwise add +-30% noise on CPU, as a caching allocator would);
-# the memory phase serves every block >= 64 KiB by mmap so that freed tensors leave the resident set.
-_TIMING_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**30), "MALLOC_MMAP_THRESHOLD_": str(2**25)}
+# glibc settings per phase: timing serves every block from the heap and keeps freed memory there, as a
+# caching allocator would (glibc's defaults mmap large blocks and hand them back on free, so each pass faults
+# them in again: +-30% noise on CPU, and a 32 MiB activation costs more to fault in than to compute; blocks
+# >= 32 MiB are always mmapped unless mmap is off); the memory phase serves every block >= 64 KiB by mmap
+# so that freed tensors leave the resident set.
+_TIMING_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**30), "MALLOC_MMAP_MAX_": "0"}
 _MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 

@@ -91,6 +91,35 @@ def test_module_equals_dense_reference(size: tuple[int, int], sr: int) -> None:
     torch.testing.assert_close(attn(x, size), module_reference(attn, x, size), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(("heads", "batch"), [(1, 1), (1, 2), (3, 1), (3, 2)])
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_inference_path_equals_dense_reference(heads: int, batch: int, fused_qkv: bool) -> None:
+    """Without autograd the module folds 1 / T into the q / k projection and runs q and k together."""
+    attn = randomised(FocusedLinearAttention(8 * heads, heads, grid_size=(8, 8), fused_qkv=fused_qkv)).eval()
+    x = torch.randn(batch, 42, 8 * heads, dtype=torch.float64)
+    expected = attn(x, (6, 7)).detach()  # autograd path
+    if not fused_qkv:
+        torch.testing.assert_close(expected, module_reference(attn, x, (6, 7)), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, (6, 7)), expected, rtol=1e-10, atol=1e-10)
+    attn.float()
+    with torch.inference_mode():
+        low = attn(x.float(), (6, 7)).double()
+    assert (low - expected).norm() / expected.norm() < 1e-5
+
+
+def test_inference_path_follows_temperature_and_weight_updates() -> None:
+    attn = randomised(FocusedLinearAttention(16, 2, grid_size=(4, 4))).float().eval()
+    x = torch.randn(1, 30, 16)
+    with torch.no_grad():
+        first = attn(x, (5, 6))
+        attn.scale.add_(0.7)
+        attn.q.weight.mul_(1.5)
+        changed = attn(x, (5, 6))
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(changed, attn(x, (5, 6)).detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_focus_keeps_norm_and_sharpens() -> None:
     x = torch.rand(2, 3, 10, 4) + 1e-3  # (B, h, N, d), positive like the kernel's output
     y = focus(x, 3.0)

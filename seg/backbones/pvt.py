@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
 from seg.backbones._weights import adapt_state_dict
 from seg.layers import FocusedLinearAttention, SoftAttention, SpatialReductionAttention, resize_token_grid
+from seg.layers.mlp import Mlp
 
 __all__ = ["FLattenPVT", "checkpoint_filter_fn"]
 
@@ -50,41 +51,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """(B, C_in, H, W) -> tokens (B, N, C) and their grid (H', W')."""
-        x = self.proj(x)
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # channels-last in and out
         size = (x.shape[2], x.shape[3])
-        return self.norm(x.flatten(2).transpose(1, 2)), size  # (B, H'*W', C)
-
-
-class DWConv(nn.Module):
-    """3x3 depthwise conv over the token grid (PVT v2's MLP)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
-
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        B, N, C = x.shape
-        x = self.dwconv(x.transpose(1, 2).reshape(B, C, *size))  # (B, C, H, W)
-        return x.flatten(2).transpose(1, 2)  # (B, N, C)
-
-
-class Mlp(nn.Module):
-    """fc1 -> (depthwise conv, v2) -> GELU -> fc2."""
-
-    def __init__(self, dim: int, hidden: int, conv: bool, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = DWConv(hidden) if conv else None
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        x = self.fc1(x)
-        if self.dwconv is not None:
-            x = self.dwconv(x, size)
-        x = self.drop(self.act(x))
-        return self.drop(self.fc2(x))
+        return self.norm(x.flatten(2).transpose(1, 2)), size  # (B, H'*W', C), a view of the channels-last map
 
 
 class Block(nn.Module):
@@ -239,7 +208,7 @@ class FLattenPVT(nn.Module):
             feature = x
         else:
             feature = norm(x)
-        to_map = lambda t: t.transpose(1, 2).reshape(B, -1, *size)  # (B, N, C) -> (B, C, H, W)
+        to_map = lambda t: t.view(B, *size, -1).permute(0, 3, 1, 2)  # (B, N, C) -> (B, C, H, W), channels-last
         return to_map(x), to_map(feature)
 
     def forward_intermediates(

@@ -29,7 +29,7 @@ from functools import partial
 from typing import Literal
 
 import torch
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from seg.backbones._registry import build_encoder, imagenet_cfg, init_transforme
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.backbones.pvt import Block as SoftmaxBlock
 from seg.layers import resize_token_grid
+from seg.layers.mlp import Mlp
 from seg.layers.soft import NEWTON_ITERS, SoftAttention
 
 __all__ = ["SOFT", "checkpoint_filter_fn"]
@@ -87,7 +88,7 @@ class SoftBlock(nn.Module):
         self.attn = SoftAttention(dim, num_heads, sr_ratio, kernel_size, qkv_bias=True, landmarks=landmarks,
                                   normalize=normalize, newton_iters=newton_iters, proj_drop=drop)
         self.norm1 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, act_layer=partial(nn.GELU, approximate="tanh"))
         self.norm2 = nn.LayerNorm(dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

@@ -12,6 +12,7 @@ activation overflows), and the d x d summary keeps the published mean-based form
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,10 @@ from seg.layers.fused import (
     KERNEL_EPS,
     FocusedTokens,
     depthwise_conv_same,
+    focused_attention_into,
     focused_tokens_inference,
 )
+from seg.layers.linear import Linear, linear
 
 __all__ = [
     "FocusedLinearAttention",
@@ -188,34 +191,74 @@ class FocusedLinearAttention(nn.Module):
         self.focusing_factor = focusing_factor
         self.fused_qkv = fused_qkv
         if fused_qkv:
-            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+            self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         else:
-            self.q = nn.Linear(dim, dim, bias=qkv_bias)
-            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+            self.q = Linear(dim, dim, bias=qkv_bias)
+            self.kv = Linear(dim, dim * 2, bias=qkv_bias)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(self.head_dim, self.head_dim, kernel_size, padding=kernel_size // 2,
                              groups=self.head_dim)
         self.scale = nn.Parameter(torch.zeros(1, 1, dim))
         kv_grid = (grid_size[0] // sr_ratio) * (grid_size[1] // sr_ratio)
         self.positional_encoding = nn.Parameter(torch.zeros(1, kv_grid, dim))
-        self._pe_cache: dict[tuple, Tensor] = {}
+        self._cache: dict[tuple, object] = {}
+
+    def _eval_cached(self, name: str, size: tuple[int, int], build: Callable[[], object]) -> object:
+        """``build()``, cached per (name, size) outside training and autograd while no parameter changes."""
+        if self.training or torch.is_grad_enabled():
+            return build()
+        key = (name, size, tuple((p.device, p.dtype, p._version) for p in self.parameters()))
+        cached = self._cache.get(key)
+        if cached is None:
+            if len(self._cache) > 16:
+                self._cache.clear()
+            with torch.no_grad():
+                cached = self._cache[key] = build()
+        return cached
 
     def positional_encoding_at(self, size: tuple[int, int]) -> Tensor:
         """The positional encoding resized to an (H', W') key grid; cached per size in eval mode."""
-        pe = self.positional_encoding
-        if self.training or torch.is_grad_enabled():
-            return resize_token_grid(pe, size)
-        key = (size, pe.device, pe.dtype, pe._version)
-        cached = self._pe_cache.get(key)
-        if cached is None:
-            if len(self._pe_cache) > 16:
-                self._pe_cache.clear()
-            cached = self._pe_cache[key] = resize_token_grid(pe.detach(), size)
-        return cached
+        return self._eval_cached("pe", size, lambda: resize_token_grid(self.positional_encoding, size))
+
+    def _projection_weights(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor, Tensor | None]:
+        """(w, b) of q, k and v, whichever of ``q`` / ``kv`` / ``qkv`` holds them."""
+        if self.fused_qkv:
+            wq, wk, wv = self.qkv.weight.chunk(3)
+            bq, bk, bv = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None, None, None)
+        else:
+            wq, bq = self.q.weight, self.q.bias
+            wk, wv = self.kv.weight.chunk(2)
+            bk, bv = self.kv.bias.chunk(2) if self.kv.bias is not None else (None, None)
+        return wq, bq, wk, bk, wv, bv
+
+    def _kernel_tables(self, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The q and k projections with the kernel's 1 / T and eps folded in, for :meth:`_forward_inference`.
+
+        (ReLU(z) + eps) / T = max(z / T + eps / T, eps / T) for T > 0, so with W' = W / T, b' = (b + eps) / T
+        and pe' = pe / T the kernel input is one matmul, one add (keys) and one clamp. Returns W' of q and k
+        stacked (2C, C), their b' (2C,), pe' (1, N, C) and the floor eps / T (C,).
+        """
+        wq, bq, wk, bk, _, _ = self._projection_weights()
+        inv_temp = 1.0 / F.softplus(self.scale.view(-1))  # (C,)
+        floor = KERNEL_EPS * inv_temp
+        bias = lambda b: floor if b is None else b * inv_temp + floor
+        weight = torch.cat([wq * inv_temp[:, None], wk * inv_temp[:, None]])  # (2C, C)
+        pe = resize_token_grid(self.positional_encoding, size) * inv_temp
+        return weight, torch.cat([bias(bq), bias(bk)]), pe, floor
+
+    def _fast_inference(self, x: Tensor) -> bool:
+        """Whether :meth:`_forward_inference` applies: no autograd, autocast or compiler, global keys."""
+        return (
+            self.sr_ratio == 1
+            and not torch.is_grad_enabled()
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling()
+        )
 
     def _project(self, x: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
         """q (B, N, C) and k, v (B, n, C) plus the key grid (H', W').
@@ -223,21 +266,14 @@ class FocusedLinearAttention(nn.Module):
         The fused ``kv`` / ``qkv`` weights are applied slice by slice so that each output is contiguous.
         """
         B, N, C = x.shape
-        if self.fused_qkv:
-            wq, wk, wv = self.qkv.weight.chunk(3)
-            bq, bk, bv = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None, None, None)
-            return F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv), size
-        q = self.q(x)
+        wq, bq, wk, bk, wv, bv = self._projection_weights()
+        q = linear(x, wq, bq)
         if self.sr_ratio > 1:
             x_map = x.transpose(1, 2).reshape(B, C, *size)  # (B, C, H, W)
             x_map = self.sr(x_map)  # (B, C, H', W')
-            kv_size = (x_map.shape[2], x_map.shape[3])
+            size = (x_map.shape[2], x_map.shape[3])
             x = self.norm(x_map.flatten(2).transpose(1, 2))  # (B, n, C)
-        else:
-            kv_size = size
-        wk, wv = self.kv.weight.chunk(2)
-        bk, bv = self.kv.bias.chunk(2) if self.kv.bias is not None else (None, None)
-        return q, F.linear(x, wk, bk), F.linear(x, wv, bv), kv_size
+        return q, linear(x, wk, bk), linear(x, wv, bv), size
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """x: (B, N, C) tokens of an H x W grid (N = H * W) -> (B, N, C)."""
@@ -245,10 +281,26 @@ class FocusedLinearAttention(nn.Module):
         H, W = size
         if N != H * W:
             raise ValueError(f"{N} tokens do not form a {H} x {W} grid")
+        if self._fast_inference(x):
+            return self._forward_inference(x, size)
         q, k, v, kv_size = self._project(x, size)
         k = k + self.positional_encoding_at(kv_size).to(k.dtype)
         out = focused_linear_attention_tokens(q, k, v, self.scale, self.num_heads, self.focusing_factor)
         out = out + self._rank_restoration(v, kv_size, size)
+        return self.proj_drop(self.proj(out))
+
+    def _forward_inference(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """:meth:`forward` without autograd: the kernel's scale folded into the q / k projection (one matmul),
+        q and k through the kernel together, in place, and the attention added onto the DWC term."""
+        B, N, C = x.shape
+        weight, bias, pe, floor = self._eval_cached("kernel", size, lambda: self._kernel_tables(size))
+        *_, wv, bv = self._projection_weights()
+        y = linear(x, weight.to(x.dtype), bias.to(x.dtype))  # (B, N, 2C): q and k, over T, plus eps / T
+        y[..., C:] += pe.to(x.dtype)  # keys carry the positional encoding
+        y = y.view(B, N, 2, C).clamp_min_(floor.to(x.dtype))  # (ReLU(.) + eps) / T
+        v = linear(x, wv, bv)  # (B, N, C)
+        out = self._rank_restoration(v, size, size)
+        out = focused_attention_into(y, v, self.num_heads, self.focusing_factor, out)
         return self.proj_drop(self.proj(out))
 
     def _rank_restoration(self, v: Tensor, kv_size: tuple[int, int], size: tuple[int, int]) -> Tensor:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seg.layers.linear import linear
+
 KERNEL_EPS = 1e-6  # added after ReLU so that no feature is exactly zero
 DENOM_EPS = 1e-6  # added to the normaliser q . mean(k)
 
@@ -113,6 +115,33 @@ def focused_tokens_inference(q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, 
     g_k, s_k = kernel_power_inference(k, inv_temp, p)
     phi_k = g_k.mul_(s_k / k.shape[1])  # (B, n, C)
     return _attend(g_q, s_q, phi_k, v, num_heads)[0]
+
+
+def focused_attention_into(y_qk: Tensor, v: Tensor, num_heads: int, p: float, acc: Tensor) -> Tensor:
+    """acc += focused linear attention, for inference from the kernel inputs of q and k stacked.
+
+    y_qk: y = (ReLU(x) + eps) / T of the queries and keys of the same N tokens, (B, N, 2, C), float32 or
+    float64, overwritten; v: values (B, N, C); acc: (B, N, C), contiguous, e.g. the DWC term. Same maths
+    as :func:`focused_tokens_inference`, with one pass per step for q and k together and the summaries
+    per head (no block-diagonal products).
+    """
+    B, N, _, C = y_qk.shape
+    h = num_heads
+    d = C // h
+    norm_y = torch.linalg.vector_norm(y_qk, dim=-1, keepdim=True)  # (B, N, 2, 1)
+    g = y_qk.mul_(norm_y.reciprocal()).pow_(p)  # u^p, every value in (0, 1]
+    s = norm_y.div_(torch.linalg.vector_norm(g, dim=-1, keepdim=True))  # (B, N, 2, 1): f_p = s * g
+    phi_k = g[:, :, 1].mul_(s[:, :, 1] / N)  # phi(k) / N (B, N, C)
+    heads = lambda t: t.view(B, N, h, d).transpose(1, 2)  # (B, N, C) -> (B, h, N, d), a view
+    q4, k4 = heads(g[:, :, 0]), heads(phi_k)
+    kvm = torch.cat([k4.transpose(-2, -1) @ heads(v), k4.sum(dim=2).unsqueeze(-1)], dim=-1)  # (B, h, d, d + 1)
+    if B * h == 1:
+        num_den = linear(q4[0, 0], kvm[0, 0].T).view(1, 1, N, d + 1)
+    else:
+        num_den = q4 @ kvm  # (B, h, N, d + 1): numerator | denominator
+    rden = (num_den[..., d:] + DENOM_EPS / s[:, :, 0].view(B, 1, N, 1)).reciprocal_()  # (B, h, N, 1)
+    heads(acc).addcmul_(num_den[..., :d], rden)
+    return acc
 
 
 class FocusedTokens(torch.autograd.Function):
@@ -219,6 +248,7 @@ __all__ = [
     "FocusedTokens",
     "KernelPower",
     "depthwise_conv_same",
+    "focused_attention_into",
     "head_blocks",
     "focused_tokens_inference",
     "kernel_power",
