@@ -43,12 +43,12 @@ def machine() -> str:
 
 
 _PHASE = "SEG_BENCH_PHASE"  # set to "memory" in the child process that measures peak memory
-# glibc settings per phase: timing serves every block from the heap and keeps freed memory there, as a
-# caching allocator would (glibc's defaults mmap large blocks and hand them back on free, so each pass faults
-# them in again: +-30% noise on CPU, and a 32 MiB activation costs more to fault in than to compute; blocks
-# >= 32 MiB are always mmapped unless mmap is off); the memory phase serves every block >= 64 KiB by mmap
-# so that freed tensors leave the resident set.
-_TIMING_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**30), "MALLOC_MMAP_MAX_": "0"}
+# glibc settings per phase. Timing serves every block from the heap and never hands freed memory back to the
+# OS, as a caching allocator would: with glibc's defaults, blocks >= 32 MiB are mmapped and every pass faults
+# them in again (at 2048^2 the 2.4 GB of logits cost seconds of page faults, more than computing them), and
+# the heap is trimmed after large frees, which adds +-30 % of noise. The memory phase serves every block
+# >= 64 KiB by mmap so that freed tensors leave the resident set.
+_TIMING_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_MMAP_MAX_": "0"}
 _MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 

@@ -34,6 +34,7 @@ from _measure import configure_allocator, machine, measure_cases, median_time, p
 
 import seg  # noqa: E402,F401  (registers the encoders)
 from seg.layers import SpatialReductionAttention  # noqa: E402
+from seg.layers.linear import set_onednn_linear  # noqa: E402
 from seg.models import Segmentor  # noqa: E402
 
 NUM_CLASSES = 150
@@ -148,11 +149,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=None, help="labels to run (default: all of the family)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--linear", choices=["onednn", "torch"], default="onednn",
+                        help="CPU inference linears: oneDNN (the project's default) or F.linear (MKL)")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of time and memory against size")
     args = parser.parse_args(argv)
     configure_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_onednn_linear(args.linear == "onednn")
     sizes = args.sizes or ([512] if args.mode == "train" else [512, 1024, 2048])
     batch = args.batch or (2 if args.mode == "train" else 1)
     dtype = getattr(torch, args.dtype)
@@ -176,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     times, peaks = results
     what = {"encoder": "encoders, features only", "segmentor": f"encoder + {decoder} head, whole image",
             "train": f"training step (fwd + bwd + AdamW), {decoder} + aux head"}[args.mode]
-    header = f"{args.family} {what}, batch {batch}, {args.dtype}, median of {args.repeats}; {machine()}"
+    linears = "" if args.mode == "train" else f", linears: {args.linear}"
+    header = f"{args.family} {what}, batch {batch}, {args.dtype}{linears}, median of {args.repeats}; {machine()}"
     print(f"# {header}")
     unit = "time per step (s)" if args.mode == "train" else "time (s)"
     print(f"| model | input | {unit} | time ratio | peak memory (MiB) | memory ratio |")
