@@ -49,7 +49,7 @@ _PHASE = "SEG_BENCH_PHASE"  # set to "memory" in the child process that measures
 # the heap is trimmed after large frees, which adds +-30 % of noise. The memory phase serves every block
 # >= 64 KiB by mmap so that freed tensors leave the resident set.
 _TIMING_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_MMAP_MAX_": "0"}
-_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
+_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_MMAP_MAX_": "65536"}
 
 
 def configure_allocator() -> None:

@@ -185,6 +185,26 @@ def test_hand_written_backward_passes_gradcheck_in_float64(heads: int) -> None:
     assert torch.autograd.gradcheck(lambda *t: FocusedTokens.apply(*t, heads, 3.0), inputs)
 
 
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_float32_backward_matches_float64(heads: int, batch: int) -> None:
+    """float32 on CPU takes the oneDNN products (one image) or batched matmuls; both match float64."""
+    from seg.layers.fused import FocusedTokens
+
+    C = heads * 8
+    q, k, v = (torch.randn(batch, 50, C, dtype=torch.float64) for _ in range(3))
+    inv_temp = torch.rand(1, 1, C, dtype=torch.float64) + 0.5
+    grad = torch.randn(batch, 50, C, dtype=torch.float64)
+
+    def grads(dtype: torch.dtype) -> list[torch.Tensor]:
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, inv_temp)]
+        FocusedTokens.apply(*inputs, heads, 3.0).backward(grad.to(dtype))
+        return [t.grad.double() for t in inputs]
+
+    for low, ref in zip(grads(torch.float32), grads(torch.float64), strict=True):
+        assert (low - ref).norm() / ref.norm() < 1e-5
+
+
 def test_depthwise_conv_backward_passes_gradcheck_in_float64() -> None:
     from seg.layers.fused import depthwise_conv_same
 

@@ -37,8 +37,9 @@ def test_linear_gelu_equals_gelu_of_linear(approximate: str) -> None:
 
 
 def test_gradients_autocast_and_switch_follow_f_linear() -> None:
+    """Training runs the oneDNN forward and dL/dx with hand-written reductions for dL/dW, dL/db."""
     layer = Linear(8, 4)
-    x = torch.randn(3, 8, requires_grad=True)
+    x = torch.randn(2, 3, 8, requires_grad=True)
     layer(x).square().sum().backward()
     ref = torch.nn.Linear(8, 4)
     ref.load_state_dict(layer.state_dict())
@@ -46,6 +47,7 @@ def test_gradients_autocast_and_switch_follow_f_linear() -> None:
     ref(x2).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(layer.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # autocast casts as for F.linear
     set_onednn_linear(False)

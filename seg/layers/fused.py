@@ -89,6 +89,18 @@ def head_blocks(channels: int, num_heads: int, device: torch.device, dtype: torc
     return onehot @ onehot.T, onehot
 
 
+def _matmul(a: Tensor, b: Tensor, add: Tensor | None = None) -> Tensor:
+    """a @ b (+ add, one row broadcast over the rows) for (B, N, K) @ (B, K, M) -> (B, N, M).
+
+    One image runs as a linear layer (oneDNN on CPU, see :mod:`seg.layers.linear`) with b, a small K x M
+    summary, copied to a dense weight (oneDNN's fast kernels want one); add is (B, 1, M).
+    """
+    if a.shape[0] == 1:
+        weight = b[0].transpose(0, 1).contiguous()  # (M, K)
+        return linear(a[0], weight, None if add is None else add.reshape(-1).contiguous()).unsqueeze(0)
+    return a @ b if add is None else torch.baddbmm(add, a, b)
+
+
 def _attend(g_q: Tensor, s_q: Tensor, phi_k: Tensor, v: Tensor, h: int) -> tuple[Tensor, ...]:
     """out = (g_q . KV) / (g_q . k_mean + eps / s_q) per head, plus what the backward needs.
 
@@ -103,7 +115,7 @@ def _attend(g_q: Tensor, s_q: Tensor, phi_k: Tensor, v: Tensor, h: int) -> tuple
         blocks, onehot = head_blocks(C, h, g_q.device, g_q.dtype)
         kv, k_mean = kv * blocks, k_mean * onehot  # (B, C, C), (B, C, h)
     kvm = torch.cat([kv, k_mean], dim=-1)  # (B, C, C + h)
-    num_den = g_q @ kvm  # (B, N, C + h)
+    num_den = _matmul(g_q, kvm)  # (B, N, C + h)
     rden = (num_den[..., C:] + DENOM_EPS / s_q).reciprocal_()  # (B, N, h)
     out = (num_den[..., :C].view(B, N, h, C // h) * rden.unsqueeze(-1)).view(B, N, C)
     return out, kvm, rden, blocks, onehot
@@ -177,13 +189,13 @@ class FocusedTokens(torch.autograd.Function):
         torch.mul(G, rden.unsqueeze(-1), out=grad_nd[..., :C].view(B, N, h, C // h))
         grad_den = (G * out.view(B, N, h, C // h)).sum(-1).mul_(rden).neg_()  # (B, N, h)
         grad_nd[..., C:] = grad_den
-        grad_gq = grad_nd @ kvm.transpose(1, 2)  # (B, N, C)
+        grad_gq = _matmul(grad_nd, kvm.transpose(1, 2))  # (B, N, C)
         grad_kvm = kq.g.transpose(1, 2) @ grad_nd  # (B, C, C + h)
         grad_kv, grad_km = grad_kvm[..., :C], grad_kvm[..., C:]  # (B, C, C), (B, C, h)
         if h > 1:
             grad_kv, grad_km = grad_kv * blocks, (grad_km * onehot).sum(-1, keepdim=True)
-        grad_phi = torch.baddbmm(grad_km.transpose(1, 2), v, grad_kv.transpose(1, 2))  # (B, n, C)
-        grad_v = phi_k @ grad_kv  # (B, n, C)
+        grad_phi = _matmul(v, grad_kv.transpose(1, 2), add=grad_km.transpose(1, 2))  # (B, n, C)
+        grad_v = _matmul(phi_k, grad_kv)  # (B, n, C)
         grad_sq = (-DENOM_EPS / kq.s.square()) * grad_den.sum(-1, keepdim=True)  # (B, N, 1)
         dot_q = torch.linalg.vecdot(grad_gq, kq.g).unsqueeze(-1)
         grad_q, grad_it_q = kernel_power_backward(kq, grad_gq, dot_q, grad_sq, inv_temp, p)
