@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "configure_allocator",
+    "in_child_phase",
     "is_memory_phase",
     "machine",
     "measure_cases",
@@ -42,7 +43,8 @@ def machine() -> str:
             f"threads {torch.get_num_threads()}")
 
 
-_PHASE = "SEG_BENCH_PHASE"  # set to "memory" in the child process that measures peak memory
+_PHASE = "SEG_BENCH_PHASE"  # "time" / "memory" in the child processes that measure
+_CASE = "SEG_BENCH_CASE"  # the case a "time" child measures
 # glibc settings per phase. Timing serves every block from the heap and never hands freed memory back to the
 # OS, as a caching allocator would: with glibc's defaults, blocks >= 32 MiB are mmapped and every pass faults
 # them in again (at 2048^2 the 2.4 GB of logits cost seconds of page faults, more than computing them), and
@@ -66,20 +68,28 @@ def is_memory_phase() -> bool:
     return os.environ.get(_PHASE) == "memory"
 
 
-def memory_from_child() -> dict[str, float]:
-    """Peak memory per case, measured by this script re-run as a separate process in its memory phase.
+def in_child_phase() -> bool:
+    """True in the child processes that time one case or measure peak memory."""
+    return os.environ.get(_PHASE) in ("time", "memory")
 
-    The child prints one JSON object {case: MiB} as its last line (see :func:`report_memory`).
-    """
-    env = dict(os.environ, **_MEMORY_ENV, **{_PHASE: "memory"})
+
+def _run_child(phase: str, env: dict[str, str], case: int | None = None) -> dict[str, object]:
+    """Re-run this script in ``phase``; the child prints one JSON object {case: value} as its last line."""
+    env = dict(os.environ, **env, **{_PHASE: phase, _CASE: "" if case is None else str(case)})
     done = subprocess.run([sys.executable, *sys.argv], env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"memory phase failed:\n{done.stderr[-4000:]}")
+        what = f"case {case}" if case is not None else "all cases"
+        raise RuntimeError(f"{phase} phase ({what}) failed with exit code {done.returncode}:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report_memory(peaks: dict[str, float]) -> None:
-    """Print the memory phase's result for :func:`memory_from_child`."""
+def memory_from_child() -> dict[str, object]:
+    """Peak memory per case, measured by this script re-run as a separate process in its memory phase."""
+    return _run_child("memory", _MEMORY_ENV)
+
+
+def report_memory(peaks: dict[str, object]) -> None:
+    """Print a child phase's result for the parent (see :func:`_run_child`)."""
     print(json.dumps(peaks), flush=True)
 
 
@@ -88,15 +98,25 @@ def measure_cases(
 ) -> tuple[dict[str, object], dict[str, object]] | None:
     """Times and peak memories of every case, keyed by ``key(*case)``; ``run(*case, memory=...)`` measures one.
 
-    On CPU the peaks come from this script re-run as a separate process (:func:`memory_from_child`); in that
-    process this reports them and returns None, and the caller should stop.
+    On CPU every case is timed in its own run of this script (a heap that never hands memory back would
+    otherwise carry one model's blocks into the next, up to running out of memory), and the peaks come
+    from one more run in the memory phase; in those child processes this reports and returns None, and the
+    caller should stop.
     """
-    if is_memory_phase():
+    phase = os.environ.get(_PHASE)
+    if phase == "memory":
         report_memory({key(*c): run(*c, memory=True) for c in cases})
         return None
-    times = {key(*c): run(*c, memory=False) for c in cases}
+    if phase == "time":
+        case = cases[int(os.environ[_CASE])]
+        report_memory({key(*case): run(*case, memory=False)})
+        return None
     if device.type == "cpu":
+        times: dict[str, object] = {}
+        for i in range(len(cases)):
+            times.update(_run_child("time", _TIMING_ENV, i))
         return times, memory_from_child()
+    times = {key(*c): run(*c, memory=False) for c in cases}
     return times, {key(*c): run(*c, memory=True) for c in cases}
 
 

@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import (  # noqa: E402
     configure_allocator,
-    is_memory_phase,
+    in_child_phase,
     machine,
     measure_cases,
     median_time,
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    if OURS in entries and PUBLISHED in entries and not is_memory_phase():
+    if OURS in entries and PUBLISHED in entries and not in_child_phase():
         for side in args.sizes:
             for heads in args.heads:
                 rel = check_published_equal(side, args.dim, heads, device)

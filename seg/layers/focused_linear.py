@@ -166,6 +166,12 @@ class FocusedLinearAttention(nn.Module):
         kernel_size: DWC kernel; one depthwise filter bank of size d shared by all heads.
         proj_drop: dropout after the output projection.
         fused_qkv: one ``qkv`` projection (Swin naming) instead of ``q`` and ``kv`` (PVT naming).
+
+    With autograd the attention core is :class:`~seg.layers.fused.FocusedTokens` (closed-form backward).
+    Without it (inference; float32 / float64, global keys) the forward takes a leaner path, tested equal:
+    1 / T and eps folded into one stacked q / k projection (cached per grid while the parameters are
+    unchanged), q and k through the kernel together in place, per-head summaries, and the attention added
+    onto the DWC term.
     """
 
     def __init__(
