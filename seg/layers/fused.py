@@ -147,10 +147,7 @@ def focused_attention_into(y_qk: Tensor, v: Tensor, num_heads: int, p: float, ac
     heads = lambda t: t.view(B, N, h, d).transpose(1, 2)  # (B, N, C) -> (B, h, N, d), a view
     q4, k4 = heads(g[:, :, 0]), heads(phi_k)
     kvm = torch.cat([k4.transpose(-2, -1) @ heads(v), k4.sum(dim=2).unsqueeze(-1)], dim=-1)  # (B, h, d, d + 1)
-    if B * h == 1:
-        num_den = linear(q4[0, 0], kvm[0, 0].T).view(1, 1, N, d + 1)
-    else:
-        num_den = q4 @ kvm  # (B, h, N, d + 1): numerator | denominator
+    num_den = _matmul(q4[0], kvm[0])[None] if B * h == 1 else q4 @ kvm  # (B, h, N, d + 1): numerator | denominator
     rden = (num_den[..., d:] + DENOM_EPS / s[:, :, 0].view(B, 1, N, 1)).reciprocal_()  # (B, h, N, 1)
     heads(acc).addcmul_(num_den[..., :d], rden)
     return acc
