@@ -49,3 +49,16 @@ def init_transformer_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+class ClassifierBackbone(nn.Module):
+    """timm's classifier API over a linear ``head`` on ``num_features`` (an identity with no classes)."""
+
+    num_features: int
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

@@ -30,7 +30,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import ClassifierBackbone, build_encoder, imagenet_cfg, init_transformer_weights
 from seg.backbones._weights import adapt_state_dict
 from seg.layers import FocusedLinearAttention, SoftAttention, SpatialReductionAttention, resize_token_grid
 from seg.layers.mlp import Mlp
@@ -100,7 +100,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x), size))
 
 
-class FLattenPVT(nn.Module):
+class FLattenPVT(ClassifierBackbone):
     """FLatten-PVT (``version=1``) and FLatten-PVTv2 (``version=2``).
 
     Args:
@@ -176,7 +176,7 @@ class FLattenPVT(nn.Module):
             self.add_module(f"norm{i + 1}", LayerNorm6(embed_dims[i]))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f"norm{i + 1}"))
         self.pos_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes)
         self._num_stages = 4
         self.apply(_init_weights)
         if version == 1:
@@ -186,13 +186,6 @@ class FLattenPVT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {f"pos_embed{i + 1}" for i in range(4)}
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """Run stage i on an NCHW map: (trunk map for the next stage, normalised feature map)."""

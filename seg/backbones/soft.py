@@ -34,7 +34,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import ClassifierBackbone, build_encoder, imagenet_cfg, init_transformer_weights
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.backbones.pvt import Block as SoftmaxBlock
 from seg.layers import resize_token_grid
@@ -97,7 +97,7 @@ class SoftBlock(nn.Module):
         return self.norm2(x + self.drop_path(self.mlp(x)))
 
 
-class SOFT(nn.Module):
+class SOFT(ClassifierBackbone):
     """SOFT / SOFT-Norm backbone with a class-token classifier.
 
     Args:
@@ -162,7 +162,7 @@ class SOFT(nn.Module):
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f"norm{i + 1}"))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[3]))
         self.norm = LayerNorm6(embed_dims[3])
-        self.head = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes)
         self._num_stages = 4
         for i in range(4):
             trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
@@ -172,13 +172,6 @@ class SOFT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {f"pos_embed{i + 1}" for i in range(self._num_stages)} | {"cls_token"}
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """Stage i on an NCHW map: (its tokens (B, N, C), class token first in stage 4; normalised map)."""

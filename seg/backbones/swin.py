@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import ClassifierBackbone, build_encoder, imagenet_cfg, init_transformer_weights
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.layers import FocusedLinearAttention
 from seg.layers.linear import Linear
@@ -145,7 +145,7 @@ class SwinStage(nn.Module):
         return x
 
 
-class FLattenSwin(nn.Module):
+class FLattenSwin(ClassifierBackbone):
     """FLatten-Swin and, with ``attn_type='SSSS'``, the original Swin Transformer.
 
     Args:
@@ -213,7 +213,7 @@ class FLattenSwin(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
             self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"norm{i}"))
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes)
         self.apply(init_transformer_weights)
 
     @torch.jit.ignore
@@ -226,13 +226,6 @@ class FLattenSwin(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.layers:
             stage.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stage(self, i: int, x: Tensor, size: Size) -> tuple[Tensor, Tensor, Size]:
         """Stage i on (B, N, C) tokens: (stage output, merged tokens for the next stage, their grid)."""
