@@ -23,7 +23,7 @@ __all__ = [
     "median_time",
     "memory_from_child",
     "peak_memory_mb",
-    "report_memory",
+    "report_child",
 ]
 
 
@@ -88,7 +88,7 @@ def memory_from_child() -> dict[str, object]:
     return _run_child("memory", _MEMORY_ENV)
 
 
-def report_memory(peaks: dict[str, object]) -> None:
+def report_child(peaks: dict[str, object]) -> None:
     """Print a child phase's result for the parent (see :func:`_run_child`)."""
     print(json.dumps(peaks), flush=True)
 
@@ -105,11 +105,11 @@ def measure_cases(
     """
     phase = os.environ.get(_PHASE)
     if phase == "memory":
-        report_memory({key(*c): run(*c, memory=True) for c in cases})
+        report_child({key(*c): run(*c, memory=True) for c in cases})
         return None
     if phase == "time":
         case = cases[int(os.environ[_CASE])]
-        report_memory({key(*case): run(*case, memory=False)})
+        report_child({key(*case): run(*case, memory=False)})
         return None
     if device.type == "cpu":
         times: dict[str, object] = {}
