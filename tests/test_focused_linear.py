@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seg.kernels import set_backend
 from seg.layers import FocusedLinearAttention, focus, focused_linear_attention
 
 torch.manual_seed(0)
@@ -93,9 +94,10 @@ def test_module_equals_dense_reference(size: tuple[int, int], sr: int) -> None:
 
 @pytest.mark.parametrize(("heads", "batch"), [(1, 1), (1, 2), (3, 1), (3, 2)])
 @pytest.mark.parametrize("fused_qkv", [False, True])
-def test_inference_path_equals_dense_reference(heads: int, batch: int, fused_qkv: bool) -> None:
-    """Without autograd the module folds 1 / T into the q / k projection and runs q and k together."""
+def test_cpu_inference_path_equals_dense_reference(heads: int, batch: int, fused_qkv: bool) -> None:
+    """Without autograd the cpu backend folds 1 / T into the q / k projection and runs q and k together."""
     attn = randomised(FocusedLinearAttention(8 * heads, heads, grid_size=(8, 8), fused_qkv=fused_qkv)).eval()
+    set_backend(attn, "cpu")
     x = torch.randn(batch, 42, 8 * heads, dtype=torch.float64)
     expected = attn(x, (6, 7)).detach()  # autograd path
     if not fused_qkv:
@@ -108,8 +110,9 @@ def test_inference_path_equals_dense_reference(heads: int, batch: int, fused_qkv
     assert (low - expected).norm() / expected.norm() < 1e-5
 
 
-def test_inference_path_follows_temperature_and_weight_updates() -> None:
-    attn = randomised(FocusedLinearAttention(16, 2, grid_size=(4, 4))).float().eval()
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_inference_follows_temperature_and_weight_updates(backend: str) -> None:
+    attn = set_backend(randomised(FocusedLinearAttention(16, 2, grid_size=(4, 4))).float().eval(), backend)
     x = torch.randn(1, 30, 16)
     with torch.no_grad():
         first = attn(x, (5, 6))
@@ -140,22 +143,28 @@ def test_every_parameter_gets_a_gradient(sr: int) -> None:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_positional_encoding_cache_in_eval_follows_parameter_updates() -> None:
-    attn = randomised(FocusedLinearAttention(16, 2, grid_size=(4, 4))).float().eval()
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_eval_follows_ema_style_updates_through_param_data(backend: str) -> None:
+    """EMA code writes through ``param.data`` (no version bump): validation must see the new values."""
+    attn = set_backend(randomised(FocusedLinearAttention(16, 2, grid_size=(4, 4))).float().eval(), backend)
+    shadow = set_backend(randomised(FocusedLinearAttention(16, 2, grid_size=(4, 4))).float().eval(), backend)
     x = torch.randn(1, 30, 16)
     with torch.no_grad():
         first = attn(x, (5, 6))
         assert attn(x, (5, 6)).equal(first)
-        attn.positional_encoding.add_(1.0)  # an in-place update (as load_state_dict does)
-        changed = attn(x, (5, 6))
-    assert not changed.equal(first)
+        for p, q in zip(attn.parameters(), shadow.parameters(), strict=True):
+            p.data.copy_(q.data)  # EMA-style swap: same storage, new values, no version bump
+        swapped = attn(x, (5, 6))
+        torch.testing.assert_close(swapped, shadow(x, (5, 6)))
+    assert not swapped.equal(first)
     attn.train()
-    torch.testing.assert_close(attn(x, (5, 6)).detach(), changed)
+    torch.testing.assert_close(attn(x, (5, 6)).detach(), swapped)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_is_finite_for_large_activations_and_close_to_fp32(dtype: torch.dtype) -> None:
-    attn = randomised(FocusedLinearAttention(64, 1, grid_size=(8, 8))).float().eval()
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_autocast_is_finite_for_large_activations_and_close_to_fp32(dtype: torch.dtype, backend: str) -> None:
+    attn = set_backend(randomised(FocusedLinearAttention(64, 1, grid_size=(8, 8))).float().eval(), backend)
     x = (torch.rand(2, 64, 64) * 100 - 50)  # activations up to |50|
     with torch.no_grad():
         ref = attn(x, (8, 8))
@@ -174,7 +183,7 @@ def test_rejects_tokens_that_do_not_form_the_grid() -> None:
 
 @pytest.mark.parametrize("heads", [1, 3])
 def test_hand_written_backward_passes_gradcheck_in_float64(heads: int) -> None:
-    from seg.layers.fused import FocusedTokens
+    from seg.kernels.cpu_focused import FocusedTokens
 
     C = heads * 4
     q, k, v = (torch.randn(2, m, C, dtype=torch.float64) for m in (7, 5, 5))
@@ -189,7 +198,7 @@ def test_hand_written_backward_passes_gradcheck_in_float64(heads: int) -> None:
 @pytest.mark.parametrize("batch", [1, 2])
 def test_float32_backward_matches_float64(heads: int, batch: int) -> None:
     """float32 on CPU takes the oneDNN products (one image) or batched matmuls; both match float64."""
-    from seg.layers.fused import FocusedTokens
+    from seg.kernels.cpu_focused import FocusedTokens
 
     C = heads * 8
     q, k, v = (torch.randn(batch, 50, C, dtype=torch.float64) for _ in range(3))
@@ -206,7 +215,7 @@ def test_float32_backward_matches_float64(heads: int, batch: int) -> None:
 
 
 def test_depthwise_conv_backward_passes_gradcheck_in_float64() -> None:
-    from seg.layers.fused import depthwise_conv_same
+    from seg.kernels.cpu_focused import depthwise_conv_same
 
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(3, 1, 5, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
@@ -219,7 +228,7 @@ def test_depthwise_conv_backward_passes_gradcheck_in_float64() -> None:
 @pytest.mark.parametrize("heads", [1, 3])
 @pytest.mark.parametrize("training", [False, True], ids=["inference-path", "autograd-path"])
 def test_token_layout_function_equals_head_layout_function(heads: int, training: bool) -> None:
-    from seg.layers import focused_linear_attention_tokens
+    from seg.kernels.cpu_attention import focused_linear_attention_tokens
 
     C = heads * 8
     q, k, v = (torch.randn(2, m, C, dtype=torch.float64) for m in (30, 20, 20))
@@ -232,8 +241,9 @@ def test_token_layout_function_equals_head_layout_function(heads: int, training:
 
 
 @pytest.mark.parametrize("fill", [-1.0, 50.0])
-def test_gradients_stay_finite_for_dead_and_large_tokens(fill: float) -> None:
-    attn = FocusedLinearAttention(32, 2, grid_size=(4, 4))
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradients_stay_finite_for_dead_and_large_tokens(fill: float, backend: str) -> None:
+    attn = set_backend(FocusedLinearAttention(32, 2, grid_size=(4, 4)), backend)
     x = torch.randn(2, 16, 32)
     x[0, :5] = fill  # tokens whose channels are all <= 0 (kernel floor) or all large
     x.requires_grad_(True)

@@ -94,7 +94,8 @@ def test_l_stages_run_global_focused_linear_attention_at_224() -> None:
     layer = FocusedLinearAttention(16, 1, (56, 56), fused_qkv=True)
     layer.load_state_dict(block.attn.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(seen["out"], layer.eval()(seen["x"], (56, 56)), rtol=0, atol=0)
+        # the encoder runs the cpu backend, the fresh layer the reference: equal to float32 rounding
+        torch.testing.assert_close(seen["out"], layer.eval()(seen["x"], (56, 56)), rtol=1e-5, atol=1e-6)
     # the top-left 7 x 7 tokens move the bottom-right output: no window, no locality beyond the DWC
     layer.double()
     x = seen["x"].double()

@@ -21,21 +21,21 @@ uses; it is dropped on load). Original PVT v1 checkpoints (class token in stage 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from seg.backbones._registry import ClassifierBackbone, build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._staged import AttentionFactory, StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict
 from seg.layers import FocusedLinearAttention, SoftAttention, SpatialReductionAttention, resize_token_grid
 from seg.layers.mlp import Mlp
 
-__all__ = ["FLattenPVT", "checkpoint_filter_fn"]
+__all__ = ["Block", "FLattenPVT", "checkpoint_filter_fn", "pvt_attention_letters"]
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 
@@ -56,41 +56,51 @@ class PatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), size  # (B, H'*W', C), a view of the channels-last map
 
 
+def pvt_attention_letters(
+    qkv_bias: bool = True,
+    drop: float = 0.0,
+    focusing_factor: float = 3.0,
+    kernel_size: int = 5,
+    la_sr_ratio: int = 1,
+) -> dict[str, AttentionFactory]:
+    """The ``attn_type`` shorthand of the PVT skeleton: ``L`` focused linear attention (keys reduced by
+    ``la_sr_ratio``), ``S`` PVT's softmax spatial-reduction attention, ``G`` SOFT-Norm (bottleneck reduction
+    and DWConv kernel 9 / 5 / 3 for sr 8 / 4 / 2, as SOFT's stages)."""
+    return {
+        "L": lambda dim, heads, grid, sr: FocusedLinearAttention(
+            dim, heads, grid, qkv_bias=qkv_bias, sr_ratio=la_sr_ratio, focusing_factor=focusing_factor,
+            kernel_size=kernel_size, proj_drop=drop),
+        "S": lambda dim, heads, grid, sr: SpatialReductionAttention(dim, heads, qkv_bias=qkv_bias, sr_ratio=sr,
+                                                                     proj_drop=drop),
+        "G": lambda dim, heads, grid, sr: SoftAttention(dim, heads, sr_ratio=sr, qkv_bias=qkv_bias, normalize=True,
+                                                         proj_drop=drop),
+    }
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block whose attention is focused linear (``L``), softmax SRA (``S``) or SOFT (``G``)."""
+    """Pre-norm transformer block around any attention that maps (tokens (B, N, C), (H, W)) -> (B, N, C).
+
+    Args:
+        dim: channels C.
+        mlp_ratio: MLP expansion.
+        attn_layer: builds the block's attention (a closure over its heads, grid and reduction).
+        conv_mlp: PVT v2's 3x3 depthwise conv inside the MLP.
+        drop: dropout after the MLP's activation and projection.
+        drop_path: stochastic depth rate of the two residual branches.
+    """
 
     def __init__(
         self,
         dim: int,
-        num_heads: int,
         mlp_ratio: float,
-        attn_type: str,
-        grid_size: tuple[int, int],
-        sr_ratio: int,
-        la_sr_ratio: int,
-        conv_mlp: bool,
-        qkv_bias: bool = True,
+        attn_layer: Callable[[], nn.Module],
+        conv_mlp: bool = False,
         drop: float = 0.0,
         drop_path: float = 0.0,
-        focusing_factor: float = 3.0,
-        kernel_size: int = 5,
     ) -> None:
         super().__init__()
         self.norm1 = LayerNorm6(dim)
-        if attn_type == "L":
-            self.attn = FocusedLinearAttention(
-                dim, num_heads, grid_size, qkv_bias=qkv_bias, sr_ratio=la_sr_ratio,
-                focusing_factor=focusing_factor, kernel_size=kernel_size, proj_drop=drop,
-            )
-        elif attn_type == "S":
-            self.attn = SpatialReductionAttention(dim, num_heads, qkv_bias=qkv_bias, sr_ratio=sr_ratio,
-                                                  proj_drop=drop)
-        elif attn_type == "G":  # SOFT-Norm; DWConv kernel 9 / 5 / 3 for sr 8 / 4 / 2 as in SOFT's stages
-            self.attn = SoftAttention(dim, num_heads, sr_ratio=sr_ratio, qkv_bias=qkv_bias, normalize=True,
-                                      proj_drop=drop)
-        else:
-            raise ValueError(f"attention type {attn_type!r} is not one of 'L' (focused linear), 'S' (softmax), "
-                             "'G' (SOFT)")
+        self.attn = attn_layer()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm6(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), conv=conv_mlp, drop=drop)
@@ -100,7 +110,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x), size))
 
 
-class FLattenPVT(ClassifierBackbone):
+class FLattenPVT(StagedEncoder):
     """FLatten-PVT (``version=1``) and FLatten-PVTv2 (``version=2``).
 
     Args:
@@ -114,6 +124,9 @@ class FLattenPVT(ClassifierBackbone):
         sr_ratios: spatial reduction of the softmax (``S``) stages; bottleneck reduction of the SOFT (``G``) ones.
         la_sr_ratios: spatial reduction of the focused linear (``L``) stages (1 in every published model).
         attn_type: one letter per stage, ``L`` focused linear, ``S`` softmax or ``G`` SOFT (Gaussian kernel).
+        attn_layers: one attention factory per stage, ``(dim, num_heads, grid_size, sr_ratio) -> module``;
+            overrides ``attn_type`` (which is the shorthand that builds them).
+        attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
         version: 1 (non-overlapping patches, absolute position tables) or 2 (overlapping patches, conv MLP).
         qkv_bias: bias in the q / kv projections.
         drop_rate: dropout after attention and MLP projections.
@@ -134,6 +147,8 @@ class FLattenPVT(ClassifierBackbone):
         sr_ratios: Sequence[int] = (8, 4, 2, 1),
         la_sr_ratios: Sequence[int] = (1, 1, 1, 1),
         attn_type: str = "LLLL",
+        attn_layers: Sequence[AttentionFactory] | None = None,
+        attn_backend: str = "auto",
         version: int = 1,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
@@ -142,7 +157,7 @@ class FLattenPVT(ClassifierBackbone):
         kernel_size: int = 5,
     ) -> None:
         super().__init__()
-        if len(attn_type) != 4 or set(attn_type) - {"L", "S", "G"}:
+        if len(attn_type) != 4:
             raise ValueError(f"attn_type {attn_type!r} must be 4 letters of L (focused linear) / S (softmax) / "
                              "G (SOFT)")
         if version not in (1, 2):
@@ -153,6 +168,11 @@ class FLattenPVT(ClassifierBackbone):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         total = sum(depths)
         dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # linear decay rule
+        factories = [
+            stage_factories(attn_type, pvt_attention_letters(qkv_bias, drop_rate, focusing_factor, kernel_size,
+                                                             la_sr_ratios[i]), attn_layers)[i]
+            for i in range(4)
+        ]
         self.feature_info = []
         for i in range(4):
             stride = 4 * 2**i
@@ -165,11 +185,10 @@ class FLattenPVT(ClassifierBackbone):
             if version == 1:
                 self.register_parameter(f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid[0] * grid[1],
                                                                                        embed_dims[i])))
+            attn_layer = partial(factories[i], embed_dims[i], num_heads[i], grid, sr_ratios[i])
             blocks = [
-                Block(embed_dims[i], num_heads[i], mlp_ratios[i], attn_type[i], grid, sr_ratios[i],
-                      la_sr_ratios[i], conv_mlp=version == 2, qkv_bias=qkv_bias, drop=drop_rate,
-                      drop_path=dpr[sum(depths[:i]) + j], focusing_factor=focusing_factor,
-                      kernel_size=kernel_size)
+                Block(embed_dims[i], mlp_ratios[i], attn_layer, conv_mlp=version == 2, drop=drop_rate,
+                      drop_path=dpr[sum(depths[:i]) + j])
                 for j in range(depths[i])
             ]
             self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
@@ -182,77 +201,38 @@ class FLattenPVT(ClassifierBackbone):
         if version == 1:
             for i in range(4):
                 trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
+        self.set_attn_backend(attn_backend)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {f"pos_embed{i + 1}" for i in range(4)}
 
-    def _stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Run stage i on an NCHW map: (trunk map for the next stage, normalised feature map)."""
+    def _stage(self, i: int, x: Tensor, feature: bool) -> tuple[Tensor, Tensor | None]:
+        """Stage i on an NCHW map: (trunk map for the next stage, normalised feature map)."""
         B = x.shape[0]
         x, size = getattr(self, f"patch_embed{i + 1}")(x)  # (B, N, C)
         if self.version == 1:
             x = self.pos_drop(x + resize_token_grid(getattr(self, f"pos_embed{i + 1}"), size))
-        for block in getattr(self, f"block{i + 1}"):
-            x = block(x, size)
+        x = self.run_blocks(getattr(self, f"block{i + 1}"), x, size)
+        to_map = lambda t: t.view(B, *size, -1).permute(0, 3, 1, 2)  # (B, N, C) -> (B, C, H, W), channels-last
         norm = getattr(self, f"norm{i + 1}")
         if self.version == 2:
             x = norm(x)  # v2 normalises inside the trunk
-            feature = x
-        else:
-            feature = norm(x)
-        to_map = lambda t: t.view(B, *size, -1).permute(0, 3, 1, 2)  # (B, N, C) -> (B, C, H, W), channels-last
-        return to_map(x), to_map(feature)
+            return to_map(x), to_map(x) if feature else None
+        return to_map(x), to_map(norm(x)) if feature else None
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Per-stage feature maps (each through its stage LayerNorm), timm's feature-extraction API."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt}")
-        take_indices, max_index = feature_take_indices(self._num_stages, indices)
-        intermediates = []
-        last = max_index if stop_early or intermediates_only else self._num_stages - 1
-        for i in range(last + 1):
-            x, feature = self._stage(i, x)
-            if i in take_indices:
-                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+    def _end(self, state: Tensor, complete: bool) -> Tensor:
+        """The trunk map of the last stage run (B, C, H/32, W/32 when complete)."""
+        return state
 
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages after the last requested feature and (optionally) the classifier."""
-        take_indices, max_index = feature_take_indices(self._num_stages, indices)
+    def _pool(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3))  # mean of the stage-4 tokens
+
+    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         for i in range(max_index + 1, self._num_stages):
             for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}", f"pos_embed{i + 1}"):
                 if hasattr(self, name):
                     delattr(self, name)
-        self._num_stages = max_index + 1
-        if prune_head:
-            self.reset_classifier(0)
-        return take_indices
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Stage-4 trunk map (B, C, H/32, W/32)."""
-        for i in range(self._num_stages):
-            x, _ = self._stage(i, x)
-        return x
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(2, 3))  # mean of the stage-4 tokens
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(m: nn.Module) -> None:

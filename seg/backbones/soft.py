@@ -24,20 +24,20 @@ README lists SOFT-Small as 24M, but its model definition builds 38.86M; this fol
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Literal
 
 import torch
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from seg.backbones._registry import ClassifierBackbone, build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._staged import AttentionFactory, StagedEncoder
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.backbones.pvt import Block as SoftmaxBlock
-from seg.layers import resize_token_grid
+from seg.layers import SpatialReductionAttention, resize_token_grid
 from seg.layers.mlp import Mlp
 from seg.layers.soft import NEWTON_ITERS, SoftAttention
 
@@ -69,24 +69,18 @@ class ConvEmbed(nn.Module):
 
 
 class SoftBlock(nn.Module):
-    """Post-norm block: x = LN(x + SOFT(x)); x = LN(x + MLP(x))."""
+    """Post-norm block: x = LN(x + attn(x)); x = LN(x + MLP(x)), tanh-GELU MLP."""
 
     def __init__(
         self,
         dim: int,
-        num_heads: int,
-        sr_ratio: int,
-        kernel_size: int,
+        attn_layer: Callable[[], nn.Module],
         mlp_ratio: float = 4.0,
-        normalize: bool = False,
-        landmarks: Literal["conv", "pool"] = "conv",
-        newton_iters: int = NEWTON_ITERS,
         drop: float = 0.0,
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.attn = SoftAttention(dim, num_heads, sr_ratio, kernel_size, qkv_bias=True, landmarks=landmarks,
-                                  normalize=normalize, newton_iters=newton_iters, proj_drop=drop)
+        self.attn = attn_layer()
         self.norm1 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, act_layer=partial(nn.GELU, approximate="tanh"))
         self.norm2 = nn.LayerNorm(dim)
@@ -97,7 +91,7 @@ class SoftBlock(nn.Module):
         return self.norm2(x + self.drop_path(self.mlp(x)))
 
 
-class SOFT(ClassifierBackbone):
+class SOFT(StagedEncoder):
     """SOFT / SOFT-Norm backbone with a class-token classifier.
 
     Args:
@@ -115,6 +109,9 @@ class SOFT(ClassifierBackbone):
         newton_iters: Newton-Raphson iterations of the inverse.
         drop_rate: dropout after the position tables and the attention / MLP projections.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
+        attn_layers: one attention factory per stage, ``(dim, num_heads, grid_size, sr_ratio) -> module``,
+            replacing SOFT (stages 1-3) and softmax (stage 4) attention.
+        attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
     """
 
     def __init__(
@@ -133,8 +130,12 @@ class SOFT(ClassifierBackbone):
         newton_iters: int = NEWTON_ITERS,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        attn_layers: Sequence[AttentionFactory] | None = None,
+        attn_backend: str = "auto",
     ) -> None:
         super().__init__()
+        if attn_layers is not None and len(attn_layers) != 4:
+            raise ValueError(f"attn_layers needs one factory per stage (4), got {len(attn_layers)}")
         if len(embed_dims) != 4 or len(num_heads) != 4 or len(depths) != 4:
             raise ValueError("embed_dims, num_heads and depths need one entry per stage (4)")
         self.num_classes = num_classes
@@ -150,13 +151,22 @@ class SOFT(ClassifierBackbone):
             n_pos = (img_size // stride) ** 2 + (1 if i == 3 else 0)  # stage 4: class-token entry first
             self.register_parameter(f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, n_pos, embed_dims[i])))
             drops = dpr[sum(depths[:i]):sum(depths[:i + 1])]
-            if i < 3:
-                blocks = [SoftBlock(embed_dims[i], num_heads[i], sr_ratios[i], kernel_sizes[i], mlp_ratio,
-                                    normalize, landmarks, newton_iters, drop_rate, p) for p in drops]
+            grid = (img_size // stride, img_size // stride)
+            sr = sr_ratios[i] if i < 3 else 1
+            if attn_layers is not None:
+                attn_layer = partial(attn_layers[i], embed_dims[i], num_heads[i], grid, sr)
+            elif i < 3:
+                attn_layer = partial(SoftAttention, embed_dims[i], num_heads[i], sr, kernel_sizes[i], qkv_bias=True,
+                                     landmarks=landmarks, normalize=normalize, newton_iters=newton_iters,
+                                     proj_drop=drop_rate)
             else:
-                grid = (img_size // stride, img_size // stride)
-                blocks = [SoftmaxBlock(embed_dims[i], num_heads[i], mlp_ratio, "S", grid, 1, 1, conv_mlp=False,
-                                       qkv_bias=True, drop=drop_rate, drop_path=p) for p in drops]
+                attn_layer = partial(SpatialReductionAttention, embed_dims[i], num_heads[i], qkv_bias=True,
+                                     proj_drop=drop_rate)
+            if i < 3:
+                blocks = [SoftBlock(embed_dims[i], attn_layer, mlp_ratio, drop_rate, p) for p in drops]
+            else:
+                blocks = [SoftmaxBlock(embed_dims[i], mlp_ratio, attn_layer, drop=drop_rate, drop_path=p)
+                          for p in drops]
             self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
             self.add_module(f"norm{i + 1}", LayerNorm6(embed_dims[i]))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f"norm{i + 1}"))
@@ -168,13 +178,18 @@ class SOFT(ClassifierBackbone):
             trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_transformer_weights)
+        self.set_attn_backend(attn_backend)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {f"pos_embed{i + 1}" for i in range(self._num_stages)} | {"cls_token"}
 
-    def _stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Stage i on an NCHW map: (its tokens (B, N, C), class token first in stage 4; normalised map)."""
+    def _stage(
+        self, i: int, state: tuple[Tensor, Tensor | None], feature: bool
+    ) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+        """Stage i on (NCHW map, _): ((trunk map for the next stage, the stage's tokens, class token first in
+        stage 4), normalised feature map)."""
+        x = state[0]
         B = x.shape[0]
         x, size = getattr(self, f"patch_embed{i + 1}")(x)  # (B, N, C)
         pos = getattr(self, f"pos_embed{i + 1}")
@@ -183,52 +198,25 @@ class SOFT(ClassifierBackbone):
             x = torch.cat([cls, x + resize_token_grid(pos[:, 1:], size)], dim=1)  # (B, 1 + N, C)
         else:
             x = x + resize_token_grid(pos, size)
-        x = self.pos_drop(x)
-        for block in getattr(self, f"block{i + 1}"):
-            x = block(x, size)
-        grid_tokens = x[:, 1:] if i == 3 else x
-        feature = getattr(self, f"norm{i + 1}")(grid_tokens).transpose(1, 2).reshape(B, -1, *size)  # (B, C, H, W)
-        return x, feature
+        tokens = self.run_blocks(getattr(self, f"block{i + 1}"), self.pos_drop(x), size)
+        grid_tokens = tokens[:, 1:] if i == 3 else tokens
+        to_map = lambda t: t.transpose(1, 2).reshape(B, -1, *size)  # (B, N, C) -> (B, C, H, W)
+        feat = to_map(getattr(self, f"norm{i + 1}")(grid_tokens)) if feature else None
+        return (to_map(grid_tokens), tokens), feat
 
-    def _to_map(self, tokens: Tensor, like: Tensor) -> Tensor:
-        """Grid tokens (B, N, C) of a stage (class token already dropped) -> NCHW like the feature ``like``."""
-        return tokens.transpose(1, 2).reshape(like.shape)
+    def _begin(self, x: Tensor) -> tuple[Tensor, None]:
+        """The image as the first stage's input map (no tokens yet)."""
+        return x, None
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Per-stage feature maps, each through its output LayerNorm ``norm{i}`` (timm's feature API).
+    def _end(self, state: tuple[Tensor, Tensor], complete: bool) -> Tensor:
+        """Stage-4 tokens after the final norm (B, 1 + N, C), class token first; when stopped early, the map."""
+        trunk_map, tokens = state
+        return self.norm(tokens) if complete else trunk_map
 
-        The non-intermediate output is the stage-4 token sequence (B, 1 + N, C) after the final ``norm``
-        (what :meth:`forward_head` reads), or the last computed stage's NCHW map when stopped early.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt}")
-        take_indices, max_index = feature_take_indices(self._num_stages, indices)
-        intermediates = []
-        last = max_index if stop_early or intermediates_only else self._num_stages - 1
-        for i in range(last + 1):
-            tokens, feature = self._stage(i, x)
-            if i in take_indices:
-                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
-            x = self._to_map(tokens[:, 1:] if i == 3 else tokens, feature)  # trunk map for the next stage
-        if intermediates_only:
-            return intermediates
-        if last < 3:
-            return x, intermediates
-        return self.norm(tokens), intermediates
+    def _pool(self, x: Tensor) -> Tensor:
+        return x[:, 0]  # class token
 
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages after the last requested feature, unused output norms, optionally norm / head."""
-        take_indices, max_index = feature_take_indices(self._num_stages, indices)
+    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         for i in range(max_index + 1, self._num_stages):
             for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"pos_embed{i + 1}"):
                 delattr(self, name)
@@ -239,24 +227,6 @@ class SOFT(ClassifierBackbone):
             del self.cls_token
         if prune_norm or max_index < 3:  # the final norm only serves the classifier
             self.norm = nn.Identity()
-        self._num_stages = max_index + 1
-        if prune_head:
-            self.reset_classifier(0)
-        return take_indices
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Stage-4 tokens after the final norm (B, 1 + H/32 * W/32, C), class token first."""
-        for i in range(self._num_stages):
-            tokens, feature = self._stage(i, x)
-            x = self._to_map(tokens[:, 1:] if i == 3 else tokens, feature)
-        return self.norm(tokens)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x[:, 0]  # class token
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # published name pattern -> this model's (block{i}.{j}.att.mha.* and friends of the released files)

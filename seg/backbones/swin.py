@@ -20,20 +20,19 @@ mean over the stage-4 tokens, ``head``. Parameter names equal the published chec
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from seg.backbones._registry import ClassifierBackbone, build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._staged import StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.layers import FocusedLinearAttention
-from seg.layers.linear import Linear
 from seg.layers.mlp import Mlp
 from seg.layers.window import WindowAttention, resize_bias_table
 
@@ -66,7 +65,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor, size: Size) -> tuple[Tensor, Size]:
         """(B, N, C) of an H x W grid -> (B, N', 2C) of a ceil(H / 2) x ceil(W / 2) grid."""
@@ -80,38 +79,39 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x)), size
 
 
+def swin_attention_letters(
+    window_size: int = 7,
+    qkv_bias: bool = True,
+    drop: float = 0.0,
+    attn_drop: float = 0.0,
+    focusing_factor: float = 3.0,
+    kernel_size: int = 5,
+) -> dict[str, Callable[[int, int, Size, bool], nn.Module]]:
+    """The ``attn_type`` shorthand of the Swin skeleton, factories ``(dim, num_heads, grid_size, shift)``:
+    ``L`` global focused linear attention over the stage map, ``S`` (shifted) window softmax attention."""
+    return {
+        "L": lambda dim, heads, grid, shift: FocusedLinearAttention(
+            dim, heads, grid, qkv_bias=qkv_bias, focusing_factor=focusing_factor, kernel_size=kernel_size,
+            proj_drop=drop, fused_qkv=True),
+        "S": lambda dim, heads, grid, shift: WindowAttention(dim, heads, window_size, shift=shift, qkv_bias=qkv_bias,
+                                                             attn_drop=attn_drop, proj_drop=drop),
+    }
+
+
 class SwinBlock(nn.Module):
-    """Pre-norm block: global focused linear (``L``) or (shifted) window softmax attention (``S``)."""
+    """Pre-norm block around any attention mapping (tokens (B, N, C), (H, W)) -> (B, N, C)."""
 
     def __init__(
         self,
         dim: int,
-        num_heads: int,
-        attn_type: str,
-        grid_size: Size,
-        window_size: int = 7,
-        shift: bool = False,
+        attn_layer: Callable[[], nn.Module],
         mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
         drop: float = 0.0,
-        attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        focusing_factor: float = 3.0,
-        kernel_size: int = 5,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn: nn.Module
-        if attn_type == "L":
-            self.attn = FocusedLinearAttention(
-                dim, num_heads, grid_size, qkv_bias=qkv_bias, focusing_factor=focusing_factor,
-                kernel_size=kernel_size, proj_drop=drop, fused_qkv=True,
-            )
-        elif attn_type == "S":
-            self.attn = WindowAttention(dim, num_heads, window_size, shift=shift, qkv_bias=qkv_bias,
-                                        attn_drop=attn_drop, proj_drop=drop)
-        else:
-            raise ValueError(f"attention type {attn_type!r} is not 'L' (focused linear) or 'S' (softmax)")
+        self.attn = attn_layer()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
@@ -123,29 +123,26 @@ class SwinBlock(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """The blocks of one stage (shifted windows in odd ``S`` blocks) and the patch merging after them."""
+    """The blocks of one stage (the odd ones with shifted windows) and the patch merging after them."""
 
     def __init__(
-        self, dim: int, depth: int, downsample: bool, drop_path: Sequence[float], **block_kwargs
+        self,
+        dim: int,
+        depth: int,
+        downsample: bool,
+        drop_path: Sequence[float],
+        attn_layer: Callable[[bool], nn.Module],
+        mlp_ratio: float = 4.0,
+        drop: float = 0.0,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, shift=j % 2 == 1, drop_path=drop_path[j], **block_kwargs) for j in range(depth)
+            SwinBlock(dim, partial(attn_layer, j % 2 == 1), mlp_ratio, drop, drop_path[j]) for j in range(depth)
         )
         self.downsample = PatchMerging(dim) if downsample else None
-        self.grad_checkpointing = False
-
-    def forward(self, x: Tensor, size: Size) -> Tensor:
-        """Run the blocks on (B, N, C) tokens of an H x W grid (patch merging is applied by the model)."""
-        for block in self.blocks:
-            if self.grad_checkpointing and x.requires_grad:
-                x = checkpoint(block, x, size, use_reentrant=False)
-            else:
-                x = block(x, size)
-        return x
 
 
-class FLattenSwin(ClassifierBackbone):
+class FLattenSwin(StagedEncoder):
     """FLatten-Swin and, with ``attn_type='SSSS'``, the original Swin Transformer.
 
     Args:
@@ -159,6 +156,9 @@ class FLattenSwin(ClassifierBackbone):
         window_size: window side of the ``S`` stages.
         mlp_ratio: MLP expansion.
         attn_type: one letter per stage, ``L`` global focused linear or ``S`` shifted-window softmax.
+        attn_layers: one attention factory per stage, ``(dim, num_heads, grid_size, shift) -> module``;
+            overrides ``attn_type`` (which is the shorthand that builds them).
+        attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
         qkv_bias: bias in the qkv projections.
         drop_rate: dropout after the patch embedding, attention and MLP projections.
         attn_drop_rate: dropout on the softmax attention weights.
@@ -179,6 +179,8 @@ class FLattenSwin(ClassifierBackbone):
         window_size: int = 7,
         mlp_ratio: float = 4.0,
         attn_type: str = "LLSS",
+        attn_layers: Sequence[Callable[[int, int, Size, bool], nn.Module]] | None = None,
+        attn_backend: str = "auto",
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
@@ -187,7 +189,7 @@ class FLattenSwin(ClassifierBackbone):
         kernel_size: int = 5,
     ) -> None:
         super().__init__()
-        if len(attn_type) != len(depths) or set(attn_type) - {"L", "S"}:
+        if len(attn_type) != len(depths):
             raise ValueError(f"attn_type {attn_type!r} must be {len(depths)} letters of L (focused linear) / "
                              "S (softmax)")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -199,22 +201,25 @@ class FLattenSwin(ClassifierBackbone):
         self.pos_drop = nn.Dropout(drop_rate)
         n_blocks = sum(depths)  # python floats, so the model also builds on the meta device
         dpr = [drop_path_rate * j / max(n_blocks - 1, 1) for j in range(n_blocks)]
+        letters = swin_attention_letters(window_size, qkv_bias, drop_rate, attn_drop_rate, focusing_factor,
+                                         kernel_size)
+        factories = stage_factories(attn_type, letters, attn_layers)
         self.layers = nn.ModuleList()
         self.feature_info = []
         for i, depth in enumerate(depths):
             stride = patch_size * 2**i
+            grid = (img_size[0] // stride, img_size[1] // stride)
             self.layers.append(SwinStage(
                 dims[i], depth, downsample=i < self._num_stages - 1,
-                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], num_heads=num_heads[i],
-                attn_type=attn_type[i], grid_size=(img_size[0] // stride, img_size[1] // stride),
-                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                attn_drop=attn_drop_rate, focusing_factor=focusing_factor, kernel_size=kernel_size,
+                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                attn_layer=partial(factories[i], dims[i], num_heads[i], grid), mlp_ratio=mlp_ratio, drop=drop_rate,
             ))
             self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
             self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"norm{i}"))
         self.norm = nn.LayerNorm(self.num_features)
         self.reset_classifier(num_classes)
         self.apply(init_transformer_weights)
+        self.set_attn_backend(attn_backend)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -222,59 +227,33 @@ class FLattenSwin(ClassifierBackbone):
         keys = ("relative_position_bias_table", "positional_encoding", "attn.scale")
         return {name for name, _ in self.named_parameters() if name.endswith(keys)}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
-    def _stage(self, i: int, x: Tensor, size: Size) -> tuple[Tensor, Tensor, Size]:
-        """Stage i on (B, N, C) tokens: (stage output, merged tokens for the next stage, their grid)."""
-        stage = self.layers[i]
-        out = stage(x, size)
-        if stage.downsample is None:
-            return out, out, size
-        merged, next_size = stage.downsample(out, size)
-        return out, merged, next_size
-
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Per-stage feature maps, each through its output LayerNorm ``norm{i}`` (timm's feature API)."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt}")
-        take_indices, max_index = feature_take_indices(self._num_stages, indices)
-        B = x.shape[0]
+    def _begin(self, x: Tensor) -> tuple[Tensor, Size]:
         x, size = self.patch_embed(x)  # (B, N, C)
-        x = self.pos_drop(x)
-        intermediates = []
-        last = max_index if stop_early or intermediates_only else self._num_stages - 1
-        for i in range(last + 1):
-            out, x, next_size = self._stage(i, x, size)
-            if i in take_indices:
-                feature = getattr(self, f"norm{i}")(out).reshape(B, *size, -1)  # (B, H, W, C)
-                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
-            size = next_size
-        if intermediates_only:
-            return intermediates
-        if last < self._num_stages - 1:  # stopped early: the merged tokens, no final norm
-            return x.transpose(1, 2).reshape(B, -1, *size), intermediates
-        return self._final_map(x, size), intermediates
+        return self.pos_drop(x), size
 
-    def _final_map(self, x: Tensor, size: Size) -> Tensor:
-        """Last-stage tokens (B, N, C) -> final ``norm`` -> (B, C, H, W)."""
-        return self.norm(x).transpose(1, 2).reshape(x.shape[0], -1, *size)
+    def _stage(self, i: int, state: tuple[Tensor, Size], feature: bool) -> tuple[tuple[Tensor, Size], Tensor | None]:
+        """Stage i on (B, N, C) tokens: (merged tokens for the next stage and their grid, feature map)."""
+        x, size = state
+        stage = self.layers[i]
+        out = self.run_blocks(stage.blocks, x, size)
+        feat = None
+        if feature:
+            feat = getattr(self, f"norm{i}")(out).reshape(out.shape[0], *size, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if stage.downsample is None:
+            return (out, size), feat
+        return stage.downsample(out, size), feat
 
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages after the last requested feature, unused output norms, optionally norm / head."""
-        take_indices, max_index = feature_take_indices(self._num_stages, indices)
+    def _end(self, state: tuple[Tensor, Size], complete: bool) -> Tensor:
+        """Last-stage tokens through the final ``norm`` as (B, C, H, W); when stopped early, the merged tokens."""
+        x, size = state
+        if complete:
+            x = self.norm(x)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *size)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3))  # average pool over the stage-4 tokens
+
+    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         self.layers = self.layers[: max_index + 1]
         self.layers[-1].downsample = None  # its output would feed no stage
         for i in range(self._num_stages):
@@ -282,25 +261,6 @@ class FLattenSwin(ClassifierBackbone):
                 delattr(self, f"norm{i}")
         if prune_norm or max_index < self._num_stages - 1:  # the final norm only fits the last stage
             self.norm = nn.Identity()
-        self._num_stages = max_index + 1
-        if prune_head:
-            self.reset_classifier(0)
-        return take_indices
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Final-norm stage-4 map (B, C, H/32, W/32)."""
-        x, size = self.patch_embed(x)  # (B, N, C)
-        x = self.pos_drop(x)
-        for i in range(self._num_stages):
-            _, x, size = self._stage(i, x, size)
-        return self._final_map(x, size)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(2, 3))  # average pool over the stage-4 tokens
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _resize_bias_tables(name: str, value: Tensor, target: Tensor) -> Tensor | None:

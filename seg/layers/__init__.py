@@ -1,11 +1,11 @@
-"""Attention layers: pure maths over (B, h, N, d) tensors plus thin modules."""
+"""Attention layers: one readable, autograd-differentiable implementation of each attention's maths (pure
+functions over (B, h, N, d) tensors plus thin modules); device fast paths live in :mod:`seg.kernels`."""
 
 from seg.layers.focused_linear import (
     FocusedLinearAttention,
     focus,
     focused_kernel,
     focused_linear_attention,
-    focused_linear_attention_tokens,
     linear_attention,
     resize_token_grid,
 )
@@ -22,7 +22,6 @@ __all__ = [
     "focus",
     "focused_kernel",
     "focused_linear_attention",
-    "focused_linear_attention_tokens",
     "gaussian_kernel",
     "linear_attention",
     "newton_inverse",

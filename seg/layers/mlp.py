@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from seg.layers.linear import Linear, linear_gelu
-
 __all__ = ["DWConv", "Mlp"]
 
 
@@ -36,17 +34,14 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, conv: bool = False, drop: float = 0.0,
                  act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
+        self.fc1 = nn.Linear(dim, hidden)
         self.dwconv = DWConv(hidden) if conv else None
         self.act = act_layer()
-        self.fc2 = Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """(B, N, C) tokens (of an H x W grid ``size``, needed with ``conv``) -> (B, N, C)."""
-        if self.dwconv is None and type(self.act) is nn.GELU:  # fc1 and GELU in one pass where it can
-            x = linear_gelu(x, self.fc1.weight, self.fc1.bias, self.act.approximate)
-            return self.drop(self.fc2(self.drop(x)))
         x = self.fc1(x)
         if self.dwconv is not None:
             if size is None:

@@ -1,8 +1,10 @@
-"""Hand-written forward and backward passes for the hot path of focused linear attention.
+"""Closed-form forward and backward passes of focused linear attention for the ``cpu`` backend.
 
 Everything here computes exactly what the reference functions in :mod:`seg.layers.focused_linear`
 compute (tests compare them in float64); the closed-form backwards make fewer passes over memory and
-allocate fewer temporaries than autograd does through the same chain of element-wise operations.
+allocate fewer temporaries than autograd does through the same chain of element-wise operations, which is
+what pays on a CPU with few cores. On a GPU the reference (or the ``triton`` backend) runs instead: the
+block-diagonal C x C summary and the per-image depthwise weight gradient here are CPU trade-offs.
 All inputs are float32 or float64: callers run these outside autocast.
 """
 
@@ -15,10 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from seg.layers.linear import linear
-
-KERNEL_EPS = 1e-6  # added after ReLU so that no feature is exactly zero
-DENOM_EPS = 1e-6  # added to the normaliser q . mean(k)
+from seg.kernels.onednn import linear
+from seg.layers.focused_linear import DENOM_EPS, KERNEL_EPS
 
 
 class KernelPower(NamedTuple):
@@ -251,15 +251,13 @@ def depthwise_conv_same(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
 
 
 __all__ = [
-    "DENOM_EPS",
-    "KERNEL_EPS",
     "DepthwiseConv",
     "FocusedTokens",
     "KernelPower",
     "depthwise_conv_same",
     "focused_attention_into",
-    "head_blocks",
     "focused_tokens_inference",
+    "head_blocks",
     "kernel_power",
     "kernel_power_backward",
     "kernel_power_inference",
