@@ -33,6 +33,7 @@ from _measure import (  # noqa: E402
 )
 from published_flatten import published_like  # noqa: E402
 
+from seg.kernels import set_backend  # noqa: E402
 from seg.layers import FocusedLinearAttention, SpatialReductionAttention  # noqa: E402
 from seg.layers.soft import SoftAttention  # noqa: E402
 
@@ -48,10 +49,12 @@ class Entry:
 SOFT_SR = 8  # SOFT's stage-1 bottleneck reduction: m = N / 64 landmarks
 
 OURS, PUBLISHED = "focused linear (FLatten, ours)", "focused linear (published formulation)"
+REFERENCE = "focused linear (ours, reference backend)"
 
-# label -> entry
+# label -> entry; "ours" is the default ``attn_backend='auto'`` (cpu backend on CPU, triton on CUDA)
 ENTRIES: dict[str, Entry] = {
-    OURS: Entry(lambda c, h: FocusedLinearAttention(c, h, grid_size=(56, 56))),
+    OURS: Entry(lambda c, h: set_backend(FocusedLinearAttention(c, h, grid_size=(56, 56)), "auto")),
+    REFERENCE: Entry(lambda c, h: FocusedLinearAttention(c, h, grid_size=(56, 56))),
     PUBLISHED: Entry(lambda c, h: published_like(FocusedLinearAttention(c, h, grid_size=(56, 56)))),
     f"SOFT (sr {SOFT_SR})": Entry(lambda c, h: SoftAttention(c, h, sr_ratio=SOFT_SR)),
     f"SOFT-Norm (sr {SOFT_SR})": Entry(lambda c, h: SoftAttention(c, h, sr_ratio=SOFT_SR, normalize=True)),
@@ -67,8 +70,8 @@ def check_published_equal(side: int, dim: int, heads: int, device: torch.device)
     with torch.no_grad():  # exercise the learned temperature and positional encoding too
         ours.scale.normal_(0, 0.5)
         ours.positional_encoding.normal_(0, 0.5)
-    ours = ours.to(device).eval()
-    twin = published_like(ours)
+    twin = published_like(ours.to(device))
+    ours = set_backend(ours, "auto").eval()
     x = torch.randn(1, side * side, dim, device=device)
     with torch.inference_mode():
         a, b = ours(x, (side, side)), twin(x, (side, side))

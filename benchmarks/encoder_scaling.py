@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import configure_allocator, machine, measure_cases, median_time, peak_memory_mb  # noqa: E402
 
 import seg  # noqa: E402,F401  (registers the encoders)
+from seg.kernels.onednn import set_onednn_linear  # noqa: E402
 from seg.layers import SpatialReductionAttention  # noqa: E402
-from seg.layers.linear import set_onednn_linear  # noqa: E402
 from seg.models import Segmentor  # noqa: E402
 
 NUM_CLASSES = 150

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import configure_allocator, machine, median_time  # noqa: E402
 
-from seg.layers.linear import linear, linear_gelu, onednn_linear_available, set_onednn_linear  # noqa: E402
+from seg.kernels.onednn import linear, linear_gelu, onednn_linear_available, set_onednn_linear  # noqa: E402
 
 # (stage, tokens, channels, MLP ratio) of FLatten-PVT-T at 512 x 512
 STAGES = [(1, 128 * 128, 64, 8), (2, 64 * 64, 128, 8), (3, 32 * 32, 320, 4), (4, 16 * 16, 512, 4)]

@@ -1,4 +1,4 @@
-"""Segmentor: a timm encoder + a decode head (+ the recipe's auxiliary FCN head), padded to /32, cropped back.
+"""Segmentor: a timm encoder + a decode head (+ the recipe's auxiliary FCN head), at any image size.
 
 The encoder is smp's timm universal encoder (``tu-<name>``): any timm model with 4 feature stages works,
 ours (``flatten_pvt_tiny``, ...; registered on ``import seg``) or timm's (``pvt_v2_b0``, ...). It returns
@@ -13,6 +13,12 @@ decoders at their default widths. smp's DeepLabV3+ needs an encoder that can run
 
 UperNet's pyramid pooling has BatchNorm on 1x1 pooled maps: in training each device must hold more than one
 image (``forward`` raises otherwise).
+
+Padding: the encoder sees the image at its own size, never zero-padded to the output stride, because every
+padded token would enter the global key / value summaries of focused linear attention (and SOFT's landmarks)
+and change the logits of real pixels. The encoders and the ``upernet``, ``semantic_fpn`` and ``segformer``
+heads take any size; smp's ``fpn`` upsamples by exact factors of 2, so for it alone the input is padded to /32.
+A batch of images padded to a common size is segmented image by image at each image's own size (``sizes``).
 """
 
 from __future__ import annotations
@@ -110,12 +116,13 @@ class _DecoderSpec:
 
     build: Callable[[Sequence[int], int, int | None], nn.Module]
     pooled_batchnorm: bool = False
+    pad_multiple: int = 1  # input size multiple the head needs (1: any size)
 
 
 DECODERS: dict[str, _DecoderSpec] = {
     "upernet": _DecoderSpec(_upernet, pooled_batchnorm=True),
     "semantic_fpn": _DecoderSpec(_semantic_fpn),
-    "fpn": _DecoderSpec(_fpn),
+    "fpn": _DecoderSpec(_fpn, pad_multiple=32),  # smp's FPN upsamples by exact factors of 2
     "segformer": _DecoderSpec(_segformer),
 }
 assert set(DECODERS) == set(get_args(DecoderName)), "DECODERS and DecoderName must list the same names"
@@ -137,8 +144,9 @@ class Segmentor(nn.Module):
         encoder_checkpoint: path of an ImageNet checkpoint to load into the encoder, the timm way
             (``pretrained=True, pretrained_cfg_overlay=dict(file=path)``; the model's filter function
             converts it).
-        pad_multiple: inputs are zero-padded on the bottom/right to a multiple of this (pixels) and the logits
-            cropped back; keep it a multiple of the encoder's output stride (32).
+        pad_multiple: zero-pad inputs on the bottom / right to a multiple of this (pixels) and crop the logits
+            back; None pads only where the decoder needs it (smp's ``fpn``: 32), since padded pixels change
+            the logits of real ones through the global attention summaries.
         channels_last: hold the heads' conv weights channels-last, the layout the transformer encoders'
             feature maps already have, so the convolutions run without layout conversions (the Semantic FPN
             head at 2048 x 2048 takes 0.7x the time on CPU; see BENCHMARKS.md).
@@ -153,13 +161,13 @@ class Segmentor(nn.Module):
         aux_head: bool = True,
         encoder_kwargs: dict[str, Any] | None = None,
         encoder_checkpoint: str | None = None,
-        pad_multiple: int = 32,
+        pad_multiple: int | None = None,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; valid options: {', '.join(DECODERS)}")
-        if pad_multiple < 1:
+        if pad_multiple is not None and pad_multiple < 1:
             raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
         kwargs = dict(encoder_kwargs or {})
         if encoder_checkpoint is not None:
@@ -171,7 +179,7 @@ class Segmentor(nn.Module):
         self.encoder_name = encoder
         self.decoder_name = decoder
         self.num_classes = num_classes
-        self.pad_multiple = pad_multiple
+        self.pad_multiple = DECODERS[decoder].pad_multiple if pad_multiple is None else pad_multiple
         # smp maps weights=None -> pretrained=False and anything else -> pretrained=True for tu- encoders.
         weights = True if encoder_checkpoint is not None else None
         self.encoder = get_encoder("tu-" + encoder, depth=_SMP_DEPTH, weights=weights, **kwargs)
@@ -190,11 +198,14 @@ class Segmentor(nn.Module):
         """Channels of the 4 encoder stages at strides 4, 8, 16, 32."""
         return list(self.encoder.out_channels[-4:])
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Tensor]:
         """Segment a batch.
 
         Args:
             x: normalized images (B, 3, H, W), any H and W.
+            sizes: each image's own (h, w) when the batch was padded to a common size on the bottom / right:
+                each image is then segmented at its own size, so the padding never reaches the model, and its
+                logits are placed top-left (zeros elsewhere). None: every image fills the whole H x W.
 
         Returns:
             ``{'out': logits (B, num_classes, H, W)}``, plus ``'aux'`` (same shape) in training when the
@@ -206,13 +217,33 @@ class Segmentor(nn.Module):
                 f"decoder {self.decoder_name!r} has BatchNorm on 1x1 pooled maps: training needs more than "
                 f"one image per device, got batch size {B}"
             )
+        if sizes is not None and any(tuple(s) != (H, W) for s in sizes):
+            return self._forward_sizes(x, sizes)
         pad_h, pad_w = -H % self.pad_multiple, -W % self.pad_multiple
-        x = F.pad(x, (0, pad_w, 0, pad_h))  # (B, 3, H + pad_h, W + pad_w), zeros bottom/right
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))  # (B, 3, H + pad_h, W + pad_w), zeros bottom/right
         padded = (H + pad_h, W + pad_w)
         features = self.encoder(x)  # [x, s2, s4, s8, s16, s32]
         outputs = {"out": _resize_crop(self.decode_head(features), padded, (H, W))}
         if self.training and self.aux_head is not None:
             outputs["aux"] = _resize_crop(self.aux_head(features[-2]), padded, (H, W))
+        return outputs
+
+    def _forward_sizes(self, x: Tensor, sizes: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
+        """:meth:`forward` of each group of equally sized images, cropped to that size, placed top-left."""
+        if len(sizes) != x.shape[0]:
+            raise ValueError(f"got {len(sizes)} sizes for a batch of {x.shape[0]} images")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(sizes):
+            if not (0 < h <= x.shape[2] and 0 < w <= x.shape[3]):
+                raise ValueError(f"image size {(h, w)} does not fit the batch's {tuple(x.shape[2:])}")
+            groups.setdefault((int(h), int(w)), []).append(i)
+        outputs: dict[str, Tensor] = {}
+        for (h, w), index in groups.items():
+            for key, logits in self(x[index, :, :h, :w]).items():
+                if key not in outputs:
+                    outputs[key] = logits.new_zeros(x.shape[0], logits.shape[1], *x.shape[2:])
+                outputs[key][index, :, :h, :w] = logits
         return outputs
 
     def param_groups(self, weight_decay: float | None = None) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Tests for the segmentor: shapes, padding and cropping, aux head, gradients, param groups, checkpoints."""
+"""Tests for the segmentor: shapes, aux head, gradients, param groups, checkpoints (padding: test_padding.py)."""
 
 from __future__ import annotations
 
@@ -57,18 +57,6 @@ def test_channels_last_heads_compute_the_same_logits(decoder: str) -> None:
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(model(x)["out"], plain(x)["out"], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("decoder", ["upernet", "semantic_fpn"])
-def test_crop_is_top_left_of_padded_prediction(decoder: str) -> None:
-    """Predicting an odd-sized image equals predicting its zero-padded /32 version, cropped top left."""
-    model = _tiny(decoder).eval()
-    x = torch.randn(2, 3, 70, 101)
-    with torch.no_grad():
-        small = model(x)["out"]
-        big = model(F.pad(x, (0, 128 - 101, 0, 96 - 70)))["out"]
-    assert big.shape[-2:] == (96, 128)
-    torch.testing.assert_close(small, big[..., :70, :101])
 
 
 def test_no_aux_head_when_disabled() -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
@@ -46,11 +47,15 @@ class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int) -> None:
         super().__init__()
         padding = patch_size // 2 if patch_size > stride else 0
+        self.pad_to_stride = patch_size == stride
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding)
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """(B, C_in, H, W) -> tokens (B, N, C) and their grid (H', W')."""
+        """(B, C_in, H, W) -> tokens (B, N, C) and their grid (H', W'): ceil(H / stride) x ceil(W / stride)."""
+        if self.pad_to_stride:  # non-overlapping patches: complete the last row / column of patches with zeros
+            stride = self.proj.stride[0]
+            x = F.pad(x, (0, -x.shape[3] % stride, 0, -x.shape[2] % stride))
         x = self.proj(x.contiguous(memory_format=torch.channels_last))  # channels-last in and out
         size = (x.shape[2], x.shape[3])
         return self.norm(x.flatten(2).transpose(1, 2)), size  # (B, H'*W', C), a view of the channels-last map
