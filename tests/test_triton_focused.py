@@ -1,0 +1,221 @@
+"""Triton focused linear attention kernels, run on CPU through Triton's interpreter.
+
+Triton reads ``TRITON_INTERPRET`` when a kernel is defined, and its own library functions are defined when triton is
+first imported, which in a pytest process may happen long before this file runs. So the checks below run in one
+child Python process started with ``TRITON_INTERPRET=1`` (:class:`_Worker`); each test asks it to run one check and
+fails with the child's traceback. The test process itself never switches triton to the interpreter.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from seg.layers.focused_linear import focused_linear_attention, focused_linear_attention_tokens
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+REPO = Path(__file__).resolve().parents[1]
+REPLY = "@@check-reply "
+WORKER_LOOP = f"""
+import json, sys, traceback
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import {Path(__file__).stem} as checks
+for line in sys.stdin:
+    request = json.loads(line)
+    try:
+        getattr(checks, request["check"])(*request["args"])
+        reply = {{"ok": True}}
+    except BaseException:
+        reply = {{"ok": False, "error": traceback.format_exc()}}
+    sys.stdout.write({REPLY!r} + json.dumps(reply) + "\\n")
+    sys.stdout.flush()
+"""
+
+
+class _Worker:
+    """A child Python process with ``TRITON_INTERPRET=1`` from its start that runs the checks of this file."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", WORKER_LOOP], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def __call__(self, check: str, *args: object) -> None:
+        """Run ``check(*args)`` in the child; fail the calling test with the child's traceback if it raises."""
+        self.process.stdin.write(json.dumps({"check": check, "args": args}) + "\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:  # anything else the child prints is skipped
+            if line.startswith(REPLY):
+                reply = json.loads(line[len(REPLY):])
+                if not reply["ok"]:
+                    pytest.fail(f"{check}{args} failed in the interpreter process:\n{reply['error']}", pytrace=False)
+                return
+        pytest.fail(f"the interpreter process exited with code {self.process.wait()}", pytrace=False)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    """One interpreter process for the whole file (importing torch and triton once)."""
+    child = _Worker()
+    yield child
+    child.close()
+
+
+def _kernels():
+    """The kernel module; only ever imported inside the interpreter process."""
+    from seg.kernels import triton_focused
+
+    assert triton_focused._INTERPRETED and triton_focused.triton_available(), "kernels not defined for the interpreter"
+    return triton_focused
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks, run inside the interpreter process
+
+
+def _inputs(B: int, h: int, d: int, N: int, n: int, dtype: torch.dtype, magnitude: float = 1.0, seed: int = 0):
+    """q (B, N, C), k, v (B, n, C), scale (1, 1, C) and an upstream gradient (B, N, C)."""
+    gen = torch.Generator().manual_seed(seed)
+    C = h * d
+    q, k, v = (torch.randn(B, t, C, generator=gen, dtype=torch.float64) * magnitude for t in (N, n, n))
+    scale = torch.randn(1, 1, C, generator=gen, dtype=torch.float64) * 0.5
+    grad = torch.randn(B, N, C, generator=gen, dtype=torch.float64)
+    return [t.clamp(-50, 50).to(dtype) for t in (q, k, v)] + [scale, grad]
+
+
+def _reference(q, k, v, scale, grad, h: int) -> list[torch.Tensor]:
+    """Output and gradients (q, k, v, scale) of the pure-torch maths on (B, h, N, d) tensors, by autograd."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, scale)]
+    B, N, C = q.shape
+    heads = lambda t: t.view(B, t.shape[1], h, C // h).transpose(1, 2)  # (B, T, C) -> (B, h, T, d)
+    out = focused_linear_attention(*(heads(t) for t in leaves[:3]), leaves[3])
+    out = out.transpose(1, 2).reshape(B, N, C)  # (B, h, N, d) -> (B, N, C)
+    out.backward(grad.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _triton(q, k, v, scale, grad, h: int, p: float = 3.0) -> list[torch.Tensor]:
+    """Output and gradients (q, k, v, scale) through the kernels."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, scale)]
+    out = _kernels().focused_linear_attention_triton(*leaves, num_heads=h, focusing_factor=p)
+    out.backward(grad.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute error relative to the largest magnitude of the expected tensor."""
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def check_float32(B: int, h: int, d: int, N: int, n: int) -> None:
+    """float32 kernels against the float64 reference, forward and all four gradients."""
+    q, k, v, scale, grad = _inputs(B, h, d, N, n, torch.float64)
+    expected = _reference(q, k, v, scale, grad, h)
+    actual = _triton(q.float(), k.float(), v.float(), scale.float(), grad.float(), h)
+    for name, a, e in zip(("out", "q", "k", "v", "scale"), actual, expected, strict=True):
+        assert a.dtype == torch.float32 and a.shape == e.shape, (name, a.dtype, a.shape)
+        assert _rel_err(a, e) < 1e-5, (name, _rel_err(a, e))
+
+
+def check_non_integer_power() -> None:
+    """p = 2.5 takes the exp2 / log2 power instead of repeated products."""
+    q, k, v, scale, grad = _inputs(1, 2, 16, 20, 9, torch.float64, seed=1)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, scale)]
+    out = focused_linear_attention_tokens(*leaves, num_heads=2, focusing_factor=2.5)
+    out.backward(grad)
+    expected = [out.detach()] + [t.grad for t in leaves]
+    actual = _triton(q.float(), k.float(), v.float(), scale.float(), grad.float(), 2, p=2.5)
+    for name, a, e in zip(("out", "q", "k", "v", "scale"), actual, expected, strict=True):
+        assert _rel_err(a, e) < 1e-5, (name, _rel_err(a, e))
+
+
+def check_half_precision(dtype_name: str) -> None:
+    """Half-precision activations up to |50|: finite output and gradients in the input dtypes, close to the
+    float32 maths on the same (rounded) values."""
+    dtype = getattr(torch, dtype_name)
+    q, k, v, scale, grad = _inputs(2, 2, 16, 40, 12, dtype, magnitude=25.0, seed=2)
+    assert q.abs().max() == 50 and k.abs().max() == 50, "inputs should reach the clamp"
+    actual = _triton(q, k, v, scale.float(), grad.float(), 2)
+    expected = _reference(q.float(), k.float(), v.float(), scale.float(), grad.float(), 2)
+    for name, a, e in zip(("out", "q", "k", "v", "scale"), actual, expected, strict=True):
+        assert a.dtype == (torch.float32 if name == "scale" else dtype), (name, a.dtype)
+        assert torch.isfinite(a).all(), name
+        assert _rel_err(a, e) < 2e-2, (name, _rel_err(a, e))
+
+
+def check_invalid_inputs() -> None:
+    """Shapes and dtypes the kernels do not take are refused with a clear message, before any launch."""
+    tf = _kernels()
+    q = torch.randn(1, 8, 12)
+    scale = torch.zeros(1, 1, 12)
+    for call, error, match in [
+        (lambda: tf.focused_linear_attention_triton(q, q, q, scale, num_heads=5), ValueError, "divisible"),
+        (lambda: tf.focused_linear_attention_triton(q.double(), q, q, scale, 2), TypeError, "float64"),
+        (lambda: tf.focused_linear_attention_triton(q, q[:, :3], q, scale, 2), ValueError, "k and v"),
+        (lambda: tf.focused_linear_attention_triton(torch.randn(1, 4, 129), torch.randn(1, 4, 129),
+                                                    torch.randn(1, 4, 129), torch.zeros(129), 1),
+         ValueError, "head dim"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tests
+
+
+# (B, h, d, N, n): N = 7 x 9 tokens; n = 12 as with a spatial reduction; d = 40 is padded to 64 inside the kernels
+FAST_CASES = [(1, 1, 16, 63, 63), (2, 3, 40, 63, 12), (1, 3, 16, 63, 12)]
+SLOW_CASES = [
+    case for case in itertools.product((1, 2), (1, 3), (16, 40), (63,), (63, 12)) if case not in FAST_CASES
+]
+
+
+@pytest.mark.parametrize(("B", "h", "d", "N", "n"), FAST_CASES)
+def test_float32_matches_reference(worker: _Worker, B: int, h: int, d: int, N: int, n: int) -> None:
+    worker("check_float32", B, h, d, N, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("B", "h", "d", "N", "n"), SLOW_CASES)
+def test_float32_matches_reference_all_shapes(worker: _Worker, B: int, h: int, d: int, N: int, n: int) -> None:
+    worker("check_float32", B, h, d, N, n)
+
+
+def test_non_integer_focusing_factor(worker: _Worker) -> None:
+    worker("check_non_integer_power")
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_half_precision_large_activations(worker: _Worker, dtype_name: str) -> None:
+    worker("check_half_precision", dtype_name)
+
+
+def test_invalid_inputs(worker: _Worker) -> None:
+    worker("check_invalid_inputs")
+
+
+def test_unavailable_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a CUDA device and outside the interpreter the module imports, reports itself unavailable and
+    refuses to run (in this process the kernels are never defined for the interpreter)."""
+    from seg.kernels import triton_focused
+
+    monkeypatch.setattr(triton_focused, "_INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not triton_focused.triton_available()
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        triton_focused.focused_linear_attention_triton(x, x, x, torch.zeros(1, 1, 8), num_heads=2)
