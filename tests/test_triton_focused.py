@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.layers.focused_linear import focused_linear_attention, focused_linear_attention_tokens
+from seg.kernels.cpu_attention import focused_linear_attention_tokens
+from seg.layers.focused_linear import focused_linear_attention
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -173,6 +174,32 @@ def check_invalid_inputs() -> None:
             call()
 
 
+def check_module_backend(sr: int) -> None:
+    """FocusedLinearAttention with ``attn_backend='triton'`` equals the reference module: output and every
+    parameter gradient, with and without spatial reduction."""
+    import copy
+
+    from seg.kernels import set_backend
+    from seg.layers import FocusedLinearAttention
+
+    _kernels()
+    torch.manual_seed(0)
+    ref = FocusedLinearAttention(32, 2, grid_size=(8, 8), sr_ratio=sr)
+    with torch.no_grad():
+        ref.scale.normal_(0, 0.5)
+        ref.positional_encoding.normal_(0, 0.5)
+    fast = set_backend(copy.deepcopy(ref), "triton")
+    x = torch.randn(2, 6 * 10, 32)
+    outs = []
+    for module in (ref, fast):
+        out = module(x, (6, 10))
+        out.square().mean().backward()
+        outs.append(out.detach())
+    assert _rel_err(outs[1], outs[0]) < 1e-5
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        assert _rel_err(a.grad, b.grad) < 1e-4, (name, _rel_err(a.grad, b.grad))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tests
 
@@ -202,6 +229,29 @@ def test_non_integer_focusing_factor(worker: _Worker) -> None:
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
 def test_half_precision_large_activations(worker: _Worker, dtype_name: str) -> None:
     worker("check_half_precision", dtype_name)
+
+
+@pytest.mark.parametrize("sr", [1, 2])
+def test_module_triton_backend_equals_reference(worker: _Worker, sr: int) -> None:
+    worker("check_module_backend", sr)
+
+
+def test_backend_falls_back_to_reference_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing or broken Triton: the ``triton`` backend warns once and runs the reference."""
+    import seg.kernels
+    from seg.kernels import set_backend, triton_focused
+    from seg.layers import FocusedLinearAttention
+
+    monkeypatch.setattr(seg.kernels, "_triton_interpreted", lambda: True)  # as if the tensors could run there
+    monkeypatch.setattr(triton_focused, "triton_available", lambda: False)
+    monkeypatch.setattr(seg.kernels, "_warned", set())
+    ref = FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval()
+    fast = set_backend(FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval(), "triton")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 20, 16)
+    with pytest.warns(UserWarning, match="Triton is missing or cannot run"):
+        out = fast(x, (4, 5))
+    torch.testing.assert_close(out, ref(x, (4, 5)))
 
 
 def test_invalid_inputs(worker: _Worker) -> None:

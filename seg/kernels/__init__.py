@@ -19,8 +19,10 @@ import os
 import warnings
 from typing import Literal, get_args
 
+import torch
 from torch import Tensor, nn
 
+from seg.kernels import triton_focused
 from seg.kernels.cpu_attention import cpu_forward
 from seg.kernels.onednn import OneDNNLinear, linear_gelu
 from seg.layers.focused_linear import FastPath, FocusedLinearAttention
@@ -46,15 +48,13 @@ def _triton_interpreted() -> bool:
 
 def triton_forward(attn: FocusedLinearAttention, x: Tensor, size: tuple[int, int]) -> Tensor | None:
     """The module's forward with the fused Triton attention core (projections, DWC and output in torch)."""
-    if not (x.is_cuda or _triton_interpreted()):
+    if not (x.is_cuda or _triton_interpreted()) or torch.compiler.is_compiling():
         return None
-    from seg.kernels.triton_focused import focused_linear_attention_triton, triton_available
-
-    if not triton_available():
+    if not triton_focused.triton_available():
         _warn_once("attn_backend 'triton': Triton is missing or cannot run here; using the reference")
         return None
     q, k, v, kv_size = attn.project(x, size)
-    out = focused_linear_attention_triton(q, k, v, attn.scale, attn.num_heads, attn.focusing_factor)
+    out = triton_focused.focused_linear_attention_triton(q, k, v, attn.scale, attn.num_heads, attn.focusing_factor)
     out = out + attn.rank_restoration(v, kv_size, size)
     return attn.proj_drop(attn.proj(out))
 

@@ -1,6 +1,6 @@
 """Focused linear attention (FLatten) as fused Triton kernels, forward and backward.
 
-The maths is that of :func:`seg.layers.focused_linear.focused_linear_attention_tokens` (without the DWC term),
+The maths is that of :func:`seg.kernels.cpu_attention.focused_linear_attention_tokens` (without the DWC term),
 on token-layout tensors q (B, N, C), k and v (B, n, C), heads as contiguous channel blocks (C = h * d):
 
     y = (ReLU(x) + eps) / T,  T = softplus(scale)      per channel
@@ -28,7 +28,7 @@ backward
 
 Torch glue only sums the small partial results (over splits, heads of a token, blocks) and applies softplus.
 The backward of the power, with G = dL/dg and S = dL/ds of one token
-(as in :func:`seg.layers.fused.kernel_power_backward`):
+(as in :func:`seg.kernels.cpu_focused.kernel_power_backward`):
 
     dL/dy = [p u^(p-1) (G - S s g / |g|^2) + u ((p + 1) S s - p G . g)] / |y|
     dL/dx = dL/dy / T where x > 0,   dL/d(1 / T) = sum over tokens of dL/dy (ReLU(x) + eps)
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from seg.layers.fused import DENOM_EPS, KERNEL_EPS
+from seg.layers.focused_linear import DENOM_EPS, KERNEL_EPS
 
 try:
     import triton
@@ -503,7 +503,7 @@ def focused_linear_attention_triton(
 ) -> Tensor:
     """Focused linear attention without the DWC term, through the Triton kernels of this module.
 
-    Same maths as :func:`seg.layers.focused_linear.focused_linear_attention_tokens`, differentiable with
+    Same maths as :func:`seg.kernels.cpu_attention.focused_linear_attention_tokens`, differentiable with
     respect to q, k, v and scale.
 
     Args:
