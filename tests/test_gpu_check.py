@@ -1,0 +1,24 @@
+"""``benchmarks/gpu_check.py`` runs on CPU at tiny sizes, so the one-command GPU check cannot rot."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_runs_on_cpu_and_backends_agree() -> None:
+    out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--repeats", "1"], capture_output=True,
+                         text=True, check=True, timeout=600).stdout
+    for title in ("## Backends equal", "## Attention forward + backward", "## Training step"):
+        assert title in out, out
+    float32 = next(line for line in out.splitlines() if line.startswith("| float32 |"))
+    errors = [float(cell.split()[0]) for cell in float32.strip("|").split("|")[1:]]
+    assert errors and max(errors) < 1e-5, float32  # reference and published agree with float64
+    bf16 = next(line for line in out.splitlines() if line.startswith("| bfloat16 |"))
+    assert "non-finite" not in bf16.split("|")[2], bf16  # the reference stays finite under bf16 autocast
+    steps = re.findall(r"^\| test_flatten_\w+ \+ \w+ \| [LS]+ \| (\d+) \|", out, flags=re.M)
+    assert len(steps) == 4, out
