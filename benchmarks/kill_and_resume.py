@@ -120,7 +120,7 @@ def _env() -> dict[str, str]:
 
 def summary(path: Path) -> dict:
     """Step, epoch, learning rates and weights of a Lightning checkpoint."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     optimizer = checkpoint["optimizer_states"][0]
     scheduler = checkpoint["lr_schedulers"][0]
     return {

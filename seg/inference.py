@@ -9,6 +9,9 @@ label size) and the input size otherwise.
 - :func:`multiscale_inference` follows mmseg's test-time augmentation: it averages the **softmax
   probabilities** of all views (each view's logits first resized to the output size) and returns their
   logarithm, so that ``softmax(output)`` is exactly that average and ``argmax(output)`` is mmseg's prediction.
+  Given the test pipeline's ``image_scale`` (the (long, short) box, (2048, 512) for ADE20K), view sizes follow
+  mmseg's rule from the **original** image size: scale s fits the original into (long * s, short * s), keeping
+  its aspect ratio (:func:`multiscale_sizes`).
 
 All resizes are bilinear with ``align_corners=False``. Call these under ``torch.no_grad()`` / inference mode.
 """
@@ -24,9 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seg.data.transforms import fit_size
+
 __all__ = [
     "InferenceConfig",
     "multiscale_inference",
+    "multiscale_sizes",
     "run_inference",
     "slide_inference",
     "slide_windows",
@@ -148,6 +154,20 @@ def slide_inference(
     return _resize(logits, size)
 
 
+def multiscale_sizes(
+    orig_size: tuple[int, int], scales: Sequence[float], image_scale: tuple[int, int]
+) -> list[tuple[int, int]]:
+    """View sizes (h, w) of mmseg's multi-scale test, from the original image size.
+
+    For each scale s the original (H0, W0) is rescaled, keeping its aspect ratio, to fit the box
+    ``(int(long * s), int(short * s))`` with ``image_scale = (long, short)``: factor
+    ``min(box_long / max(H0, W0), box_short / min(H0, W0))``, sizes rounded half up (the test pipeline's own
+    resize is the s = 1 case).
+    """
+    long_side, short_side = image_scale
+    return [fit_size(orig_size[0], orig_size[1], (int(long_side * s), int(short_side * s))) for s in scales]
+
+
 def multiscale_inference(
     model: Model,
     image: Tensor,
@@ -155,21 +175,25 @@ def multiscale_inference(
     flip: bool = True,
     mode: Literal["whole", "slide"] = "whole",
     out_size: Size | None = None,
+    image_scale: tuple[int, int] | None = None,
     **slide_kwargs,
 ) -> Tensor:
     """Multi-scale (+ horizontal flip) test-time augmentation, averaging softmax probabilities like mmseg.
 
-    Each view rescales the input by ``scale`` (to ``int(H * scale + 0.5) x int(W * scale + 0.5)``,
-    bilinear), runs ``mode`` inference, un-flips its logits, resizes them to the output size and adds
-    their softmax to a running sum (views are never held together).
+    Each view resizes the input (bilinear) to its scale's size, runs ``mode`` inference, un-flips its
+    logits, resizes them to the output size and adds their softmax to a running sum (views are never held
+    together). View sizes: with ``image_scale``, mmseg's rule from the original size (``out_size``, else the
+    input size; see :func:`multiscale_sizes`); without, ``int(H * scale + 0.5) x int(W * scale + 0.5)`` of the
+    input. The pixels are resampled from ``image`` (the test-resized image), not from the original file.
 
     Args:
         model: image batch -> logits at the input size.
         image: normalised image batch (B, 3, H, W).
-        scales: factors relative to the input size.
+        scales: scale factors (of ``image_scale`` when given, else of the input size).
         flip: also run each scale on the horizontally flipped image.
         mode: per-view inference, ``"whole"`` or ``"slide"``.
-        out_size: (H_out, W_out) of the result; the input size when None.
+        out_size: (H_out, W_out) of the result, the original image size; the input size when None.
+        image_scale: (long, short) box of the test pipeline's keep-ratio resize, e.g. (2048, 512).
         **slide_kwargs: ``crop_size``, ``stride``, ``num_classes``, ``batch_windows`` for ``mode="slide"``.
 
     Returns:
@@ -181,10 +205,13 @@ def multiscale_inference(
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     height, width = image.shape[-2:]
     size = _pair(out_size) if out_size is not None else (height, width)
+    if image_scale is not None:
+        view_sizes = multiscale_sizes(size, scales, _pair(image_scale))
+    else:
+        view_sizes = [(int(height * scale + 0.5), int(width * scale + 0.5)) for scale in scales]
     prob_sum: Tensor | None = None
     views = 0
-    for scale in scales:
-        scaled_hw = (int(height * scale + 0.5), int(width * scale + 0.5))
+    for scaled_hw in view_sizes:
         scaled = _resize(image, scaled_hw)
         for flipped in (False, True) if flip else (False,):
             view = scaled.flip(-1) if flipped else scaled
@@ -211,7 +238,8 @@ class InferenceConfig:
         crop_size: sliding-window size in pixels (int or (h, w)); used by ``"slide"`` and by
             ``"multiscale"`` with ``multiscale_mode="slide"``.
         stride: sliding-window step in pixels (int or (h, w)).
-        scales: image scale factors for ``"multiscale"``.
+        scales: image scale factors for ``"multiscale"``, of the test resize box (the data module's
+            ``test_scale``): mmseg's ``img_ratios``.
         flip: add horizontally flipped views; with ``"whole"`` or ``"slide"`` this is single-scale + flip.
         multiscale_mode: per-view inference of ``"multiscale"``: ``"whole"`` or ``"slide"``.
         batch_windows: sliding windows per forward pass.
@@ -241,9 +269,17 @@ class InferenceConfig:
 torch.serialization.add_safe_globals([InferenceConfig])  # kept in checkpoint hparams: allow it in safe loads
 
 def run_inference(
-    model: Model, image: Tensor, cfg: InferenceConfig, out_size: Size | None = None
+    model: Model,
+    image: Tensor,
+    cfg: InferenceConfig,
+    out_size: Size | None = None,
+    image_scale: tuple[int, int] | None = None,
 ) -> Tensor:
     """Dispatch to whole / slide / multi-scale inference as ``cfg`` says.
+
+    ``out_size`` is the original image size and ``image_scale`` the test pipeline's (long, short) resize box:
+    with both, ``"multiscale"`` sizes its views from the original image as mmseg does (see
+    :func:`multiscale_sizes`). Single-scale modes (also with ``flip``) run on the input as it is.
 
     Returns:
         (B, K, H_out, W_out): logits for plain ``"whole"`` / ``"slide"``; log mean probabilities when
@@ -253,7 +289,7 @@ def run_inference(
     if cfg.mode == "multiscale":
         base = cfg.multiscale_mode
         kwargs = slide_kwargs if base == "slide" else {}
-        return multiscale_inference(model, image, cfg.scales, cfg.flip, base, out_size, **kwargs)
+        return multiscale_inference(model, image, cfg.scales, cfg.flip, base, out_size, image_scale, **kwargs)
     if cfg.flip:
         kwargs = slide_kwargs if cfg.mode == "slide" else {}
         return multiscale_inference(model, image, (1.0,), True, cfg.mode, out_size, **kwargs)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from seg.inference import (
     InferenceConfig,
     multiscale_inference,
+    multiscale_sizes,
     run_inference,
     slide_inference,
     slide_windows,
@@ -206,3 +207,60 @@ def test_inference_config_validates_and_parses_from_yaml_dict() -> None:
     assert built == InferenceConfig(mode="slide", crop_size=(256, 512))
     with pytest.raises(SystemExit):
         parser.parse_args(["--inference.mode=slid"])
+
+
+def _recording_model(sizes: list[tuple[int, int]], k: int = 3):
+    def model(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(tuple(x.shape[-2:]))
+        return torch.zeros(x.shape[0], k, *x.shape[-2:])
+    return model
+
+
+def test_multiscale_view_sizes_follow_mmseg_from_the_original_image() -> None:
+    """A 300 x 500 original, test box (2048, 512). Scale s fits the original into (int(2048 s), int(512 s)):
+    0.5: box (1024, 256), factor min(1024 / 500, 256 / 300) = 0.8533 -> 256 x int(426.67 + 0.5) = 256 x 427;
+    1.0: box (2048, 512), factor 1.7067 -> 512 x int(853.33 + 0.5) = 512 x 853 (the test pipeline's own size);
+    1.75: box (3584, 896), factor 2.9867 -> 896 x int(1493.33 + 0.5) = 896 x 1493."""
+    expected = [(256, 427), (512, 853), (896, 1493)]
+    assert multiscale_sizes((300, 500), (0.5, 1.0, 1.75), (2048, 512)) == expected
+    sizes: list[tuple[int, int]] = []
+    image = torch.randn(1, 3, 512, 853)  # the test-resized image
+    cfg = InferenceConfig(mode="multiscale", scales=(0.5, 1.0, 1.75), flip=True)
+    out = run_inference(_recording_model(sizes), image, cfg, out_size=(300, 500), image_scale=(2048, 512))
+    assert out.shape == (1, 3, 300, 500)
+    assert sizes == [size for size in expected for _ in range(2)]  # each scale, then its flip
+
+
+def test_multiscale_sizes_come_from_the_original_not_the_resized_image() -> None:
+    """A wide 200 x 1000 original: the test resize is limited by the long side (factor 2048 / 1000 = 2.048,
+    410 x 2048). At 1.75 the box (3584, 896) gives factor 3.584: int(716.8 + 0.5) = 717 rows, where rescaling the
+    410-row test image would give int(717.5 + 0.5) = 718."""
+    assert multiscale_sizes((200, 1000), (1.0, 1.75), (2048, 512)) == [(410, 2048), (717, 3584)]
+    sizes: list[tuple[int, int]] = []
+    multiscale_inference(_recording_model(sizes), torch.randn(1, 3, 410, 2048), (1.75,), flip=False)
+    assert sizes == [(718, 3584)]  # without image_scale: relative to the input, as before
+
+
+def test_single_scale_flip_ignores_image_scale() -> None:
+    sizes: list[tuple[int, int]] = []
+    cfg = InferenceConfig(mode="whole", flip=True)
+    run_inference(_recording_model(sizes), torch.randn(1, 3, 40, 60), cfg, out_size=(20, 30), image_scale=(2048, 512))
+    assert sizes == [(40, 60), (40, 60)]
+
+
+def test_task_sizes_multiscale_views_from_the_data_module_test_scale() -> None:
+    from types import SimpleNamespace
+
+    from seg.models import Segmentor
+    from seg.task import SegmentationTask
+
+    model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=3, aux_head=False)
+    task = SegmentationTask(model, inference=InferenceConfig(mode="multiscale", scales=(0.5, 1.0), flip=False))
+    assert task._test_scale() is None  # no trainer: views relative to the input
+    task._trainer = SimpleNamespace(datamodule=SimpleNamespace(test_scale=(128, 64)))
+    assert task._test_scale() == (128, 64)
+    sizes: list[tuple[int, int]] = []
+    record = _recording_model(sizes)
+    model.forward = lambda x: {"out": record(x)}  # type: ignore[method-assign]
+    task(torch.randn(1, 3, 64, 107), out_size=(30, 50))
+    assert sizes == multiscale_sizes((30, 50), (0.5, 1.0), (128, 64)) == [(32, 53), (64, 107)]

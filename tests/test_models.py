@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import seg.models as models
-from seg.models import DECODERS, DecoderName, Segmentor, skips_weight_decay
+from seg.models import DECODERS, DecoderName, Segmentor, no_decay_names
 
 # timm's PVTv2-B0 shrunk to one block per stage: same code path as a real encoder, fast on CPU.
 TINY = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))
@@ -152,17 +152,25 @@ def test_encoder_checkpoint_is_loaded(tmp_path: Path) -> None:
     assert (fresh[key] - state[key]).abs().max() > 0.1
 
 
-def test_weight_decay_rule() -> None:
-    assert skips_weight_decay("encoder.model.block1.0.attn.scale", torch.zeros(1, 1, 64))
-    assert skips_weight_decay("encoder.model.block1.0.attn.positional_encoding", torch.zeros(1, 49, 64))
-    assert skips_weight_decay("encoder.model.pos_embed1", torch.zeros(1, 3136, 64))
-    assert skips_weight_decay(
-        "encoder.model.layers_0.blocks.0.attn.relative_position_bias_table", torch.zeros(9, 3)
-    )
-    assert skips_weight_decay("decode_head.classifier.bias", torch.zeros(5))
-    assert not skips_weight_decay("encoder.model.block1.0.attn.logit_scale", torch.zeros(3, 1, 1))
-    assert not skips_weight_decay("decode_head.classifier.weight", torch.zeros(5, 32, 1, 1))
-    assert not skips_weight_decay("encoder.model.block1.0.attn.q.weight", torch.zeros(64, 64))
+def test_weight_decay_rules() -> None:
+    model = Segmentor("test_flatten_pvt", "upernet", num_classes=NUM_CLASSES, decoder_channels=32)
+    names = {n for n, _ in model.named_parameters()}
+    assert no_decay_names(model, "decay_all") == set()  # PVT recipe: everything decays
+    swin = no_decay_names(model, "norms_tables")
+    default = no_decay_names(model, "norms_biases_tables")
+    assert swin < default <= names
+    for name in ("encoder.model.model.block1.0.attn.scale", "encoder.model.model.block1.0.attn.positional_encoding",
+                 "encoder.model.model.pos_embed1", "encoder.model.model.block1.0.norm1.weight",
+                 "encoder.model.model.block1.0.norm1.bias"):
+        assert name in names and name in swin
+    bn = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert {f"{bn}.weight", f"{bn}.bias"} <= swin  # by module type, whatever the name
+    assert "decode_head.classifier.bias" in default - swin  # the Swin recipe decays biases of other layers
+    assert "encoder.model.model.block1.0.attn.q.bias" in default - swin
+    for name in ("decode_head.classifier.weight", "encoder.model.model.block1.0.attn.q.weight"):
+        assert name not in default
+    with pytest.raises(ValueError, match="norms_tables"):
+        no_decay_names(model, "norms")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("encoder", ["pvt_v2_b0", "test_flatten_pvt"])

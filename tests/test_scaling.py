@@ -15,6 +15,7 @@ import yaml
 from pytorch_lightning.callbacks import Callback
 
 from seg.backbones.pvt import Block
+from seg.backbones.soft import SoftBlock
 from seg.backbones.swin import SwinBlock
 from seg.cli import SegmentationCLI, cli_main
 from seg.data import DEMO_CLASS_NAMES, SegmentationDataModule, make_demo_dataset
@@ -117,7 +118,8 @@ def test_fsdp_auto_wrap_policy_resolves_to_encoder_blocks() -> None:
     cli = ParseOnly(SegmentationTask, SegmentationDataModule, run=False,
                     args=["--config", str(EXPERIMENT), "--config", str(TRAINER_CONFIGS / "fsdp.yaml")])
     init_args = cli.config.trainer.strategy.init_args
-    assert set(init_args.auto_wrap_policy) == {Block, SwinBlock}
+    assert set(init_args.auto_wrap_policy) == {Block, SwinBlock, SoftBlock}
+    assert cli.config.trainer.strategy.dict_kwargs == {"use_orig_params": True}  # per-parameter weight decay
     from pytorch_lightning.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -141,8 +143,9 @@ def test_cpu_config_runs_with_effective_batch(demo_root: Path, tmp_path: Path, m
     callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EffectiveBatch))
     assert callback.effective_batch == 2
     assert "1 devices x 1 nodes x 2 per-device batch x 1 accumulation = 2" in caplog.text
-    # the experiment's AdamW lr 1e-4 was tuned for batch 16: linear rule gives 1e-4 * 2 / 16
-    assert [new for _, new in callback.lr_changes] == pytest.approx([1.25e-5, 1.25e-5])
+    # the experiment's AdamW lr 1e-4 was tuned for batch 16: linear rule gives 1e-4 * 2 / 16 (one parameter
+    # group: the PVT recipe decays every parameter)
+    assert [new for _, new in callback.lr_changes] == pytest.approx([1.25e-5])
 
 
 # ---------------------------------------------------------------------------------------------- effective batch

@@ -45,7 +45,7 @@ CLASS_NAMES_FILE = "class_names.txt"
 
 def _mixed_seed(base: int, rank: int) -> int:
     """A 63-bit seed mixing a torch seed and the process rank."""
-    return int(np.random.SeedSequence([base % 2**63, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([base % 2**63, rank]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def _reseed(dataset: Dataset, seed: int) -> None:

@@ -1,0 +1,111 @@
+"""Every paper-setting config against the published recipe, read through the CLI parser as training reads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from seg.cli import SegmentationCLI, cli_main
+from seg.schedules import WarmupPolyLR
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+# Published values. Source: /work/shared/SPEC.md section 4 (PVT's Semantic FPN and Swin's UperNet recipes on
+# ADE20K; batch 16, crop 512; AdamW betas are torch's defaults (0.9, 0.999) where the recipe states none) and
+# section 2 (drop path: FLatten-PVT-T 0.1; FLatten-Swin-T 0.3 for segmentation; Swin-S 0.3). The no-decay rules are
+# the recipes' mmseg optimizer configs: PVT's has no paramwise_cfg (everything decays); Swin's exempts norms and
+# position tables (and FLatten adds positional_encoding and scale). SOFT publishes no segmentation schedule: it
+# follows the UperNet recipe, with its ImageNet drop path 0.1.
+SEMANTIC_FPN = dict(optimizer="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, warmup_steps=0,
+                    power=0.9, max_steps=80_000, aux_weight=None, no_decay="decay_all")
+UPERNET = dict(optimizer="AdamW", lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01, warmup_steps=1500,
+               warmup_ratio=1e-6, power=1.0, max_steps=160_000, aux_weight=0.4, no_decay="norms_tables")
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "flatten_pvt_tiny_fpn_ade20k_80k": {**SEMANTIC_FPN, "drop_path": 0.1},
+    "pvt_tiny_fpn_ade20k_80k": {**SEMANTIC_FPN, "drop_path": 0.1},
+    "flatten_pvt_tiny_soft_fpn_ade20k_80k": {**SEMANTIC_FPN, "drop_path": 0.1},
+    "flatten_swin_tiny_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.3},
+    "swin_tiny_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.3},
+    "flatten_swin_small_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.3},
+    "swin_small_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.3},
+    "soft_small_norm_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.1},
+}
+CROP, BATCH = 512, 16  # both recipes
+
+
+def test_every_paper_config_has_a_row() -> None:
+    assert {p.stem for p in CONFIGS.glob("*_ade20k_*.yaml")} == set(PUBLISHED)
+
+
+def _parse(config: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> SegmentationCLI:
+    """The config as the CLI parses it (defaults, trainer_defaults.yaml and links applied), not instantiated."""
+    monkeypatch.setattr(SegmentationCLI, "instantiate_classes", lambda self: None)
+    return cli_main(["--config", str(config), *overrides], run=False)
+
+
+def _tiny_encoder(name: str) -> str:
+    return "test_soft" if name.startswith("soft_") else "test_flatten_swin" if "swin" in name else "test_flatten_pvt"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_config_matches_published_recipe(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    expected = PUBLISHED[name]
+    monkeypatch.chdir(tmp_path)
+    config = CONFIGS / f"{name}.yaml"
+    cfg = _parse(config, monkeypatch).config
+    # effective batch as the config states it: devices x nodes x per-device batch x accumulation
+    trainer = cfg.trainer
+    assert trainer.devices * trainer.num_nodes * cfg.data.batch_size * trainer.accumulate_grad_batches == BATCH
+    assert cfg.effective_batch.expected == BATCH
+    assert trainer.max_steps == expected["max_steps"]
+    assert cfg.data.crop_size == CROP
+    assert tuple(cfg.data.train_scale) == tuple(cfg.data.test_scale) == (2048, 512)
+    model = cfg.model.model.init_args
+    assert model.encoder_kwargs["drop_path_rate"] == expected["drop_path"]
+    assert model.aux_head == (expected["aux_weight"] is not None)
+    if expected["aux_weight"] is not None:
+        assert cfg.model.aux_weight == expected["aux_weight"]
+    assert cfg.model.no_decay == expected["no_decay"]
+    assert cfg.model.inference is None or cfg.model.inference.mode == "whole"  # single-scale whole image
+
+    # instantiated with a tiny encoder on CPU (the recipe values under test are unchanged by that)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1",
+                    "--trainer.strategy=auto", "--trainer.sync_batchnorm=false",
+                    f"--model.model.init_args.encoder={_tiny_encoder(name)}",
+                    "--model.model.init_args.encoder_checkpoint=null"], run=False)
+    task = cli.model
+    optimizer = task.optimizer_factory(task.param_groups())
+    assert type(optimizer).__name__ == expected["optimizer"]
+    defaults = optimizer.defaults
+    assert defaults["lr"] == pytest.approx(expected["lr"], rel=1e-12)
+    assert tuple(defaults["betas"]) == expected["betas"]
+    assert defaults["weight_decay"] == pytest.approx(expected["weight_decay"], rel=1e-12)
+    assert [g.get("weight_decay") for g in optimizer.param_groups[1:]] == (
+        [] if expected["no_decay"] == "decay_all" else [0.0])
+    scheduler = task.scheduler_factory(optimizer)
+    assert isinstance(scheduler, WarmupPolyLR)
+    assert scheduler.max_steps in (None, expected["max_steps"])  # None: the trainer's max_steps
+    assert scheduler.power == expected["power"] and scheduler.min_lr == 0.0
+    assert scheduler.warmup_steps == expected["warmup_steps"]
+    if expected["warmup_steps"]:
+        assert scheduler.warmup_ratio == expected["warmup_ratio"]
+        scheduler.max_steps = expected["max_steps"]
+        lr = expected["lr"]
+        assert scheduler.factor(0, lr) == pytest.approx(lr * expected["warmup_ratio"])
+        assert scheduler.factor(expected["warmup_steps"], lr) == pytest.approx(
+            lr * (1 - expected["warmup_steps"] / expected["max_steps"]) ** expected["power"])
+    assert task.aux_weight == (expected["aux_weight"] or task.aux_weight)
+    assert isinstance(task.param_groups()[0]["params"][0], torch.nn.Parameter)
+
+
+def test_a_drifting_config_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The table catches an edited value: a drop path override is seen through the parser."""
+    monkeypatch.chdir(tmp_path)
+    config = CONFIGS / "flatten_swin_tiny_upernet_ade20k_160k.yaml"
+    cfg = _parse(config, monkeypatch, "--model.model.init_args.encoder_kwargs={drop_path_rate: 0.2}").config
+    assert cfg.model.model.init_args.encoder_kwargs["drop_path_rate"] != PUBLISHED[config.stem]["drop_path"]
