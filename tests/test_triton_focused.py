@@ -179,10 +179,11 @@ def check_module_backend(sr: int) -> None:
     parameter gradient, with and without spatial reduction."""
     import copy
 
-    from seg.kernels import set_backend
+    from seg.kernels import _triton_probe, set_backend
     from seg.layers import FocusedLinearAttention
 
     _kernels()
+    assert _triton_probe("cpu") is None, _triton_probe("cpu")  # the kernels run, not the fallback
     torch.manual_seed(0)
     ref = FocusedLinearAttention(32, 2, grid_size=(8, 8), sr_ratio=sr)
     with torch.no_grad():
@@ -245,6 +246,7 @@ def test_backend_falls_back_to_reference_with_a_warning(monkeypatch: pytest.Monk
     monkeypatch.setattr(seg.kernels, "_triton_interpreted", lambda: True)  # as if the tensors could run there
     monkeypatch.setattr(triton_focused, "triton_available", lambda: False)
     monkeypatch.setattr(seg.kernels, "_warned", set())
+    seg.kernels._triton_probe.cache_clear()
     ref = FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval()
     fast = set_backend(FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval(), "triton")
     fast.load_state_dict(ref.state_dict())
@@ -252,6 +254,7 @@ def test_backend_falls_back_to_reference_with_a_warning(monkeypatch: pytest.Monk
     with pytest.warns(UserWarning, match="Triton is missing or cannot run"):
         out = fast(x, (4, 5))
     torch.testing.assert_close(out, ref(x, (4, 5)))
+    seg.kernels._triton_probe.cache_clear()
 
 
 def test_invalid_inputs(worker: _Worker) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import cache
 from typing import Literal, get_args
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from seg.kernels import triton_focused
 from seg.kernels.cpu_attention import cpu_forward
 from seg.kernels.onednn import OneDNNLinear, linear_gelu
-from seg.layers.focused_linear import FastPath, FocusedLinearAttention
+from seg.layers.focused_linear import FastPath, FocusedLinearAttention, focused_linear_attention
 from seg.layers.mlp import Mlp
 
 __all__ = ["AttnBackend", "BACKENDS", "set_backend", "triton_forward"]
@@ -46,12 +47,47 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@cache
+def _triton_probe(device: str) -> str | None:
+    """Run the kernels once on a small problem on ``device`` (compiling them) and compare forward and backward
+    with the reference; None when they agree, else the reason not to use them."""
+    if not triton_focused.triton_available():
+        return "Triton is missing or cannot run here"
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 37, 64, generator=gen).to(device) for _ in range(3))
+        scale = (torch.randn(1, 1, 64, generator=gen) * 0.5).to(device)
+        results = []
+        for run in (triton_focused.focused_linear_attention_triton, _reference_tokens):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, scale)]
+            out = run(*leaves, 2, 3.0)
+            out.square().sum().backward()
+            results.append([out.detach()] + [t.grad for t in leaves])
+        for got, want in zip(*results, strict=True):
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item()):
+                return "the Triton kernels disagree with the reference on this device"
+    except Exception as err:  # a kernel that fails to compile or launch: use the reference
+        return f"the Triton kernels failed: {type(err).__name__}: {err}"
+    return None
+
+
+def _reference_tokens(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, num_heads: int, p: float) -> Tensor:
+    """The reference maths on token-layout tensors (B, N, C), for the probe."""
+    B, C = q.shape[0], q.shape[2]
+    heads = lambda t: t.reshape(B, -1, num_heads, C // num_heads).transpose(1, 2)  # (B, h, N, d)
+    return focused_linear_attention(heads(q), heads(k), heads(v), scale, p).transpose(1, 2).reshape(B, -1, C)
+
+
 def triton_forward(attn: FocusedLinearAttention, x: Tensor, size: tuple[int, int]) -> Tensor | None:
-    """The module's forward with the fused Triton attention core (projections, DWC and output in torch)."""
+    """The module's forward with the fused Triton attention core (projections, DWC and output in torch).
+
+    The first call on a device probes the kernels against the reference; when Triton is missing, fails or
+    disagrees, the reference runs instead, with one warning."""
     if not (x.is_cuda or _triton_interpreted()) or torch.compiler.is_compiling():
         return None
-    if not triton_focused.triton_available():
-        _warn_once("attn_backend 'triton': Triton is missing or cannot run here; using the reference")
+    reason = _triton_probe(str(x.device))
+    if reason is not None:
+        _warn_once(f"attn_backend 'triton': {reason}; using the reference")
         return None
     q, k, v, kv_size = attn.project(x, size)
     out = triton_focused.focused_linear_attention_triton(q, k, v, attn.scale, attn.num_heads, attn.focusing_factor)
