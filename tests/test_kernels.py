@@ -1,0 +1,97 @@
+"""The attention backends compute what the reference computes, and fall back when they cannot run."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+
+import seg.kernels.onednn as onednn
+from seg.kernels import BACKENDS, set_backend
+from seg.kernels.onednn import OneDNNLinear
+from seg.layers import FocusedLinearAttention
+
+
+def _randomised(attn: FocusedLinearAttention) -> FocusedLinearAttention:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+    return attn
+
+
+def _forward_backward(module: torch.nn.Module, x: torch.Tensor, size: tuple[int, int]) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_()
+    out = module(x, size)
+    out.square().mean().backward()
+    return [out.detach(), x.grad] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize(("sr", "fused_qkv", "heads"), [(1, False, 1), (1, True, 3), (2, False, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_backend_equals_reference_forward_and_backward(sr: int, fused_qkv: bool, heads: int,
+                                                           dtype: torch.dtype) -> None:
+    ref = _randomised(FocusedLinearAttention(8 * heads, heads, grid_size=(8, 8), sr_ratio=sr, fused_qkv=fused_qkv))
+    ref = ref.to(dtype)
+    fast = set_backend(copy.deepcopy(ref), "cpu")
+    x = torch.randn(2, 6 * 10, 8 * heads, dtype=dtype)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for got, want in zip(_forward_backward(fast, x, (6, 10)), _forward_backward(ref, x, (6, 10)), strict=True):
+        torch.testing.assert_close(got, want, **tol)
+    with torch.no_grad():  # the folded inference path (sr 1) or the closed-form forward without autograd
+        torch.testing.assert_close(fast.eval()(x, (6, 10)), ref.eval()(x, (6, 10)), **tol)
+
+
+@pytest.mark.parametrize("name", ["test_flatten_pvt", "test_flatten_pvt_v2", "test_flatten_swin", "test_soft"])
+def test_every_backend_gives_the_reference_encoder_output(name: str) -> None:
+    torch.manual_seed(0)
+    ref = timm.create_model(name, features_only=True, attn_backend="reference").double().eval()
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        want = ref(x)
+        for backend in BACKENDS:
+            other = copy.deepcopy(ref)
+            set_backend(other, backend)
+            for got, expected in zip(other(x), want, strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_backend_switch_keeps_parameters_and_names() -> None:
+    model = timm.create_model("test_flatten_pvt", attn_backend="cpu")
+    names = dict(model.state_dict())
+    assert any(type(m) is OneDNNLinear for m in model.modules())
+    set_backend(model, "reference")
+    assert not any(type(m) is OneDNNLinear for m in model.modules())
+    assert all(m.fast_path is None for m in model.modules() if isinstance(m, FocusedLinearAttention))
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == {k: v.data_ptr() for k, v in names.items()}
+    with pytest.raises(ValueError, match="not one of auto, reference, cpu, triton"):
+        set_backend(model, "cuda")
+
+
+def test_onednn_disabled_falls_back_to_f_linear_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = OneDNNLinear(8, 4)
+    x = torch.randn(3, 8)
+    monkeypatch.setattr(onednn, "_warned", False)
+    with torch.backends.mkldnn.flags(enabled=False), pytest.warns(UserWarning, match="mkldnn.enabled is False"):
+        out = layer(x)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_onednn_missing_operator_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch build without the private operator (or one where it fails) probes as unavailable."""
+    onednn._probe.cache_clear()
+    monkeypatch.setattr(torch.ops, "mkldnn", object())  # no _linear_pointwise attribute
+    monkeypatch.setattr(onednn, "_warned", False)
+    try:
+        with pytest.warns(UserWarning, match="_linear_pointwise is missing"):
+            assert not onednn.onednn_linear_available()
+        layer = OneDNNLinear(8, 4)
+        x = torch.randn(2, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once already
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    finally:
+        onednn._probe.cache_clear()
