@@ -21,6 +21,7 @@ import base64
 import contextlib
 import io
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -193,9 +194,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         pretrained = from_checkpoint(cli_args, args.ckpt_path)
         pretrained.model.to(torch.device(args.device))
 
-    print(f"serving {pretrained.model.config['encoder']} on http://{args.host}:{args.port}")
+    config = pretrained.model.config
+    print(f"{config['encoder']} + {config['decoder']}: open http://{args.host}:{args.port}/ in a browser")
     uvicorn.run(create_app(pretrained), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
