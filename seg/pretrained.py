@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,8 +305,10 @@ def from_checkpoint(cli_args: Sequence[str], ckpt_path: str | os.PathLike[str]) 
     ckpt = Path(ckpt_path)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    cli = _BuildOnlyCLI(SegmentationTask, SegmentationDataModule, args=list(cli_args), run=False,
-                        parser_class=SegmentationArgumentParser, seed_everything_default=0)
+    with warnings.catch_warnings():  # the arguments are this program's own, passed on: nothing to warn about
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = _BuildOnlyCLI(SegmentationTask, SegmentationDataModule, args=list(cli_args), run=False,
+                            parser_class=SegmentationArgumentParser, seed_everything_default=0)
     task: SegmentationTask = cli.model
     try:
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
