@@ -207,6 +207,11 @@ class Segmentor(nn.Module):
             self.decode_head.to(memory_format=torch.channels_last)
             if self.aux_head is not None:
                 self.aux_head.to(memory_format=torch.channels_last)
+        self.config = dict(  # the architecture, for save_pretrained (weights come from the saved file)
+            encoder=encoder, decoder=decoder, num_classes=num_classes, decoder_channels=decoder_channels,
+            aux_head=aux_head, encoder_kwargs=dict(encoder_kwargs or {}), pad_multiple=pad_multiple,
+            channels_last=channels_last,
+        )
 
     @property
     def encoder_channels(self) -> list[int]:
@@ -283,6 +288,20 @@ class Segmentor(nn.Module):
         if weight_decay is not None:
             decayed["weight_decay"] = weight_decay
         return [decayed] if rule == "decay_all" else [decayed, {"params": no_decay, "weight_decay": 0.0}]
+
+    def save_pretrained(self, directory: str | Path, **metadata: Any) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory``; ``metadata``: ``class_names``,
+        ``palette``, ``mean``, ``std``, ``test_scale``, ``inference`` (see :func:`seg.pretrained.save_pretrained`)."""
+        from seg.pretrained import save_pretrained  # seg.pretrained imports this module
+
+        return save_pretrained(self, directory, **metadata)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Segmentor:
+        """The segmentor saved by :meth:`save_pretrained` in ``directory``, in eval mode."""
+        from seg.pretrained import load_pretrained  # seg.pretrained imports this module
+
+        return load_pretrained(directory, map_location).model
 
 
 def no_decay_names(model: nn.Module, rule: NoDecayRule) -> set[str]:

@@ -27,9 +27,17 @@ from torch import Tensor
 
 from seg.data.ade20k import make_palette, read_rgb
 
-__all__ = ["SegmentationWriter", "blend_labels", "draw_legend", "make_overlay", "output_paths"]
+__all__ = [
+    "SegmentationWriter",
+    "blend_labels",
+    "classes_by_area",
+    "draw_legend",
+    "label_image",
+    "make_overlay",
+    "output_paths",
+]
 
-_JPEG_QUALITY = 90
+JPEG_QUALITY = 90
 
 
 def blend_labels(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -137,9 +145,28 @@ def make_overlay(
     blended = blend_labels(image, labels, palette, alpha)
     if not legend:
         return blended
-    areas = np.bincount(labels.ravel(), minlength=len(class_names))
-    present = [int(c) for c in np.argsort(-areas, kind="stable") if areas[c] > 0]
+    present = classes_by_area(labels, len(class_names))
     return np.concatenate([blended, draw_legend(image.shape[1], present, class_names, palette)], axis=0)
+
+
+def classes_by_area(labels: np.ndarray, num_classes: int) -> list[int]:
+    """The classes present in an integer (H, W) label map, largest area first (ties: lower id first)."""
+    areas = np.bincount(labels.ravel(), minlength=num_classes)
+    return [int(c) for c in np.argsort(-areas, kind="stable") if areas[c] > 0]
+
+
+def label_image(labels: np.ndarray, id_offset: int = 1, name: str = "the prediction") -> Image.Image:
+    """A label map as a uint8 grey image (mode L), class k stored as k + ``id_offset``.
+
+    Args:
+        labels: integer (H, W) class indices.
+        id_offset: added to every index (1: ADE20K ids, 0 left for "unlabelled").
+        name: what the labels belong to, for the error raised when an id does not fit in 0..255.
+    """
+    ids = labels.astype(np.int64) + id_offset
+    if ids.min() < 0 or ids.max() > 255:
+        raise ValueError(f"labels of {name} span {ids.min()}..{ids.max()} after id_offset; a uint8 PNG holds 0..255")
+    return Image.fromarray(ids.astype(np.uint8), mode="L")
 
 
 def output_paths(output_dir: str | os.PathLike[str], relative_path: str) -> tuple[Path, Path]:
@@ -231,11 +258,7 @@ class SegmentationWriter(BasePredictionWriter):
         """Write the files of one image from its (H0, W0) class-index map; returns the paths written."""
         label_path, overlay_path = output_paths(self.output_dir, relative_path)
         label_path.parent.mkdir(parents=True, exist_ok=True)
-        ids = labels.astype(np.int64) + self.id_offset
-        if ids.min() < 0 or ids.max() > 255:
-            raise ValueError(f"labels of {relative_path} span {ids.min()}..{ids.max()} after id_offset; "
-                             "a uint8 PNG holds 0..255")
-        Image.fromarray(ids.astype(np.uint8), mode="L").save(label_path)
+        label_image(labels, self.id_offset, relative_path).save(label_path)
         if not self.overlay:
             return label_path, None
         source = (self._base or Path(".")) / relative_path
@@ -244,7 +267,7 @@ class SegmentationWriter(BasePredictionWriter):
             raise ValueError(f"image {source} is {image.shape[1]}x{image.shape[0]} (WxH) but its prediction is "
                              f"{labels.shape[1]}x{labels.shape[0]}; did the file change during prediction?")
         picture = make_overlay(image, labels, self._class_names, self._palette, self.alpha, self.legend)
-        Image.fromarray(picture).save(overlay_path, quality=_JPEG_QUALITY)
+        Image.fromarray(picture).save(overlay_path, quality=JPEG_QUALITY)
         return label_path, overlay_path
 
 

@@ -230,8 +230,10 @@ class PhotometricDistortion(A.ImageOnlyTransform):
         return ("brightness_delta", "contrast_range", "saturation_range", "hue_delta")
 
 
-def _normalize() -> A.Normalize:
-    return A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0)  # stats on the 0-255 scale
+def _normalize(
+    mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD
+) -> A.Normalize:
+    return A.Normalize(mean=mean, std=std, max_pixel_value=1.0)  # stats on the 0-255 scale
 
 
 def train_transform(
@@ -274,12 +276,17 @@ def train_transform(
     return pipeline
 
 
-def eval_transform(scale: tuple[int, int]) -> A.Compose:
+def eval_transform(
+    scale: tuple[int, int],
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> A.Compose:
     """Validation / test / prediction pipeline: keep-ratio rescale into ``scale`` (long, short), normalise.
 
-    Call it on the image only (metrics use the original-size label). Deterministic.
+    Call it on the image only (metrics use the original-size label). Deterministic. ``mean`` and ``std`` are
+    per RGB channel on the 0-255 pixel scale (ImageNet's by default, as in training).
     """
-    return A.Compose([RandomRescale(scale=scale, ratio_range=(1.0, 1.0)), _normalize()])
+    return A.Compose([RandomRescale(scale=scale, ratio_range=(1.0, 1.0)), _normalize(mean, std)])
 
 
 def seed_pipeline(pipeline: A.BaseCompose | A.BasicTransform, seed: int | None) -> None:
