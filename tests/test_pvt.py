@@ -38,12 +38,7 @@ def test_features_at_any_size(name: str, attn_type: str, size: tuple[int, int]) 
     assert [f.shape[1] for f in feats] == model.feature_info.channels()
     for f, stride in zip(feats, (4, 8, 16, 32), strict=True):
         assert f.dim() == 4 and torch.isfinite(f).all()
-        v1 = name == "test_flatten_pvt"  # non-overlapping patches floor, overlapping ones ceil
-        expect = [s // stride if v1 else -(-s // stride) for s in size]
-        if v1:  # v1 floors each stage in turn
-            expect = list(size)
-            for step in [4, 2, 2, 2][: (4, 8, 16, 32).index(stride) + 1]:
-                expect = [e // step for e in expect]
+        expect = [-(-s // stride) for s in size]  # ceil: v1 completes the last patch row / column with zeros
         assert list(f.shape[2:]) == expect
 
 
