@@ -71,7 +71,8 @@ class PatchMerging(nn.Module):
         """(B, N, C) of an H x W grid -> (B, N', 2C) of a ceil(H / 2) x ceil(W / 2) grid."""
         B, N, C = x.shape
         H, W = size
-        x = F.pad(x.reshape(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))  # (B, H2, W2, C), H2 and W2 even
+        # pad by 2 * ceil(n / 2) - n (= n % 2), a form symbolic shapes can see is even
+        x = F.pad(x.reshape(B, H, W, C), (0, 0, 0, (W + 1) // 2 * 2 - W, 0, (H + 1) // 2 * 2 - H))  # (B, H2, W2, C)
         # Swin's channel order: (even row, even col), (odd, even), (even, odd), (odd, odd)
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         size = (x.shape[1], x.shape[2])

@@ -9,12 +9,14 @@ from seg.layers.focused_linear import (
     linear_attention,
     resize_token_grid,
 )
+from seg.layers.plugin import FocusedLinearAttention2d
 from seg.layers.soft import NewtonInverse, SoftAttention, gaussian_kernel, newton_inverse, newton_pinv, soft_attention
 from seg.layers.softmax import SpatialReductionAttention
 from seg.layers.window import WindowAttention, resize_bias_table
 
 __all__ = [
     "FocusedLinearAttention",
+    "FocusedLinearAttention2d",
     "NewtonInverse",
     "SoftAttention",
     "SpatialReductionAttention",

@@ -109,7 +109,7 @@ def resize_token_grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
     side = math.isqrt(n)
     if side * side != n:
         raise ValueError(f"a token table of {n} entries is not a square grid")
-    if (side, side) == tuple(size):
+    if (side, side) == tuple(size) and not torch.compiler.is_compiling():  # tracing: no guard on the stored grid
         return tokens
     grid = tokens.reshape(1, side, side, c).permute(0, 3, 1, 2)  # (1, C, s, s)
     grid = F.interpolate(_at_least_fp32(grid), size=size, mode="bilinear", align_corners=False).to(tokens.dtype)

@@ -1,0 +1,171 @@
+"""Export a trained segmentor for whole-image inference outside this project: ONNX or a ``torch.export`` program.
+
+    python -m seg.export --config configs/demo.yaml --ckpt_path logs/demo/checkpoints/best.ckpt \\
+        --format onnx --out model.onnx
+
+The exported graph maps a normalised image (1, 3, H, W) to logits (1, K, H, W) with H and W dynamic. The
+model is built from the config files exactly as ``cli.py`` builds it (same parser, same links), the
+checkpoint is read with ``weights_only=True``, and every attention is switched to the ``reference`` backend
+(the ``cpu`` backend calls a private oneDNN operator that exporters cannot trace).
+
+Both formats start from one strict ``torch.export.export`` with dynamic height and width; ONNX is then
+written by the dynamo exporter (``onnxscript``, opset 18 or later); :func:`size_range` gives the sizes the
+program accepts. Swin stages with shifted-window softmax attention (``S`` in ``attn_type``, the default
+``LLSS``) build their window grid, padding and shift mask per size in Python: such models export at a fixed
+size only (``--static``, traced at ``--height`` x ``--width``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jsonargparse.typing import import_object
+from torch import Tensor, nn
+
+from seg.cli import SegmentationArgumentParser, SegmentationCLI
+from seg.data import SegmentationDataModule
+from seg.kernels import set_backend
+from seg.layers import WindowAttention
+from seg.models import Segmentor
+from seg.task import SegmentationTask
+
+__all__ = ["ExportFormat", "WholeImage", "export_onnx", "export_program", "load_segmentor", "main"]
+
+ExportFormat = Literal["onnx", "torch_export"]
+MIN_OPSET = 18
+
+
+class WholeImage(nn.Module):
+    """Whole-image inference of a segmentor: normalised image (B, 3, H, W) -> logits (B, K, H, W)."""
+
+    def __init__(self, model: Segmentor) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.model(image)["out"]
+
+
+def load_segmentor(configs: Sequence[str], ckpt_path: str | None = None, overrides: Sequence[str] = ()) -> Segmentor:
+    """The config's segmentor in eval mode on the ``reference`` attention backend, with the checkpoint's weights.
+
+    Args:
+        configs: config files, composed in order as ``cli.py --config a --config b`` does.
+        ckpt_path: a Lightning checkpoint of :class:`~seg.task.SegmentationTask` (read with ``weights_only=True``),
+            or a plain state dict of the segmentor; None keeps the initial weights.
+        overrides: extra command-line style arguments, e.g. ``["--data.num_classes", "5"]``.
+    """
+    args = [arg for path in configs for arg in ("--config", str(path))] + list(overrides)
+    cli = _ParseOnlyCLI(SegmentationTask, SegmentationDataModule, args=args, run=False,
+                        parser_class=SegmentationArgumentParser, seed_everything_default=0)
+    spec = cli.config.model.model  # class_path + init_args, num_classes already linked from the data module
+    init_args = spec.init_args.as_dict() if hasattr(spec.init_args, "as_dict") else dict(spec.init_args)
+    model = import_object(spec.class_path)(**init_args)
+    if ckpt_path is not None:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint)
+        prefix = "model."  # SegmentationTask holds the segmentor as ``model``
+        if any(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        model.load_state_dict(state)
+    set_backend(model, "reference")
+    return model.eval()
+
+
+class _ParseOnlyCLI(SegmentationCLI):
+    """The CLI's parser, links and config composition, without instantiating anything (no data, trainer, logs)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def _dynamic_hw() -> dict[str, dict[int, Any]]:
+    return {"image": {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
+
+
+def export_program(model: Segmentor, example: Tensor, dynamic: bool = True) -> torch.export.ExportedProgram:
+    """Strict ``torch.export`` of whole-image inference, traced at ``example``'s size.
+
+    Args:
+        model: the segmentor (switched to the ``reference`` attention backend here).
+        example: a (1, 3, H, W) image.
+        dynamic: dynamic H and W; False fixes the graph to ``example``'s size.
+
+    Raises:
+        ValueError: dynamic export of a model with shifted-window softmax attention, whose window grid,
+            padding and shift mask are built per size in Python (export it with ``dynamic=False``).
+        RuntimeError: when the trace fixed the height or width to the example's (a size-dependent branch).
+    """
+    set_backend(model, "reference")
+    if dynamic and any(isinstance(m, WindowAttention) for m in model.modules()):
+        raise ValueError("window attention (Swin 'S' stages) builds its window grid and shift mask per size: "
+                         "export it at a fixed size (dynamic=False, --static) or use attn_type without 'S'")
+    wrapper = WholeImage(model).eval()
+    with torch.no_grad():
+        program = torch.export.export(wrapper, (example,), dynamic_shapes=_dynamic_hw() if dynamic else None,
+                                      strict=True)
+    if not dynamic:
+        return program
+    image = next(node for node in program.graph.nodes if node.op == "placeholder" and node.name == "image")
+    fixed = [name for name, dim in zip("HW", image.meta["val"].shape[2:], strict=True) if isinstance(dim, int)]
+    if fixed:
+        raise RuntimeError(f"torch.export fixed {' and '.join(fixed)} to the example's size {tuple(example.shape)}")
+    return program
+
+
+def size_range(program: torch.export.ExportedProgram) -> dict[str, tuple[int, float]]:
+    """{'H': (min, max), 'W': (min, max)} of the image sizes the program accepts (max may be inf)."""
+    image = next(node for node in program.graph.nodes if node.op == "placeholder" and node.name == "image")
+    ranges = {}
+    for name, dim in zip("HW", image.meta["val"].shape[2:], strict=True):
+        if isinstance(dim, int):
+            ranges[name] = (dim, dim)
+            continue
+        bounds = program.range_constraints[dim.node.expr]
+        upper = bounds.upper
+        ranges[name] = (int(bounds.lower), float("inf") if not upper.is_finite else int(upper))
+    return ranges
+
+
+def export_onnx(program: torch.export.ExportedProgram, path: str | Path, opset: int = MIN_OPSET) -> Path:
+    """Write the program as ONNX with the dynamo exporter (inputs ``image``, outputs ``logits``)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} < {MIN_OPSET}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(program, (), str(path), dynamo=True, opset_version=opset, input_names=["image"],
+                      output_names=["logits"], external_data=False, verbose=False)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m seg.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action="append", required=True, help="config file (repeat to compose)")
+    parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint (weights_only); none: initial weights")
+    parser.add_argument("--format", choices=["onnx", "torch_export"], default="onnx")
+    parser.add_argument("--out", required=True, help="output file (.onnx, or .pt2 for torch_export)")
+    parser.add_argument("--height", type=int, default=512, help="example image height the graph is traced at")
+    parser.add_argument("--width", type=int, default=512, help="example image width the graph is traced at")
+    parser.add_argument("--opset", type=int, default=MIN_OPSET)
+    parser.add_argument("--static", action="store_true", help="fix H x W to --height x --width")
+    args, overrides = parser.parse_known_args(argv)
+    model = load_segmentor(args.config, args.ckpt_path, overrides)
+    program = export_program(model, torch.randn(1, 3, args.height, args.width), dynamic=not args.static)
+    sizes = ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in size_range(program).items())
+    if args.format == "onnx":
+        out = export_onnx(program, args.out, args.opset)
+    else:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, str(out))
+    print(f"wrote {out} ({args.format}; image (1, 3, H, W) -> logits (1, {model.num_classes}, H, W), {sizes})")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,96 @@
+"""seg.export: strict torch.export with dynamic H x W, and ONNX (onnxruntime) equal to eager at other sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import seg  # noqa: F401  (registers the encoders)
+from seg.export import WholeImage, export_onnx, export_program, load_segmentor
+from seg.kernels import set_backend
+from seg.layers import FocusedLinearAttention
+from seg.models import Segmentor
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def _segmentor(encoder: str, decoder: str, **encoder_kwargs) -> Segmentor:
+    torch.manual_seed(0)
+    model = Segmentor(encoder, decoder, num_classes=5, decoder_channels=16, aux_head=False,
+                      encoder_kwargs=encoder_kwargs or None)
+    return set_backend(model, "reference").eval()
+
+
+def _check_onnx(model: Segmentor, path, sizes) -> None:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    for h, w in sizes:
+        image = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            expected = model(image)["out"].numpy()
+        (got,) = session.run(None, {"image": image.numpy()})
+        assert got.shape == (1, 5, h, w)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def _check(encoder: str, decoder: str, trace: tuple[int, int], sizes, tmp_path, **encoder_kwargs) -> None:
+    model = _segmentor(encoder, decoder, **encoder_kwargs)
+    program = export_program(model, torch.randn(1, 3, *trace))
+    image = torch.randn(1, 3, *sizes[0])
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(image), model(image)["out"], atol=1e-5, rtol=0)
+    _check_onnx(model, export_onnx(program, tmp_path / "model.onnx"), sizes)
+
+
+def test_pvt_v2_semantic_fpn_dynamic_sizes(tmp_path):
+    """Traced at 64 x 96, run at 96 x 64 and a size that is no multiple of 32 (strict program and ONNX)."""
+    _check("test_flatten_pvt_v2", "semantic_fpn", (64, 96), [(96, 64), (75, 101)], tmp_path)
+
+
+@pytest.mark.slow
+def test_pvt_v1_semantic_fpn_dynamic_sizes(tmp_path):
+    _check("test_flatten_pvt", "semantic_fpn", (64, 96), [(96, 64), (75, 101)], tmp_path)
+
+
+@pytest.mark.slow
+def test_swin_linear_upernet_dynamic_sizes(tmp_path):
+    """Swin with focused linear attention in every stage: any size."""
+    _check("test_flatten_swin", "upernet", (64, 96), [(96, 64), (75, 101)], tmp_path, attn_type="LLLL")
+
+
+@pytest.mark.slow
+def test_swin_windows_upernet_static(tmp_path):
+    """Swin's default LLSS exports at a fixed size; a dynamic export is refused with the reason."""
+    model = _segmentor("test_flatten_swin", "upernet")
+    with pytest.raises(ValueError, match="window attention"):
+        export_program(model, torch.randn(1, 3, 64, 96))
+    program = export_program(model, torch.randn(1, 3, 64, 96), dynamic=False)
+    _check_onnx(model, export_onnx(program, tmp_path / "model.onnx"), [(64, 96)])
+
+
+@pytest.mark.slow
+def test_soft_upernet_dynamic_sizes(tmp_path):
+    _check("test_soft", "upernet", (64, 96), [(96, 64), (75, 101)], tmp_path)
+
+
+def test_cli_builds_from_config_and_checkpoint(tmp_path):
+    """load_segmentor parses the config like cli.py (no data or logs written) and loads a task checkpoint."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "model:\n  model:\n    class_path: seg.models.Segmentor\n    init_args:\n"
+        "      encoder: test_flatten_pvt_v2\n      decoder: semantic_fpn\n      decoder_channels: 16\n"
+        "      aux_head: false\n"
+        f"data:\n  root: {tmp_path / 'data'}\n  num_classes: 5\n"
+    )
+    reference = _segmentor("test_flatten_pvt_v2", "semantic_fpn")
+    state = {f"model.{k}": v for k, v in reference.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 0}, tmp_path / "best.ckpt")
+    model = load_segmentor([str(config)], str(tmp_path / "best.ckpt"))
+    assert model.num_classes == 5 and not model.training
+    assert all(m.fast_path is None for m in model.modules() if isinstance(m, FocusedLinearAttention))
+    image = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(WholeImage(model)(image), reference(image)["out"])
+    assert not (tmp_path / "data").exists()
