@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from jsonargparse.typing import import_object
 from torch import Tensor, nn
 
@@ -88,6 +89,28 @@ def _dynamic_hw() -> dict[str, dict[int, Any]]:
     return {"image": {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
 
 
+class BinAveragePool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` written with sums over an integral image, so that an exported graph computes
+    its bins from the input size at run time (the exporters' own decomposition fixes index tables at the
+    traced size: UperNet's 6 x 6 pyramid pooling then fails at other sizes). Bin i of an axis of n cells
+    covers [floor(i n / s), ceil((i + 1) n / s)), as PyTorch's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = self.output_size if isinstance(self.output_size, tuple) else (self.output_size,) * 2
+        for axis, bins in zip((2, 3), size, strict=True):
+            bins = x.shape[axis] if bins is None else bins
+            n = x.shape[axis]
+            i = torch.arange(bins, device=x.device)
+            start, end = (i * n) // bins, ((i + 1) * n + bins - 1) // bins  # (bins,) cell ranges
+            integral = F.pad(x.cumsum(axis), (0, 0, 1, 0) if axis == 2 else (1, 0))  # n + 1 along the axis
+            width = (end - start).to(x.dtype)
+            if axis == 2:
+                x = (integral[:, :, end] - integral[:, :, start]) / width[:, None]  # (B, C, bins, W)
+            else:
+                x = (integral[..., end] - integral[..., start]) / width  # (B, C, H', bins)
+        return x
+
+
 def export_program(model: Segmentor, example: Tensor, dynamic: bool = True) -> torch.export.ExportedProgram:
     """Strict ``torch.export`` of whole-image inference, traced at ``example``'s size.
 
@@ -102,6 +125,9 @@ def export_program(model: Segmentor, example: Tensor, dynamic: bool = True) -> t
         RuntimeError: when the trace fixed the height or width to the example's (a size-dependent branch).
     """
     set_backend(model, "reference")
+    for module in model.modules():  # same computation, bins computed from the traced size at run time
+        if type(module) is nn.AdaptiveAvgPool2d:
+            module.__class__ = BinAveragePool2d
     if dynamic and any(isinstance(m, WindowAttention) for m in model.modules()):
         raise ValueError("window attention (Swin 'S' stages) builds its window grid and shift mask per size: "
                          "export it at a fixed size (dynamic=False, --static) or use attn_type without 'S'")

@@ -54,10 +54,15 @@ def test_pvt_v1_semantic_fpn_dynamic_sizes(tmp_path):
     _check("test_flatten_pvt", "semantic_fpn", (64, 96), [(96, 64), (75, 101)], tmp_path)
 
 
+# UperNet's pyramid pooling averages the stride-32 map into 6 x 6 cells; the exported adaptive pooling needs
+# at least that many tokens (inputs of 192 pixels or more a side, as every real segmentation input is)
+UPERNET_TRACE, UPERNET_SIZES = (192, 256), [(256, 192), (203, 229)]
+
+
 @pytest.mark.slow
 def test_swin_linear_upernet_dynamic_sizes(tmp_path):
     """Swin with focused linear attention in every stage: any size."""
-    _check("test_flatten_swin", "upernet", (64, 96), [(96, 64), (75, 101)], tmp_path, attn_type="LLLL")
+    _check("test_flatten_swin", "upernet", UPERNET_TRACE, UPERNET_SIZES, tmp_path, attn_type="LLLL")
 
 
 @pytest.mark.slow
@@ -72,7 +77,7 @@ def test_swin_windows_upernet_static(tmp_path):
 
 @pytest.mark.slow
 def test_soft_upernet_dynamic_sizes(tmp_path):
-    _check("test_soft", "upernet", (64, 96), [(96, 64), (75, 101)], tmp_path)
+    _check("test_soft", "upernet", UPERNET_TRACE, UPERNET_SIZES, tmp_path)
 
 
 def test_cli_builds_from_config_and_checkpoint(tmp_path):
@@ -94,3 +99,16 @@ def test_cli_builds_from_config_and_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(WholeImage(model)(image), reference(image)["out"])
     assert not (tmp_path / "data").exists()
+
+
+def test_bin_average_pool_equals_adaptive_average_pool() -> None:
+    """The export-friendly pyramid pooling computes PyTorch's adaptive average pooling, shrinking or growing."""
+    from seg.export import BinAveragePool2d
+
+    for bins in (1, 2, 3, 6, (2, 5)):
+        reference = torch.nn.AdaptiveAvgPool2d(bins)
+        pool = torch.nn.AdaptiveAvgPool2d(bins)
+        pool.__class__ = BinAveragePool2d
+        for size in ((2, 3), (6, 8), (7, 5), (16, 11)):
+            x = torch.randn(2, 4, *size, dtype=torch.float64)
+            torch.testing.assert_close(pool(x), reference(x), rtol=1e-12, atol=1e-12)
