@@ -59,7 +59,7 @@ def test_config_json_content(saved: tuple[Segmentor, Path]) -> None:
     assert config["format"] == "flatten-seg" and config["version"] == 1
     assert config["model"] == {
         "encoder": "test_flatten_pvt_v2", "decoder": "semantic_fpn", "num_classes": 4, "decoder_channels": 16,
-        "aux_head": True, "encoder_kwargs": {"attn_type": "LLSS"}, "pad_multiple": 32, "channels_last": True,
+        "aux_head": True, "encoder_kwargs": {"attn_type": "LLSS"}, "pad_multiple": None, "channels_last": True,
     }  # fmt: skip
     assert config["class_names"] == NAMES
     assert config["palette"] == make_palette(4).tolist()
