@@ -201,6 +201,33 @@ def check_module_backend(sr: int) -> None:
         assert _rel_err(a.grad, b.grad) < 1e-4, (name, _rel_err(a.grad, b.grad))
 
 
+def check_probe_inside_inference_mode() -> None:
+    """The first triton call of a process may come from evaluation (inference mode, bf16 autocast): the probe
+    still runs the kernels' backward, and the module uses the kernels, not the reference, without a warning."""
+    import copy
+    import warnings
+
+    import seg.kernels
+    from seg.kernels import set_backend
+    from seg.layers import FocusedLinearAttention
+
+    _kernels()
+    seg.kernels._triton_probe.cache_clear()
+    torch.manual_seed(0)
+    attn = FocusedLinearAttention(32, 2, grid_size=(8, 8))
+    reference = set_backend(copy.deepcopy(attn), "reference")
+    fast = set_backend(attn, "triton")
+    x = torch.randn(1, 6 * 10, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fast(x, (6, 10))
+        assert seg.kernels._triton_probe("cpu") is None, seg.kernels._triton_probe("cpu")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference(x, (6, 10))
+    assert _rel_err(out.float(), want.float()) < 2e-2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tests
 
@@ -235,6 +262,10 @@ def test_half_precision_large_activations(worker: _Worker, dtype_name: str) -> N
 @pytest.mark.parametrize("sr", [1, 2])
 def test_module_triton_backend_equals_reference(worker: _Worker, sr: int) -> None:
     worker("check_module_backend", sr)
+
+
+def test_probe_from_inference_mode_uses_the_kernels(worker: _Worker) -> None:
+    worker("check_probe_inside_inference_mode")
 
 
 def test_backend_falls_back_to_reference_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
