@@ -92,7 +92,7 @@ def head_blocks(channels: int, num_heads: int, device: torch.device, dtype: torc
 def _matmul(a: Tensor, b: Tensor, add: Tensor | None = None) -> Tensor:
     """a @ b (+ add, one row broadcast over the rows) for (B, N, K) @ (B, K, M) -> (B, N, M).
 
-    One image runs as a linear layer (oneDNN on CPU, see :mod:`seg.layers.linear`) with b, a small K x M
+    One image runs as a linear layer (oneDNN on CPU, see :mod:`seg.kernels.onednn`) with b, a small K x M
     summary, copied to a dense weight (oneDNN's fast kernels want one); add is (B, 1, M).
     """
     if a.shape[0] == 1:
