@@ -4,12 +4,12 @@
     python benchmarks/before_after.py --base HEAD~3 --rounds 5
 
 Each measurement runs in its own process that imports ``seg`` from one source tree (the base revision is
-checked out into a temporary git worktree), so both trees meet the same machine state; the rounds alternate
-base / current, and the table reports the median over rounds of each process's median. Every case runs under
-glibc's default allocator and under the tuned setting of the other benchmarks (no heap trimming, no mmap),
-so both columns come from the same run. Cases: focused linear attention (ours: the default backend) and the
-published formulation, forward + backward at 128^2 tokens, C = d = 64, float32; FLatten-PVT-T and softmax
-PVT-T (SDPA) encoders, forward at 512^2.
+checked out into a temporary git worktree), so both trees meet the same machine state; each round measures
+both trees back to back, the first of the pair alternating between rounds, and the table reports the median
+over rounds of each process's median. Every case runs under glibc's default allocator and under the tuned
+setting of the other benchmarks (no heap trimming, no mmap), so both columns come from the same run.
+Cases: focused linear attention (ours: the default backend) and the published formulation, forward + backward
+at 128^2 tokens, C = d = 64, float32; FLatten-PVT-T and softmax PVT-T (SDPA) encoders, forward at 512^2.
 """
 
 from __future__ import annotations
@@ -103,10 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             trees = {"before": base_tree, "after": REPO}
             samples: dict[tuple[str, str, str], list[float]] = {}
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
+                order = list(trees.items())[:: 1 if round_ % 2 == 0 else -1]  # who goes first alternates too
                 for case in CASES:
                     for allocator in ALLOCATORS:
-                        for label, tree in trees.items():
+                        for label, tree in order:
                             seconds = _measure(tree, case, allocator, args.repeats)
                             samples.setdefault((case, allocator, label), []).append(seconds)
         finally:
