@@ -85,6 +85,12 @@ class _ParseOnlyCLI(SegmentationCLI):
         pass
 
 
+def export_supported() -> bool:
+    """Whether this torch's ``torch.export`` can trace the models: automatic dynamic sizes
+    (``torch.export.Dim.AUTO``) and autocast regions inside the graph. torch 2.4 has neither."""
+    return hasattr(torch.export.Dim, "AUTO")
+
+
 def _dynamic_hw() -> dict[str, dict[int, Any]]:
     return {"image": {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
 
@@ -122,8 +128,12 @@ def export_program(model: Segmentor, example: Tensor, dynamic: bool = True) -> t
     Raises:
         ValueError: dynamic export of a model with shifted-window softmax attention, whose window grid,
             padding and shift mask are built per size in Python (export it with ``dynamic=False``).
-        RuntimeError: when the trace fixed the height or width to the example's (a size-dependent branch).
+        RuntimeError: a torch whose exporter cannot trace the models (torch 2.4), or a trace that fixed the
+            height or width to the example's (a size-dependent branch).
     """
+    if not export_supported():
+        raise RuntimeError(f"torch {torch.__version__} cannot export these models (its torch.export lacks "
+                           "Dim.AUTO and fails on autocast regions): upgrade torch to export")
     set_backend(model, "reference")
     for module in model.modules():  # same computation, bins computed from the traced size at run time
         if type(module) is nn.AdaptiveAvgPool2d:

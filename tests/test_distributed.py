@@ -85,7 +85,7 @@ def test_ddp_fit_and_uneven_validation_match_one_process(demo_root: Path, tmp_pa
     assert "2 devices x 1 nodes x 2 per-device batch x 1 accumulation = 4" in output
     logs = tmp_path / "ddp" / "logs"
     (last,) = logs.rglob("last.ckpt")
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
     keys = ("val/mIoU", "val/mAcc", "val/aAcc")
     (metrics,) = logs.rglob("metrics.csv")
     two_processes = last_logged(metrics, keys)

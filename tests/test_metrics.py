@@ -199,7 +199,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
                 process.kill()
             pytest.fail("DDP workers did not finish within 60 s")
     for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(result["confusion_matrix"], expected["confusion_matrix"])
         for key in ("mIoU", "mAcc", "aAcc"):
             assert float(result[key]) == float(expected[key])

@@ -100,7 +100,7 @@ def test_crash_then_resume_last_matches_uninterrupted(demo_root: Path, tmp_path:
     straight, straight_task = fit(demo_root, 6, [checkpoints(tmp_path / "a"), SeedEachEpoch()])
     with pytest.raises(RuntimeError, match="simulated preemption"):
         fit(demo_root, 6, [checkpoints(tmp_path / "b"), SeedEachEpoch(), CrashAt(3)])
-    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert not list((tmp_path / "b").glob("*.tmp"))  # atomic writes leave no partial files
     resumed, resumed_task = fit(demo_root, 6, [checkpoints(tmp_path / "b"), SeedEachEpoch()], ckpt_path="last")
     assert resumed.global_step == straight.global_step == 6
@@ -163,7 +163,7 @@ def test_atomic_save_failure_keeps_previous_checkpoint(tmp_path: Path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         io_plugin.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.setattr(torch, "save", real_save)
-    kept = torch.load(path, weights_only=False)
+    kept = torch.load(path, weights_only=True)
     assert kept["step"] == 1 and torch.equal(kept["w"], torch.ones(1000))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the partial .tmp was removed
 
@@ -172,7 +172,7 @@ def test_atomic_save_failure_keeps_previous_checkpoint(tmp_path: Path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         dies_half_way({"step": 2, "w": torch.zeros(1000)}, naive)
     with pytest.raises(RuntimeError):
-        torch.load(naive, weights_only=False)
+        torch.load(naive, weights_only=True)
 
 
 KILL_WHILE_SAVING = """
@@ -204,7 +204,7 @@ def test_sigkill_while_saving_leaves_previous_checkpoint(tmp_path: Path) -> None
     finally:
         process.kill()
         process.wait()
-    kept = torch.load(path, weights_only=False)
+    kept = torch.load(path, weights_only=True)
     assert kept["step"] == 1 and torch.equal(kept["w"], torch.ones(10000))
 
 

@@ -194,19 +194,19 @@ def test_effective_batch_resume_keeps_or_rescales_checkpoint_rates(demo_root: Pa
     trainer.fit(make_task(), datamodule=make_data(demo_root))
     checkpoint = tmp_path / "step1.ckpt"
     trainer.save_checkpoint(checkpoint)
-    saved = torch.load(checkpoint, weights_only=False)
+    saved = torch.load(checkpoint, weights_only=True)  # resumable as every run loads: tensors only
     assert saved["lr_schedulers"][0]["base_lrs"] == pytest.approx([LR / 8] * 2)  # batch 2 of 16
     assert saved["effective_batch"] == {"lr_batch": 2, "effective_batch": 2}
 
     same = EffectiveBatch(expected=16)
     resumed = make_trainer(max_steps=2, callbacks=[same])
-    resumed.fit(make_task(), datamodule=make_data(demo_root), ckpt_path=checkpoint)
+    resumed.fit(make_task(), datamodule=make_data(demo_root), ckpt_path=checkpoint, weights_only=True)
     assert same.lr_changes == []  # the checkpoint's rates already match batch 2: not divided by 8 again
     assert resumed.lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([LR / 8] * 2)
 
     doubled = EffectiveBatch(expected=16)
     resumed = make_trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[doubled])
-    resumed.fit(make_task(), datamodule=make_data(demo_root), ckpt_path=checkpoint)
+    resumed.fit(make_task(), datamodule=make_data(demo_root), ckpt_path=checkpoint, weights_only=True)
     assert doubled.effective_batch == 4
     assert resumed.lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([LR / 4] * 2)  # from 2 to 4
 
