@@ -51,7 +51,7 @@ def _triton_interpreted() -> bool:
 def _triton_probe(device: str) -> str | None:
     """Run the kernels once on a small problem on ``device`` (compiling them) and compare forward and backward
     with the reference; None when they agree, else the reason not to use them. The first call may come from
-    inside ``no_grad``, ``inference_mode`` or autocast: the probe runs outside all three, in float32."""
+    inside ``no_grad``, ``inference_mode`` or autocast: the probe runs outside all three."""
     if not triton_focused.triton_available():
         return "Triton is missing or cannot run here"
     device_type = torch.device(device).type
@@ -63,17 +63,20 @@ def _triton_probe(device: str) -> str | None:
 
 
 def _compare_with_reference(device: str) -> str | None:
-    """Forward and backward of the kernels and of the reference on one small problem; None when they agree."""
+    """Forward and backward of the kernels (float32) and of the reference (float64, so that TF32 matmul
+    settings cannot make the comparison fail) on one small problem; None when they agree."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 37, 64, generator=gen).to(device) for _ in range(3))
     scale = (torch.randn(1, 1, 64, generator=gen) * 0.5).to(device)
     results = []
-    for run in (triton_focused.focused_linear_attention_triton, _reference_tokens):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, scale)]
+    for run, dtype in ((triton_focused.focused_linear_attention_triton, torch.float32),
+                       (_reference_tokens, torch.float64)):
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v, scale)]
         out = run(*leaves, 2, 3.0)
         out.square().sum().backward()
         results.append([out.detach()] + [t.grad for t in leaves])
     for got, want in zip(*results, strict=True):
+        want = want.to(got.dtype)
         if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item()):
             return "the Triton kernels disagree with the reference on this device"
     return None
