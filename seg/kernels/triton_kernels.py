@@ -61,6 +61,13 @@ def _jit(fn):
 
 
 @_jit
+def _image_and_head(H):
+    # axis 0 of every attention grid runs over (image, head) pairs: (pair index, image b, head)
+    bh = tl.program_id(0)
+    return bh, bh // H, bh % H
+
+
+@_jit
 def _power(u, P: tl.constexpr, P_INT: tl.constexpr):
     # u^(p-1) and u^p for u in [0, 1]: repeated products for a small integer p (P_INT > 0), exp2 / log2 otherwise
     if P_INT > 0:
@@ -165,10 +172,8 @@ def summary_kernel(
     BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # partial KV = sum_j phi(k_j) v_j^T / n and k_mean = sum_j phi(k_j) / n over one split of the keys
-    bh = tl.program_id(0)
+    bh, b, head = _image_and_head(H)
     split = tl.program_id(1)
-    b = bh // H
-    head = bh % H
     acc_kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     acc_km = tl.zeros((D_PAD,), dtype=tl.float32)
     first = split * blocks_per_split
@@ -202,9 +207,7 @@ def apply_kernel(
     BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # out = (g_q . KV) / (g_q . k_mean + eps / s_q) for one block of queries of one (image, head)
-    bh = tl.program_id(0)
-    b = bh // H
-    head = bh % H
+    bh, b, head = _image_and_head(H)
     t0 = tl.program_id(1) * BLOCK
     _, _, _, _, g, _, rows = _kernel_tile(q_ptr, r_ptr, inv_ny_ptr, b, head, t0, N, C, d, BLOCK, D_PAD, P, P_INT)
     s_q = tl.load(s_ptr + b * N + rows, mask=rows < N, other=1.0)
@@ -233,10 +236,8 @@ def query_grad_summary_kernel(
 ):
     # partial dL/dKV = sum_i g_qi^T dL/dnum_i and dL/dk_mean = sum_i dL/dden_i g_qi over one split of the queries;
     # per (token, head): dL/dg_q . g_q and dL/ds_q = -dL/dden eps / s_q^2, summed over heads by the caller
-    bh = tl.program_id(0)
+    bh, b, head = _image_and_head(H)
     split = tl.program_id(1)
-    b = bh // H
-    head = bh % H
     kv = _load_square(kv_ptr, bh, D_PAD)
     km = tl.load(km_ptr + bh * D_PAD + tl.arange(0, D_PAD))
     acc_kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
@@ -268,9 +269,7 @@ def key_grad_kernel(
     BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # dL/dv = phi(k) / n . dL/dKV, and per (token, head) dL/dphi . g_k with dL/dphi = v dL/dKV^T + dL/dk_mean
-    bh = tl.program_id(0)
-    b = bh // H
-    head = bh % H
+    bh, b, head = _image_and_head(H)
     t0 = tl.program_id(1) * BLOCK
     _, _, _, _, g, _, rows = _kernel_tile(k_ptr, r_ptr, inv_ny_ptr, b, head, t0, n, C, d, BLOCK, D_PAD, P, P_INT)
     row_ok = rows < n
@@ -294,10 +293,8 @@ def input_grad_kernel(
     # dL/dx through the power and the norms for one token block of one head, and the block's dL/d(1 / T).
     # queries: kv / km hold KV / k_mean, other = dL/dout, dot = dL/dg . g (all heads), grad_s = dL/ds;
     # keys: kv / km hold dL/dKV / dL/dk_mean, other = v, dot = dL/dphi . g (all heads), dL/ds from it.
-    bh = tl.program_id(0)
+    bh, b, head = _image_and_head(H)
     blk = tl.program_id(1)
-    b = bh // H
-    head = bh % H
     t0 = blk * BLOCK
     x, relu, u, u_pm1, g, mask, rows = _kernel_tile(
         x_ptr, r_ptr, inv_ny_ptr, b, head, t0, T, C, d, BLOCK, D_PAD, P, P_INT
