@@ -131,6 +131,17 @@ def _load_square(ptr, bh, D_PAD: tl.constexpr):
 
 
 @_jit
+def _kernel_input_chunk(x_ptr, r_ptr, base, row_ok, c0, C, BLOCK_C: tl.constexpr):
+    # y = (ReLU(x) + eps) / T on channels [c0, c0 + BLOCK_C) of a block of rows (0 outside), and its mask
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
+    return tl.where(mask, (tl.maximum(x, 0.0) + _KERNEL_EPS) * r[None, :], 0.0), mask
+
+
+@_jit
 def row_stats_kernel(
     x_ptr, r_ptr, inv_ny_ptr, s_ptr, R, C,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
@@ -141,23 +152,13 @@ def row_stats_kernel(
     base = rows.to(tl.int64)[:, None] * C
     sum_y2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
-        y = tl.where(mask, (tl.maximum(x, 0.0) + _KERNEL_EPS) * r[None, :], 0.0)
+        y, _ = _kernel_input_chunk(x_ptr, r_ptr, base, row_ok, c0, C, BLOCK_C)
         sum_y2 += tl.sum(y * y, axis=1)
     inv_ny = tl.where(row_ok, 1.0 / tl.sqrt_rn(tl.where(row_ok, sum_y2, 1.0)), 0.0)
     sum_g2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
-        u = tl.where(mask, (tl.maximum(x, 0.0) + _KERNEL_EPS) * r[None, :] * inv_ny[:, None], 0.0)
-        _, g = _power(u, P, P_INT)
+        y, mask = _kernel_input_chunk(x_ptr, r_ptr, base, row_ok, c0, C, BLOCK_C)
+        _, g = _power(y * inv_ny[:, None], P, P_INT)
         g = tl.where(mask, g, 0.0)
         sum_g2 += tl.sum(g * g, axis=1)
     s = 1.0 / (tl.where(row_ok, inv_ny, 1.0) * tl.sqrt_rn(tl.where(row_ok, sum_g2, 1.0)))  # |y| / |g|
