@@ -167,6 +167,14 @@ def row_stats_kernel(
 
 
 @_jit
+def _store_partials(square_ptr, vector_ptr, out, acc_square, acc_vector, D_PAD: tl.constexpr):
+    # one split's partial sums: a (D_PAD, D_PAD) matrix and a (D_PAD,) vector at slot `out` of (B * h, splits)
+    i = tl.arange(0, D_PAD)
+    tl.store(square_ptr + out * D_PAD * D_PAD + i[:, None] * D_PAD + i[None, :], acc_square)
+    tl.store(vector_ptr + out * D_PAD + i, acc_vector)
+
+
+@_jit
 def summary_kernel(
     k_ptr, v_ptr, r_ptr, inv_ny_ptr, s_ptr, kv_ptr, km_ptr,
     n, C, d, H, blocks_per_split, inv_n,
@@ -187,10 +195,7 @@ def summary_kernel(
         v = _load_tile(v_ptr, b, head, t0, n, C, d, BLOCK, D_PAD)
         acc_kv = tl.dot(tl.trans(phi), v, acc_kv, input_precision=DOT_PRECISION)
         acc_km += tl.sum(phi, axis=0)
-    out = bh * tl.num_programs(1) + split
-    i = tl.arange(0, D_PAD)
-    tl.store(kv_ptr + out * D_PAD * D_PAD + i[:, None] * D_PAD + i[None, :], acc_kv)
-    tl.store(km_ptr + out * D_PAD + i, acc_km)
+    _store_partials(kv_ptr, km_ptr, bh * tl.num_programs(1) + split, acc_kv, acc_km, D_PAD)
 
 
 @_jit
@@ -257,10 +262,7 @@ def query_grad_summary_kernel(
         per_head = (b * N + rows) * H + head  # (B, N, h) layout
         tl.store(dot_ptr + per_head, tl.sum(grad_g * g, axis=1), mask=row_ok)
         tl.store(grad_s_ptr + per_head, -grad_den * _DENOM_EPS / (s_q * s_q), mask=row_ok)
-    out = bh * tl.num_programs(1) + split
-    i = tl.arange(0, D_PAD)
-    tl.store(grad_kv_ptr + out * D_PAD * D_PAD + i[:, None] * D_PAD + i[None, :], acc_kv)
-    tl.store(grad_km_ptr + out * D_PAD + i, acc_km)
+    _store_partials(grad_kv_ptr, grad_km_ptr, bh * tl.num_programs(1) + split, acc_kv, acc_km, D_PAD)
 
 
 @_jit
