@@ -117,6 +117,16 @@ class BinAveragePool2d(nn.AdaptiveAvgPool2d):
         return x
 
 
+def replace_adaptive_pooling(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.AdaptiveAvgPool2d`` of ``model`` by a :class:`BinAveragePool2d` of the same output
+    size (same computation, bins computed from the traced size at run time). Returns ``model``."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.AdaptiveAvgPool2d:
+                setattr(parent, name, BinAveragePool2d(child.output_size))
+    return model
+
+
 def export_program(model: Segmentor, example: Tensor, dynamic: bool = True) -> torch.export.ExportedProgram:
     """Strict ``torch.export`` of whole-image inference, traced at ``example``'s size.
 
@@ -135,9 +145,7 @@ def export_program(model: Segmentor, example: Tensor, dynamic: bool = True) -> t
         raise RuntimeError(f"torch {torch.__version__} cannot export these models (its torch.export lacks "
                            "Dim.AUTO and fails on autocast regions): upgrade torch to export")
     set_backend(model, "reference")
-    for module in model.modules():  # same computation, bins computed from the traced size at run time
-        if type(module) is nn.AdaptiveAvgPool2d:
-            module.__class__ = BinAveragePool2d
+    replace_adaptive_pooling(model)
     if dynamic and any(isinstance(m, WindowAttention) for m in model.modules()):
         raise ValueError("window attention (Swin 'S' stages) builds its window grid and shift mask per size: "
                          "export it at a fixed size (dynamic=False, --static) or use attn_type without 'S'")

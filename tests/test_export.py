@@ -101,7 +101,7 @@ def test_cli_builds_from_config_and_checkpoint(tmp_path):
     torch.save({"state_dict": state, "epoch": 0}, tmp_path / "best.ckpt")
     model = load_segmentor([str(config)], str(tmp_path / "best.ckpt"))
     assert model.num_classes == 5 and not model.training
-    assert all(m.fast_path is None for m in model.modules() if isinstance(m, FocusedLinearAttention))
+    assert all(m.attn_backend == "reference" for m in model.modules() if isinstance(m, FocusedLinearAttention))
     image = torch.randn(1, 3, 40, 56)
     with torch.no_grad():
         torch.testing.assert_close(WholeImage(model)(image), reference(image)["out"])

@@ -11,7 +11,8 @@ import torch
 
 import seg.kernels.onednn as onednn
 from seg.kernels import BACKENDS, set_backend
-from seg.kernels.onednn import OneDNNLinear
+from seg.kernels.focused_linear import select_mode
+from seg.kernels.onednn import Linear
 from seg.layers import FocusedLinearAttention
 
 
@@ -61,18 +62,58 @@ def test_every_backend_gives_the_reference_encoder_output(name: str) -> None:
 
 def test_backend_switch_keeps_parameters_and_names() -> None:
     model = timm.create_model("test_flatten_pvt", attn_backend="cpu")
-    names = dict(model.state_dict())
-    assert any(type(m) is OneDNNLinear for m in model.modules())
+    names = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    layers = [m for m in model.modules() if isinstance(m, FocusedLinearAttention)]
+    assert layers and all(m.attn_backend == "cpu" for m in layers)
     set_backend(model, "reference")
-    assert not any(type(m) is OneDNNLinear for m in model.modules())
-    assert all(m.fast_path is None for m in model.modules() if isinstance(m, FocusedLinearAttention))
-    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == {k: v.data_ptr() for k, v in names.items()}
+    assert model.attn_backend == "reference" and all(m.attn_backend == "reference" for m in layers)
+    assert all(type(m) in (Linear, torch.nn.Linear) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == names
     with pytest.raises(ValueError, match="not one of auto, reference, cpu, triton"):
         set_backend(model, "cuda")
+    with pytest.raises(ValueError, match="not one of auto, reference, cpu, triton"):
+        FocusedLinearAttention(8, 2, attn_backend="gpu")
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "grad", "global_keys", "mode"),
+    [
+        ("auto", torch.float32, True, True, "cpu"),
+        ("auto", torch.float32, False, True, "cpu_inference"),
+        ("auto", torch.float32, False, False, "cpu"),
+        ("cpu", torch.float64, False, True, "cpu_inference"),
+        ("auto", torch.bfloat16, True, True, "reference"),
+        ("reference", torch.float32, False, True, "reference"),
+        ("triton", torch.float32, True, True, "reference"),  # CPU tensors, no interpreter: the reference
+    ],
+)
+def test_select_mode_is_the_one_decision(backend: str, dtype: torch.dtype, grad: bool, global_keys: bool,
+                                         mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(1, 4, 8, dtype=dtype)
+    with torch.set_grad_enabled(grad):
+        assert select_mode(backend, x, global_keys) == mode
+
+
+def test_layer_forward_runs_the_selected_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer's forward runs what select_mode answers: the folded CPU inference without autograd."""
+    import seg.layers.focused_linear as layer_module
+
+    calls = []
+    real = layer_module.fused_inference
+    monkeypatch.setattr(layer_module, "fused_inference", lambda *a: calls.append(1) or real(*a))
+    attn = _randomised(FocusedLinearAttention(16, 2, grid_size=(4, 4))).eval()
+    x = torch.randn(1, 16, 16)
+    with torch.no_grad():
+        fast = attn(x, (4, 4))
+        attn.attn_backend = "reference"
+        ref = attn(x, (4, 4))
+    assert calls == [1]
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_onednn_disabled_falls_back_to_f_linear_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    layer = OneDNNLinear(8, 4)
+    layer = Linear(8, 4)
     x = torch.randn(3, 8)
     monkeypatch.setattr(onednn, "_warned", False)
     with torch.backends.mkldnn.flags(enabled=False), pytest.warns(UserWarning, match="mkldnn.enabled is False"):
@@ -88,7 +129,7 @@ def test_onednn_missing_operator_falls_back(monkeypatch: pytest.MonkeyPatch) -> 
     try:
         with pytest.warns(UserWarning, match="_linear_pointwise is missing"):
             assert not onednn.onednn_linear_available()
-        layer = OneDNNLinear(8, 4)
+        layer = Linear(8, 4)
         x = torch.randn(2, 8)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once already

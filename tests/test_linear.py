@@ -6,9 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seg.kernels import set_backend
-from seg.kernels.onednn import OneDNNLinear as Linear
-from seg.kernels.onednn import linear, linear_gelu, onednn_linear_available, set_onednn_linear
+from seg.kernels.onednn import Linear, linear, linear_gelu, onednn_linear_available, set_onednn_linear
 from seg.layers.mlp import Mlp
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
@@ -62,7 +60,7 @@ def test_gradients_autocast_and_switch_follow_f_linear() -> None:
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_mlp_inference_equals_training_path(approximate: str) -> None:
-    mlp = set_backend(Mlp(16, 48, act_layer=lambda: torch.nn.GELU(approximate=approximate)).eval(), "cpu")
+    mlp = Mlp(16, 48, act_layer=lambda: torch.nn.GELU(approximate=approximate)).eval()
     x = torch.randn(2, 30, 16)
     with torch.no_grad():
         fast = mlp(x)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.kernels.cpu_attention import focused_linear_attention_tokens
-from seg.layers.focused_linear import focused_linear_attention
+from seg.kernels.focused_linear.cpu import focused_linear_attention as focused_linear_attention_tokens
+from seg.kernels.focused_linear.reference import focused_linear_attention
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -77,7 +77,7 @@ def worker():
 
 def _kernels():
     """The kernel module; only ever imported inside the interpreter process."""
-    from seg.kernels import triton_focused
+    from seg.kernels.focused_linear import triton_ops as triton_focused
 
     assert triton_focused._INTERPRETED and triton_focused.triton_available(), "kernels not defined for the interpreter"
     return triton_focused
@@ -179,7 +179,8 @@ def check_module_backend(sr: int) -> None:
     parameter gradient, with and without spatial reduction."""
     import copy
 
-    from seg.kernels import _triton_probe, set_backend
+    from seg.kernels import set_backend
+    from seg.kernels.focused_linear.triton import _probe as _triton_probe
     from seg.layers import FocusedLinearAttention
 
     _kernels()
@@ -207,12 +208,12 @@ def check_probe_inside_inference_mode() -> None:
     import copy
     import warnings
 
-    import seg.kernels
+    import seg.kernels.focused_linear.triton as triton_safe
     from seg.kernels import set_backend
     from seg.layers import FocusedLinearAttention
 
     _kernels()
-    seg.kernels._triton_probe.cache_clear()
+    triton_safe._probe.cache_clear()
     torch.manual_seed(0)
     attn = FocusedLinearAttention(32, 2, grid_size=(8, 8))
     reference = set_backend(copy.deepcopy(attn), "reference")
@@ -222,7 +223,7 @@ def check_probe_inside_inference_mode() -> None:
         warnings.simplefilter("error")
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = fast(x, (6, 10))
-        assert seg.kernels._triton_probe("cpu") is None, seg.kernels._triton_probe("cpu")
+        assert triton_safe._probe("cpu") is None, triton_safe._probe("cpu")
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = reference(x, (6, 10))
     assert _rel_err(out.float(), want.float()) < 2e-2
@@ -270,14 +271,15 @@ def test_probe_from_inference_mode_uses_the_kernels(worker: _Worker) -> None:
 
 def test_backend_falls_back_to_reference_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing or broken Triton: the ``triton`` backend warns once and runs the reference."""
-    import seg.kernels
-    from seg.kernels import set_backend, triton_focused
+    import seg.kernels.focused_linear.triton as triton_safe
+    from seg.kernels import set_backend
+    from seg.kernels.focused_linear import triton_ops as triton_focused
     from seg.layers import FocusedLinearAttention
 
-    monkeypatch.setattr(seg.kernels, "_triton_interpreted", lambda: True)  # as if the tensors could run there
+    monkeypatch.setattr(triton_safe, "interpreted", lambda: True)  # as if the tensors could run there
     monkeypatch.setattr(triton_focused, "triton_available", lambda: False)
-    monkeypatch.setattr(seg.kernels, "_warned", set())
-    seg.kernels._triton_probe.cache_clear()
+    monkeypatch.setattr(triton_safe, "_warned", set())
+    triton_safe._probe.cache_clear()
     ref = FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval()
     fast = set_backend(FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval(), "triton")
     fast.load_state_dict(ref.state_dict())
@@ -285,7 +287,7 @@ def test_backend_falls_back_to_reference_with_a_warning(monkeypatch: pytest.Monk
     with pytest.warns(UserWarning, match="Triton is missing or cannot run"):
         out = fast(x, (4, 5))
     torch.testing.assert_close(out, ref(x, (4, 5)))
-    seg.kernels._triton_probe.cache_clear()
+    triton_safe._probe.cache_clear()
 
 
 def test_invalid_inputs(worker: _Worker) -> None:
@@ -295,7 +297,7 @@ def test_invalid_inputs(worker: _Worker) -> None:
 def test_unavailable_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a CUDA device and outside the interpreter the module imports, reports itself unavailable and
     refuses to run (in this process the kernels are never defined for the interpreter)."""
-    from seg.kernels import triton_focused
+    from seg.kernels.focused_linear import triton_ops as triton_focused
 
     monkeypatch.setattr(triton_focused, "_INTERPRETED", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

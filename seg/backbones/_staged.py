@@ -69,7 +69,9 @@ class StagedEncoder(ClassifierBackbone):
         raise NotImplementedError
 
     def set_attn_backend(self, backend: str) -> None:
-        """``auto`` / ``reference`` / ``cpu`` / ``triton``: see :mod:`seg.kernels`."""
+        """Set ``attn_backend`` (``auto`` / ``reference`` / ``cpu`` / ``triton``, see
+        :mod:`seg.kernels.focused_linear`) on this encoder and each of its attention layers that has one."""
+        self.attn_backend = backend
         set_backend(self, backend)
 
     @torch.jit.ignore

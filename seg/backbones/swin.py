@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
 from seg.backbones._staged import StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
+from seg.kernels.onednn import Linear
 from seg.layers import FocusedLinearAttention
 from seg.layers.mlp import Mlp
 from seg.layers.window import WindowAttention, resize_bias_table
@@ -65,7 +66,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor, size: Size) -> tuple[Tensor, Size]:
         """(B, N, C) of an H x W grid -> (B, N', 2C) of a ceil(H / 2) x ceil(W / 2) grid."""

@@ -1,4 +1,4 @@
-"""Linear layers whose float32 CPU products run through oneDNN's matmul (the ``cpu`` backend).
+"""Linear layers whose float32 CPU products run through oneDNN's matmul.
 
 On the project's reference CPU (AMD EPYC, AVX-512) MKL's sgemm, which ``F.linear`` calls, takes its generic
 x86 path at about half the machine's peak, while oneDNN's matmul runs the encoders' token-by-channel
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["OneDNNLinear", "linear", "linear_gelu", "onednn_linear_available", "set_onednn_linear"]
+__all__ = ["Linear", "linear", "linear_gelu", "onednn_linear_available", "set_onednn_linear"]
 
 _switched_on = True
 _warned = False
@@ -128,8 +128,9 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approxima
     return F.gelu(linear(x, weight, bias), approximate=approximate)
 
 
-class OneDNNLinear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict names) whose forward is :func:`linear`."""
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, initialisation and state-dict names) whose forward is :func:`linear`:
+    oneDNN for float32 CPU tensors where it is probed and switched on, ``F.linear`` everywhere else."""
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)

@@ -1,14 +1,15 @@
 """Attention layers: one readable, autograd-differentiable implementation of each attention's maths (pure
-functions over (B, h, N, d) tensors plus thin modules); device fast paths live in :mod:`seg.kernels`."""
+functions over (B, h, N, d) tensors plus thin modules); focused linear attention keeps its maths beside its fast
+paths in :mod:`seg.kernels.focused_linear` (reference.py, cpu.py, triton.py) and is re-exported here."""
 
-from seg.layers.focused_linear import (
-    FocusedLinearAttention,
+from seg.kernels.focused_linear.reference import (
     focus,
     focused_kernel,
     focused_linear_attention,
     linear_attention,
     resize_token_grid,
 )
+from seg.layers.focused_linear import FocusedLinearAttention
 from seg.layers.plugin import FocusedLinearAttention2d
 from seg.layers.soft import NewtonInverse, SoftAttention, gaussian_kernel, newton_inverse, newton_pinv, soft_attention
 from seg.layers.softmax import SpatialReductionAttention

@@ -1,8 +1,13 @@
-"""The transformer MLP of the encoders: fc1 -> (3x3 depthwise conv, PVT v2) -> GELU -> fc2."""
+"""The transformer MLP of the encoders: fc1 -> (3x3 depthwise conv, PVT v2) -> GELU -> fc2.
+
+The linear layers are :class:`seg.kernels.onednn.Linear` (oneDNN on float32 CPU tensors), and fc1 + GELU run
+as one fused product where :func:`seg.kernels.onednn.linear_gelu` can (CPU inference)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from seg.kernels.onednn import Linear, linear_gelu
 
 __all__ = ["DWConv", "Mlp"]
 
@@ -34,14 +39,17 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, conv: bool = False, drop: float = 0.0,
                  act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.dwconv = DWConv(hidden) if conv else None
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """(B, N, C) tokens (of an H x W grid ``size``, needed with ``conv``) -> (B, N, C)."""
+        if self.dwconv is None and type(self.act) is nn.GELU:  # fc1 + GELU: one fused product where it can
+            x = self.drop(linear_gelu(x, self.fc1.weight, self.fc1.bias, self.act.approximate))
+            return self.drop(self.fc2(x))
         x = self.fc1(x)
         if self.dwconv is not None:
             if size is None:

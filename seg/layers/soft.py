@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from seg.kernels.onednn import Linear
+
 __all__ = [
     "NewtonInverse",
     "SoftAttention",
@@ -173,14 +175,14 @@ class SoftAttention(nn.Module):
         self.newton_iters = newton_iters
         kernel_size = PUBLISHED_DWC_KERNEL.get(sr_ratio, 3) if kernel_size is None else kernel_size
         d = self.head_dim
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.q = Linear(dim, dim, bias=qkv_bias)
+        self.v = Linear(dim, dim, bias=qkv_bias)
         if landmarks == "conv":
             self.landmark = nn.Conv2d(d, d, kernel_size=sr_ratio, stride=sr_ratio, bias=False)
             self.landmark_norm = nn.LayerNorm(d)
         self.dwc = nn.Conv2d(num_heads, num_heads, kernel_size, padding=kernel_size // 2, groups=num_heads,
                              bias=False)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def bottleneck(self, q: Tensor, size: tuple[int, int]) -> Tensor:

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from seg.kernels.onednn import Linear
+
 __all__ = [
     "WindowAttention",
     "relative_position_index",
@@ -135,8 +137,8 @@ class WindowAttention(nn.Module):
         self.window_size = window_size
         self.shift_size = window_size // 2 if shift else 0
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         full = (window_size, window_size)

@@ -1,6 +1,6 @@
 """Focused linear attention (FLatten) as fused Triton kernels, forward and backward.
 
-The maths is that of :func:`seg.kernels.cpu_attention.focused_linear_attention_tokens` (without the DWC term),
+The maths is that of :func:`seg.kernels.focused_linear.cpu.focused_linear_attention` (without the DWC term),
 on token-layout tensors q (B, N, C), k and v (B, n, C), heads as contiguous channel blocks (C = h * d):
 
     y = (ReLU(x) + eps) / T,  T = softplus(scale)      per channel
@@ -13,7 +13,7 @@ The per-token factor s_q of phi(q) cancels except at the eps, and the mean (divi
 fp16-safe normalisation. Powering the unit vector u keeps every value of g in (0, 1], whatever the input scale.
 Everything runs in float32 inside the kernels; inputs may be float32, float16 or bfloat16.
 
-The kernels themselves live in :mod:`seg.kernels.triton_kernels`; this module plans the launches, sums
+The kernels themselves live in :mod:`seg.kernels.focused_linear.triton_kernels`; this module plans the launches, sums
 the small partial results and wraps forward and backward in one autograd function.
 
 Triton reads ``TRITON_INTERPRET`` when the kernels are defined, i.e. when this module is imported: set it to 1
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from seg.kernels.triton_kernels import (
+from seg.kernels.focused_linear.triton_kernels import (
     INTERPRETED,
     apply_kernel,
     input_grad_kernel,
@@ -197,7 +197,7 @@ def focused_linear_attention_triton(
 ) -> Tensor:
     """Focused linear attention without the DWC term, through the Triton kernels of this module.
 
-    Same maths as :func:`seg.kernels.cpu_attention.focused_linear_attention_tokens`, differentiable with
+    Same maths as :func:`seg.kernels.focused_linear.cpu.focused_linear_attention`, differentiable with
     respect to q, k, v and scale.
 
     Args:

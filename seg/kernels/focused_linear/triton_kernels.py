@@ -1,4 +1,4 @@
-"""The Triton kernels of :mod:`seg.kernels.triton_focused` (maths and notation: see there).
+"""The Triton kernels of :mod:`seg.kernels.focused_linear.triton_ops` (maths and notation: see there).
 
 Kernels (``bh`` = one (image, head) pair; "split" = a contiguous range of token blocks):
 
@@ -15,7 +15,7 @@ backward
 
 Torch glue only sums the small partial results (over splits, heads of a token, blocks) and applies softplus.
 The backward of the power, with G = dL/dg and S = dL/ds of one token
-(as in :func:`seg.kernels.cpu_focused.kernel_power_backward`):
+(as in :func:`seg.kernels.focused_linear.cpu_ops.kernel_power_backward`):
 
     dL/dy = [p u^(p-1) (G - S s g / |g|^2) + u ((p + 1) S s - p G . g)] / |y|
     dL/dx = dL/dy / T where x > 0,   dL/d(1 / T) = sum over tokens of dL/dy (ReLU(x) + eps)
@@ -27,7 +27,7 @@ before the import to run the kernels on CPU tensors through Triton's interpreter
 import os
 import types
 
-from seg.layers.focused_linear import DENOM_EPS, KERNEL_EPS
+from seg.kernels.focused_linear.reference import DENOM_EPS, KERNEL_EPS
 
 try:
     import triton

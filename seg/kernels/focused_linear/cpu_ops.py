@@ -1,6 +1,6 @@
 """Closed-form forward and backward passes of focused linear attention for the ``cpu`` backend.
 
-Everything here computes exactly what the reference functions in :mod:`seg.layers.focused_linear`
+Everything here computes exactly what the reference functions in :mod:`seg.kernels.focused_linear.reference`
 compute (tests compare them in float64); the closed-form backwards make fewer passes over memory and
 allocate fewer temporaries than autograd does through the same chain of element-wise operations, which is
 what pays on a CPU with few cores. On a GPU the reference (or the ``triton`` backend) runs instead: the
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seg.kernels.focused_linear.reference import DENOM_EPS, KERNEL_EPS
 from seg.kernels.onednn import linear
-from seg.layers.focused_linear import DENOM_EPS, KERNEL_EPS
 
 
 class KernelPower(NamedTuple):
