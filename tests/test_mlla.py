@@ -230,3 +230,30 @@ def test_logits_equal_with_and_without_64_padded_pixels() -> None:
         with_padding = model(padded, sizes=[(120, 170)])["out"]
     assert with_padding.shape[-2:] == (184, 234)
     torch.testing.assert_close(with_padding[..., :120, :170], plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_export_with_dynamic_sizes_equals_eager(tmp_path: Path) -> None:
+    """Strict torch.export traced at 64 x 96 and its ONNX (onnxruntime) at other sizes, none a multiple of 32
+    (RoPE angles, stem and merging padding all follow the symbolic H x W). Minutes on a CPU: slow."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from seg.export import export_onnx, export_program, export_supported
+    from seg.kernels import set_backend
+
+    if not export_supported():
+        pytest.skip("this torch cannot export the models")
+    torch.manual_seed(0)
+    model = Segmentor("test_mlla", "semantic_fpn", num_classes=5, decoder_channels=16, aux_head=False)
+    model = set_backend(model, "reference").eval()
+    program = export_program(model, torch.randn(1, 3, 64, 96))
+    session = ort.InferenceSession(str(export_onnx(program, tmp_path / "mlla.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    for h, w in [(96, 64), (75, 101)]:
+        image = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            expected = model(image)["out"]
+            torch.testing.assert_close(program.module()(image), expected, atol=1e-5, rtol=0)
+        (got,) = session.run(None, {"image": image.numpy()})
+        assert got.shape == (1, 5, h, w)
+        torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=0)
