@@ -198,6 +198,17 @@ def test_parameter_counts(name: str, millions: float, depth3: int) -> None:
     assert len(model.layers[2].blocks) == depth3
 
 
+def test_recipe_decay_rule_exempts_exactly_the_published_norm_names() -> None:
+    """MLLA-B's mmseg config exempts names containing 'norm': here the LayerNorms and BatchNorms, nothing else."""
+    from seg.models import no_decay_names
+
+    model = timm.create_model("test_mlla")
+    published = {n for n, _ in model.named_parameters() if "norm" in n}
+    assert any(".conv.2.norm." in n for n in published) and "patch_embed.conv1.norm.weight" in published
+    assert no_decay_names(model, "norms_tables") == published
+    assert model.no_weight_decay() == set()
+
+
 def test_every_parameter_gets_a_gradient_in_upernet() -> None:
     model = smp.UPerNet(encoder_name="tu-test_mlla", encoder_weights=None, classes=5, decoder_channels=32)
     assert model.encoder.out_channels == [3, 0, 16, 32, 64, 128]
