@@ -123,6 +123,27 @@ def test_forward_intermediates_and_pruning() -> None:
     torch.testing.assert_close(pruned[1], feats[2])
 
 
+def test_attention_factories_replace_mlla_attention_in_the_same_blocks() -> None:
+    """The staged base's factory contract: (dim, num_heads, grid at 224, sr_ratio) per stage."""
+    from seg.layers import FocusedLinearAttention
+
+    seen = []
+
+    def flatten(dim: int, heads: int, grid: tuple[int, int], sr: int) -> torch.nn.Module:
+        seen.append((dim, heads, grid, sr))
+        return FocusedLinearAttention(dim, heads, grid, sr_ratio=sr)
+
+    model = timm.create_model("test_mlla", attn_layers=[flatten] * 4).eval()
+    assert sorted(set(seen)) == [(16, 1, (56, 56), 1), (32, 2, (28, 28), 1), (64, 2, (14, 14), 1),
+                                 (128, 4, (7, 7), 1)]
+    assert isinstance(model.layers[2].blocks[1].attn, FocusedLinearAttention)
+    assert "layers.0.blocks.0.cpe1.weight" in model.state_dict()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 70, 101))).all()
+    with pytest.raises(ValueError, match="one factory per stage"):
+        timm.create_model("test_mlla", attn_layers=[flatten])
+
+
 def test_merging_pads_odd_maps_before_its_biased_conv() -> None:
     """An odd map's padded row / column enters the depthwise conv as ReLU(bias), not as zero."""
     model = timm.create_model("test_mlla").eval()

@@ -20,6 +20,7 @@ Parameter names equal the published checkpoints' (whose ``rope.rotations`` buffe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
-from seg.backbones._staged import StagedEncoder
+from seg.backbones._staged import AttentionFactory, StagedEncoder
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.layers.mlla import MllaBlock
 
@@ -120,7 +121,7 @@ class MllaStage(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop: float = 0.0,
-        attn_layer: Callable[[int, int], nn.Module] | None = None,
+        attn_layer: Callable[[], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -142,8 +143,10 @@ class MLLA(StagedEncoder):
         qkv_bias: bias in the attention's ``qk`` projection.
         drop_rate: dropout after the stem and in the MLPs.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
-        attn_layers: one attention factory per stage, ``(dim, num_heads) -> module`` taking
-            ((B, N, C), (H, W)); replaces MLLA's linear attention inside the same blocks.
+        img_size: training resolution; only gives replacement attentions (``attn_layers``) their stage grid.
+        attn_layers: one attention factory per stage, ``(dim, num_heads, grid_size, sr_ratio) -> module``
+            taking ((B, N, C), (H, W)), called with sr_ratio 1; replaces MLLA's linear attention inside the
+            same blocks (None: MLLA attention everywhere).
         attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
     """
 
@@ -158,7 +161,8 @@ class MLLA(StagedEncoder):
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        attn_layers: Sequence[Callable[[int, int], nn.Module]] | None = None,
+        img_size: int = 224,
+        attn_layers: Sequence[AttentionFactory] | None = None,
         attn_backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -180,7 +184,8 @@ class MLLA(StagedEncoder):
             self.layers.append(MllaStage(
                 dims[i], depth, num_heads[i], downsample=i < self._num_stages - 1,
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                drop=drop_rate, attn_layer=attn_layers[i] if attn_layers is not None else None,
+                drop=drop_rate, attn_layer=None if attn_layers is None else partial(
+                    attn_layers[i], dims[i], num_heads[i], (img_size // (PATCH * 2**i),) * 2, 1),
             ))
             self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
             self.feature_info.append(dict(num_chs=dims[i], reduction=PATCH * 2**i, module=f"norm{i}"))

@@ -119,7 +119,7 @@ class RoPE(nn.Module):
         return angles.unflatten(-1, (self.num_heads, -1)).transpose(0, 1)  # (h, N, d/2)
 
     def forward(self, x: Tensor, size: Size) -> Tensor:
-        """Rotate (B, h, N, d) features of an H x W grid (float32 angles; x keeps its dtype)."""
+        """Rotate (B, h, N, d) features of an H x W grid (angles computed in float32, applied in x's dtype)."""
         return rope_rotate(x, self.angles(size, x.device).to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -180,7 +180,7 @@ class MllaBlock(nn.Module):
         qkv_bias: bias in the attention's ``qk`` projection.
         drop: dropout in the MLP.
         drop_path: stochastic depth of both residual branches.
-        attn_layer: attention factory ``(dim, num_heads) -> module`` taking ((B, N, C), (H, W)).
+        attn_layer: builds the attention, a module taking ((B, N, C), (H, W)); None: :class:`MllaAttention`.
     """
 
     def __init__(
@@ -191,7 +191,7 @@ class MllaBlock(nn.Module):
         qkv_bias: bool = True,
         drop: float = 0.0,
         drop_path: float = 0.0,
-        attn_layer: Callable[[int, int], nn.Module] | None = None,
+        attn_layer: Callable[[], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
@@ -200,7 +200,7 @@ class MllaBlock(nn.Module):
         self.act_proj = nn.Linear(dim, dim)
         self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.act = nn.SiLU()
-        self.attn = attn_layer(dim, num_heads) if attn_layer is not None else MllaAttention(dim, num_heads, qkv_bias)
+        self.attn = attn_layer() if attn_layer is not None else MllaAttention(dim, num_heads, qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
