@@ -32,6 +32,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     "flatten_swin_small_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.3},
     "swin_small_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.3},
     "soft_small_norm_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.1},
+    # /work/shared/SPEC-family.md section 4: MLLA-B UperNet (Swin's recipe; decay exempts names with 'norm'), dp 0.5
+    "mlla_base_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.5},
 }
 CROP, BATCH = 512, 16  # both recipes
 
@@ -47,6 +49,8 @@ def _parse(config: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> Se
 
 
 def _tiny_encoder(name: str) -> str:
+    if name.startswith("mlla_"):
+        return "test_mlla"
     return "test_soft" if name.startswith("soft_") else "test_flatten_swin" if "swin" in name else "test_flatten_pvt"
 
 
