@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -46,8 +47,9 @@ class SegmentationTask(pl.LightningModule):
             :class:`~seg.schedules.WarmupPolyLR` without ``max_steps`` takes the trainer's step count.
         inference: how validation, test and predict turn an image into logits.
         class_names: names for per-class metrics (linked from the data module).
-        compile: run the segmentor under ``torch.compile`` (compiled in place, so checkpoint keys do not
-            change). Off by default: see BENCHMARKS.md for what it gains on each machine measured.
+        compile: run the training forward under ``torch.compile`` (static shapes: training crops share one
+            size; validation, test and predict images each have their own size and run eagerly). Checkpoint
+            keys do not change. Off by default: see BENCHMARKS.md for what it gains on each machine measured.
         no_decay: which parameters get no weight decay (:func:`~seg.models.no_decay_names`): ``decay_all``
             (PVT's Semantic FPN recipe), ``norms_tables`` (Swin's UperNet recipe: norms, position tables,
             ``positional_encoding``, ``scale``) or ``norms_biases_tables`` (those and all biases). The groups are
@@ -82,16 +84,20 @@ class SegmentationTask(pl.LightningModule):
         self.test_metric = SegmentationMetric(num_classes, ignore_index)
         self.last_scores: dict[str, dict[str, Tensor]] = {}
         self.compile_model = compile
+        self._train_forward: Callable[[Tensor], dict[str, Tensor]] | None = None  # compiled in configure_model
         self.no_decay = no_decay
         self._decay_plan: tuple[frozenset[str], frozenset[str]] | None = None  # (all names, exempt names)
 
     def configure_model(self) -> None:
-        """Work out the weight-decay groups from the unwrapped model, then compile the segmentor in place when
-        asked (Lightning calls this before the strategy wraps the model)."""
+        """Work out the weight-decay groups from the unwrapped model, then compile the training forward when
+        asked (Lightning calls this before the strategy wraps the model).
+
+        Only the training forward is compiled, with static shapes: dynamic image sizes make the compiler
+        specialise per size or fail inside inductor (torch 2.14), while the training crops have one size."""
         if self._decay_plan is None:
             self._decay_plan = self._plan_weight_decay()
-        if self.compile_model and getattr(self.model, "_compiled_call_impl", None) is None:
-            self.model.compile()
+        if self.compile_model and self._train_forward is None:
+            self._train_forward = torch.compile(self.model.forward, dynamic=False)
 
     def forward(self, image: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
         """Inference: normalised images (B, 3, H, W) -> logits (B, K, H', W'), ``out_size`` or input size.
@@ -108,7 +114,7 @@ class SegmentationTask(pl.LightningModule):
         return (int(scale[0]), int(scale[1])) if scale is not None else None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        outputs = self.model(batch["image"])
+        outputs = (self._train_forward or self.model)(batch["image"])
         loss = F.cross_entropy(outputs["out"], batch["mask"], ignore_index=self.ignore_index)
         self.log("train/loss_main", loss, batch_size=len(batch["image"]))
         if "aux" in outputs and self.aux_weight > 0:

@@ -136,3 +136,18 @@ def test_onednn_missing_operator_falls_back(monkeypatch: pytest.MonkeyPatch) -> 
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
     finally:
         onednn._probe.cache_clear()
+
+
+@pytest.mark.parametrize("scale", [0.0, -40.0])
+def test_folded_inference_stays_finite_when_the_power_overflows(scale: float) -> None:
+    """The folded CPU inference powers y itself (one pass fewer); where y^p would overflow float32 (a tiny
+    temperature, softplus(-40) ~ 4e-18) it powers the unit vectors instead and still equals the reference."""
+    attn = _randomised(FocusedLinearAttention(16, 2, grid_size=(4, 4))).eval()
+    with torch.no_grad():
+        attn.scale.fill_(scale)
+    x = torch.randn(1, 20, 16)
+    with torch.no_grad():
+        got = attn(x, (4, 5))
+        want = set_backend(copy.deepcopy(attn).double(), "reference")(x.double(), (4, 5))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)

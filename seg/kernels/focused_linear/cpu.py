@@ -18,6 +18,7 @@ from seg.kernels.focused_linear.cpu_ops import (
     FocusedTokens,
     depthwise_conv_same,
     focused_attention_into,
+    focused_attention_into_direct,
     focused_tokens_inference,
 )
 from seg.kernels.focused_linear.reference import KERNEL_EPS, resize_token_grid
@@ -83,7 +84,7 @@ def _kernel_tables(
     floor = KERNEL_EPS * inv_temp
     bias = lambda b: floor if b is None else b * inv_temp + floor
     weight = torch.cat([wq * inv_temp[:, None], wk * inv_temp[:, None]])  # (2C, C)
-    pe = resize_token_grid(positional_encoding, size) * inv_temp
+    pe = resize_token_grid(positional_encoding * inv_temp, size)  # bilinear is linear: scale the small table
     return weight, torch.cat([bias(bq), bias(bk)]), pe, floor
 
 
@@ -106,9 +107,15 @@ def fused_inference(
     B, N, C = x.shape
     wq, bq, wk, bk, wv, bv = projections
     weight, bias, pe, floor = _kernel_tables(wq, bq, wk, bk, positional_encoding, scale, size)
-    y = linear(x, weight.to(x.dtype), bias.to(x.dtype))  # (B, N, 2C): q and k, over T, plus eps / T
-    y[..., C:] += pe.to(x.dtype)  # keys carry the positional encoding
-    y = y.view(B, N, 2, C).clamp_min_(floor.to(x.dtype))  # (ReLU(.) + eps) / T
+
+    def kernel_inputs() -> Tensor:  # (B, N, 2, C): (ReLU(.) + eps) / T of q and k
+        y = linear(x, weight.to(x.dtype), bias.to(x.dtype))  # (B, N, 2C): q and k, over T, plus eps / T
+        y[..., C:] += pe.to(x.dtype)  # keys carry the positional encoding
+        return y.view(B, N, 2, C).clamp_min_(floor.to(x.dtype))
+
     v = linear(x, wv, bv)  # (B, N, C)
     out = rank_restoration(v, size, size, dwc_weight, dwc_bias, num_heads)
-    return focused_attention_into(y, v, num_heads, focusing_factor, out)
+    done = focused_attention_into_direct(kernel_inputs(), v, num_heads, focusing_factor, out)
+    if done is None:  # y^p left the floating-point range: power the unit vectors instead
+        done = focused_attention_into(kernel_inputs(), v, num_heads, focusing_factor, out)
+    return done

@@ -129,28 +129,57 @@ def focused_tokens_inference(q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, 
     return _attend(g_q, s_q, phi_k, v, num_heads)[0]
 
 
+def _attend_into(g_q: Tensor, eps_q: Tensor, phi_k: Tensor, v: Tensor, num_heads: int, acc: Tensor) -> Tensor:
+    """acc += per head (g_q . KV) / (g_q . k_mean + eps_q), KV = sum_j phi_k,j v_j^T, k_mean = sum_j phi_k,j.
+
+    g_q: any positive per-token multiple of the queries' focused kernel (B, N, C), a view; eps_q: the
+    normaliser's eps in that scale (B, N, 1); phi_k: phi(k) / n (B, n, C); v (B, n, C); acc (B, N, C),
+    contiguous. The summaries are per head (no block-diagonal products).
+    """
+    B, N, C = g_q.shape
+    h, d = num_heads, C // num_heads
+    heads = lambda t: t.view(B, t.shape[1], h, d).transpose(1, 2)  # (B, T, C) -> (B, h, T, d), a view
+    q4, k4 = heads(g_q), heads(phi_k)
+    kvm = torch.cat([k4.transpose(-2, -1) @ heads(v), k4.sum(dim=2).unsqueeze(-1)], dim=-1)  # (B, h, d, d + 1)
+    num_den = _matmul(q4[0], kvm[0])[None] if B * h == 1 else q4 @ kvm  # (B, h, N, d + 1): numerator | denominator
+    rden = (num_den[..., d:] + eps_q.view(B, 1, N, 1)).reciprocal_()  # (B, h, N, 1)
+    heads(acc).addcmul_(num_den[..., :d], rden)
+    return acc
+
+
 def focused_attention_into(y_qk: Tensor, v: Tensor, num_heads: int, p: float, acc: Tensor) -> Tensor:
     """acc += focused linear attention, for inference from the kernel inputs of q and k stacked.
 
     y_qk: y = (ReLU(x) + eps) / T of the queries and keys of the same N tokens, (B, N, 2, C), float32 or
     float64, overwritten; v: values (B, N, C); acc: (B, N, C), contiguous, e.g. the DWC term. Same maths
-    as :func:`focused_tokens_inference`, with one pass per step for q and k together and the summaries
-    per head (no block-diagonal products).
+    as :func:`focused_tokens_inference`, with one pass per step for q and k together. Powers the unit
+    vectors (every value in (0, 1]): nothing under- or overflows, whatever the scale of y.
     """
-    B, N, _, C = y_qk.shape
-    h = num_heads
-    d = C // h
+    N = y_qk.shape[1]
     norm_y = torch.linalg.vector_norm(y_qk, dim=-1, keepdim=True)  # (B, N, 2, 1)
     g = y_qk.mul_(norm_y.reciprocal()).pow_(p)  # u^p, every value in (0, 1]
     s = norm_y.div_(torch.linalg.vector_norm(g, dim=-1, keepdim=True))  # (B, N, 2, 1): f_p = s * g
     phi_k = g[:, :, 1].mul_(s[:, :, 1] / N)  # phi(k) / N (B, N, C)
-    heads = lambda t: t.view(B, N, h, d).transpose(1, 2)  # (B, N, C) -> (B, h, N, d), a view
-    q4, k4 = heads(g[:, :, 0]), heads(phi_k)
-    kvm = torch.cat([k4.transpose(-2, -1) @ heads(v), k4.sum(dim=2).unsqueeze(-1)], dim=-1)  # (B, h, d, d + 1)
-    num_den = _matmul(q4[0], kvm[0])[None] if B * h == 1 else q4 @ kvm  # (B, h, N, d + 1): numerator | denominator
-    rden = (num_den[..., d:] + DENOM_EPS / s[:, :, 0].view(B, 1, N, 1)).reciprocal_()  # (B, h, N, 1)
-    heads(acc).addcmul_(num_den[..., :d], rden)
-    return acc
+    return _attend_into(g[:, :, 0], DENOM_EPS / s[:, :, 0], phi_k, v, num_heads, acc)
+
+
+def focused_attention_into_direct(y_qk: Tensor, v: Tensor, num_heads: int, p: float, acc: Tensor) -> Tensor | None:
+    """:func:`focused_attention_into` with one pass fewer over (B, N, 2, C): it powers y itself.
+
+    f_p(y) = |y| y^p / |y^p|, and the queries enter numerator and denominator linearly, so y_q^p serves as
+    their direction with the eps scaled to eps |y_q^p| / |y_q|. Returns None, leaving ``acc`` untouched, when
+    y^p or its norm leaves the floating-point range (``y_qk`` is overwritten either way: the caller rebuilds
+    it and runs :func:`focused_attention_into`).
+    """
+    N = y_qk.shape[1]
+    norm_y = torch.linalg.vector_norm(y_qk, dim=-1, keepdim=True)  # (B, N, 2, 1)
+    yp = y_qk.pow_(p)
+    norm_yp = torch.linalg.vector_norm(yp, dim=-1, keepdim=True)  # (B, N, 2, 1)
+    if not (torch.isfinite(norm_yp).all() and bool(norm_yp.min() > 0)):
+        return None
+    phi_k = yp[:, :, 1].mul_(norm_y[:, :, 1] / norm_yp[:, :, 1] / N)  # phi(k) / N = |y| y^p / |y^p| / N
+    eps_q = DENOM_EPS * norm_yp[:, :, 0] / norm_y[:, :, 0]  # (B, N, 1)
+    return _attend_into(yp[:, :, 0], eps_q, phi_k, v, num_heads, acc)
 
 
 class FocusedTokens(torch.autograd.Function):
@@ -256,6 +285,7 @@ __all__ = [
     "KernelPower",
     "depthwise_conv_same",
     "focused_attention_into",
+    "focused_attention_into_direct",
     "focused_tokens_inference",
     "head_blocks",
     "kernel_power",
