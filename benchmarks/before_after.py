@@ -9,7 +9,9 @@ both trees back to back, the first of the pair alternating between rounds, and t
 over rounds of each process's median. Every case runs under glibc's default allocator and under the tuned
 setting of the other benchmarks (no heap trimming, no mmap), so both columns come from the same run.
 Cases: focused linear attention (ours: the default backend) and the published formulation, forward + backward
-at 128^2 tokens, C = d = 64, float32; FLatten-PVT-T and softmax PVT-T (SDPA) encoders, forward at 512^2.
+at 128^2 tokens, C = d = 64, float32; FLatten-PVT-T and softmax PVT-T (SDPA) encoders, inference at 512^2;
+FLatten-PVT-T encoder forward + backward at 512^2 (features, mean of squares), ours and with every attention
+layer replaced by the published formulation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = ("attention ours", "attention published", "encoder FLatten-PVT-T", "encoder PVT-T (SDPA)")
+CASES = ("attention ours", "attention published", "encoder FLatten-PVT-T", "encoder PVT-T (SDPA)",
+         "train FLatten-PVT-T", "train FLatten-PVT-T published")
 ALLOCATORS = {
     "default": {},
     "tuned": {"MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_MMAP_MAX_": "0"},
@@ -57,6 +60,18 @@ def _child(tree: str, case: str, repeats: int) -> None:
         def run() -> None:
             module(x, (128, 128)).square().mean().backward()
             module.zero_grad(set_to_none=True)
+    elif case.startswith("train"):
+        model = timm.create_model("flatten_pvt_tiny", features_only=True)
+        if case.endswith("published"):
+            for parent in list(model.modules()):
+                for name, child in parent.named_children():
+                    if type(child) is FocusedLinearAttention:
+                        setattr(parent, name, published_like(child))
+        image = torch.randn(1, 3, 512, 512)
+
+        def run() -> None:
+            sum(f.square().mean() for f in model(image)).backward()
+            model.zero_grad(set_to_none=True)
     else:
         attn_type = "LLLL" if "FLatten" in case else "SSSS"
         model = timm.create_model("flatten_pvt_tiny", features_only=True, attn_type=attn_type).eval()
@@ -90,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default="HEAD", help="git revision to compare the working tree with")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats inside each process")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="default: all")
+    parser.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS), default=list(ALLOCATORS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -105,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
             samples: dict[tuple[str, str, str], list[float]] = {}
             for round_ in range(args.rounds):
                 order = list(trees.items())[:: 1 if round_ % 2 == 0 else -1]  # who goes first alternates too
-                for case in CASES:
-                    for allocator in ALLOCATORS:
+                for case in args.cases:
+                    for allocator in args.allocators:
                         for label, tree in order:
                             seconds = _measure(tree, case, allocator, args.repeats)
                             samples.setdefault((case, allocator, label), []).append(seconds)
@@ -122,17 +139,21 @@ def main(argv: list[str] | None = None) -> None:
           f"per-process medians of {args.repeats}; torch threads {torch.get_num_threads()}; {machine()}")
     print("| case | allocator | before (ms) | after (ms) | after / before |")
     print("|---|---|---|---|---|")
-    for case in CASES:
-        for allocator in ALLOCATORS:
+    for case in args.cases:
+        for allocator in args.allocators:
             b, a = med[(case, allocator, "before")], med[(case, allocator, "after")]
             print(f"| {case} | {allocator} | {b:.1f} | {a:.1f} | {a / b:.2f} |")
     print("\n| ratio | allocator | before | after |")
     print("|---|---|---|---|")
-    for allocator in ALLOCATORS:
+    for allocator in args.allocators:
         for title, num, den in (("published / ours (attention, fwd+bwd 128^2)", "attention published",
                                  "attention ours"),
                                 ("FLatten-PVT-T / PVT-T SDPA (encoder 512^2)", "encoder FLatten-PVT-T",
-                                 "encoder PVT-T (SDPA)")):
+                                 "encoder PVT-T (SDPA)"),
+                                ("published / ours (FLatten-PVT-T fwd+bwd 512^2)", "train FLatten-PVT-T published",
+                                 "train FLatten-PVT-T")):
+            if (num, allocator, "after") not in med or (den, allocator, "after") not in med:
+                continue
             ratios = [med[(num, allocator, label)] / med[(den, allocator, label)] for label in ("before", "after")]
             print(f"| {title} | {allocator} | {ratios[0]:.2f}x | {ratios[1]:.2f}x |")
 
