@@ -1,6 +1,7 @@
 """Attention layers: one readable, autograd-differentiable implementation of each attention's maths (pure
 functions over (B, h, N, d) tensors plus thin modules); device fast paths live in :mod:`seg.kernels`."""
 
+from seg.layers.agent import AgentAttention, agent_attention, agent_position_biases
 from seg.layers.focused_linear import (
     FocusedLinearAttention,
     focus,
@@ -15,12 +16,15 @@ from seg.layers.softmax import SpatialReductionAttention
 from seg.layers.window import WindowAttention, resize_bias_table
 
 __all__ = [
+    "AgentAttention",
     "FocusedLinearAttention",
     "FocusedLinearAttention2d",
     "NewtonInverse",
     "SoftAttention",
     "SpatialReductionAttention",
     "WindowAttention",
+    "agent_attention",
+    "agent_position_biases",
     "focus",
     "focused_kernel",
     "focused_linear_attention",
