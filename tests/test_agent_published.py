@@ -79,7 +79,9 @@ def _stage_maps(model: torch.nn.Module, x: Tensor, raw: bool) -> list[Tensor]:
     maps = model.forward_intermediates(x, intermediates_only=True)
     for hook in hooks:
         hook.remove()
-    return [t.reshape(f.shape[0], f.shape[2], f.shape[3], -1).permute(0, 3, 1, 2) for t, f in zip(seen, maps)]
+    # (B, N, C) -> (B, C, H, W)
+    return [t.reshape(f.shape[0], f.shape[2], f.shape[3], -1).permute(0, 3, 1, 2) for t, f in zip(seen, maps,
+                                                                                                   strict=True)]
 
 
 @pytest.mark.parametrize("name", ["agent_pvt_tiny_seg", "agent_swin_tiny_seg"])
