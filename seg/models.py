@@ -51,7 +51,8 @@ _SMP_DEPTH = 5
 #   with no paramwise_cfg, so norms, biases and position tables all decay.
 # - norms_tables: normalisation layers (found by module type), position tables and FLatten's `scale`. Swin's UperNet
 #   recipe (paramwise custom_keys absolute_pos_embed, relative_position_bias_table and norm at decay_mult 0), plus
-#   FLatten's `positional_encoding` and `scale`; other biases decay, as there.
+#   FLatten's `positional_encoding` and `scale`, and agent attention's bias tables (the Agent-Swin recipe's
+#   custom_keys an_bias ... wa_bias); other biases decay, as there.
 # - norms_biases_tables: norms_tables plus every other 1-D parameter (biases): the usual rule outside the recipes.
 # Rules read module types and the original names and shapes, so they are applied to the unwrapped model (FSDP
 # flattens parameters and changes their shapes and names; see SegmentationTask.configure_optimizers).
@@ -62,6 +63,7 @@ _POSITION_TABLES = (
     "positional_encoding",  # FLatten's learned key position table
     "relative_position_bias_table",  # Swin
     "cls_token",
+    *("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias"),  # agent attention's bias tables
 )
 _TEMPERATURES = frozenset({"scale"})  # FLatten's per-channel temperature, matched as the parameter's own name
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -309,8 +311,8 @@ def no_decay_names(model: nn.Module, rule: NoDecayRule) -> set[str]:
 
     ``decay_all``: none. ``norms_tables``: weights and biases of normalisation layers (by module type),
     position tables (names containing ``pos_embed``, ``positional_encoding``, ``relative_position_bias_table``,
-    ``cls_token``) and parameters named ``scale`` (FLatten's temperature). ``norms_biases_tables``: those and
-    every other 1-D parameter (biases).
+    ``cls_token``, agent attention's ``an_bias`` ... ``wa_bias``) and parameters named ``scale`` (FLatten's
+    temperature). ``norms_biases_tables``: those and every other 1-D parameter (biases).
 
     Raises:
         ValueError: for an unknown rule, or a model already wrapped by FSDP (its names and shapes are no longer

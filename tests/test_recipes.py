@@ -35,6 +35,19 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     # /work/shared/SPEC-family.md section 4: MLLA-B UperNet (Swin's recipe; decay exempts names with 'norm'), dp 0.5
     "mlla_base_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.5},
 }
+# Agent attention, /work/shared/SPEC-family.md section 4: Agent-PVT's Semantic FPN runs 40k iterations at lr 2e-4
+# (drop path .1/.1/.2/.1), Agent-Swin the UperNet recipe (drop path .3/.3/.5; its custom_keys also exempt the agent
+# bias tables, which norms_tables covers); both with the configs' downstream agent grids.
+AGENT_FPN = {**SEMANTIC_FPN, "lr": 2e-4, "max_steps": 40_000, "agent_shapes": [12, 16, 28, 28]}
+PUBLISHED.update({
+    "agent_pvt_tiny_fpn_ade20k_40k": {**AGENT_FPN, "drop_path": 0.1},
+    "agent_pvt_small_fpn_ade20k_40k": {**AGENT_FPN, "drop_path": 0.1},
+    "agent_pvt_medium_fpn_ade20k_40k": {**AGENT_FPN, "drop_path": 0.2},
+    "agent_pvt_large_fpn_ade20k_40k": {**AGENT_FPN, "drop_path": 0.1},
+    "agent_swin_tiny_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.3, "agent_shapes": [9, 12, 14, 7]},
+    "agent_swin_small_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.3, "agent_shapes": [9, 12, 7, 7]},
+    "agent_swin_base_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.5, "agent_shapes": [9, 12, 14, 7]},
+})
 CROP, BATCH = 512, 16  # both recipes
 
 
@@ -51,6 +64,8 @@ def _parse(config: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> Se
 def _tiny_encoder(name: str) -> str:
     if name.startswith("mlla_"):
         return "test_mlla"
+    if name.startswith("agent_"):
+        return "test_agent_swin" if "swin" in name else "test_agent_pvt"
     return "test_soft" if name.startswith("soft_") else "test_flatten_swin" if "swin" in name else "test_flatten_pvt"
 
 
@@ -69,6 +84,7 @@ def test_config_matches_published_recipe(name: str, monkeypatch: pytest.MonkeyPa
     assert tuple(cfg.data.train_scale) == tuple(cfg.data.test_scale) == (2048, 512)
     model = cfg.model.model.init_args
     assert model.encoder_kwargs["drop_path_rate"] == expected["drop_path"]
+    assert list(model.encoder_kwargs.get("agent_shapes", [])) == expected.get("agent_shapes", [])
     assert model.aux_head == (expected["aux_weight"] is not None)
     if expected["aux_weight"] is not None:
         assert cfg.model.aux_weight == expected["aux_weight"]

@@ -9,6 +9,7 @@ from seg.kernels.focused_linear.reference import (
     linear_attention,
     resize_token_grid,
 )
+from seg.layers.agent import AgentAttention, agent_attention, agent_position_biases
 from seg.layers.focused_linear import FocusedLinearAttention
 from seg.layers.plugin import FocusedLinearAttention2d
 from seg.layers.soft import NewtonInverse, SoftAttention, gaussian_kernel, newton_inverse, newton_pinv, soft_attention
@@ -16,12 +17,15 @@ from seg.layers.softmax import SpatialReductionAttention
 from seg.layers.window import WindowAttention, resize_bias_table
 
 __all__ = [
+    "AgentAttention",
     "FocusedLinearAttention",
     "FocusedLinearAttention2d",
     "NewtonInverse",
     "SoftAttention",
     "SpatialReductionAttention",
     "WindowAttention",
+    "agent_attention",
+    "agent_position_biases",
     "focus",
     "focused_kernel",
     "focused_linear_attention",
