@@ -211,6 +211,7 @@ def _export_check(decoder: str, trace: tuple[int, int], sizes: list[tuple[int, i
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # about 40 s of CPU to trace and 30 s to convert
 def test_semantic_fpn_exports_with_dynamic_sizes(tmp_path: Path) -> None:
     """Traced at 64 x 96, run at 96 x 64 and 75 x 101 (strict program and ONNX): RoPE follows the live size."""
     _export_check("semantic_fpn", (64, 96), [(96, 64), (75, 101)], tmp_path)
