@@ -1,7 +1,7 @@
 """FLatten and SOFT encoders for semantic segmentation.
 
 Importing ``seg`` registers the project's encoders with timm (``flatten_pvt_*``, ``flatten_pvt_v2_*``,
-``flatten_swin_*``, ``soft_*``, ``agent_pvt_*``, ``agent_swin_*``, ``mlla_*`` and their ``test_*``
+``flatten_swin_*``, ``soft_*``, ``agent_pvt_*``, ``agent_swin_*``, ``mlla_*``, ``ravlt_*`` and their ``test_*``
 variants), so ``timm.create_model`` and smp's ``tu-<name>`` encoders find them.
 """
 

@@ -48,6 +48,15 @@ PUBLISHED.update({
     "agent_swin_small_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.3, "agent_shapes": [9, 12, 7, 7]},
     "agent_swin_base_upernet_ade20k_160k": {**UPERNET, "drop_path": 0.5, "agent_shapes": [9, 12, 14, 7]},
 })
+
+# RAVLT (qhfan/RALA segmentation/configs/RALA/RALA_{FPN_*_1x,Uper_*_2x}.py; /work/shared/SPEC-family.md section 4):
+# Semantic FPN 80k with poly 0.9 down to min_lr 1e-6 (mmseg's schedule_80k.py) in float32; UperNet 160k as Swin's,
+# no decay on 'norm' names, float16 (Fp16OptimizerHook). 2 images per GPU, GPU count unstated (8 assumed: batch 16).
+# Drop path: the ImageNet rates, S 0.15, B 0.4, L 0.55.
+for _size, _drop in (("small", 0.15), ("base", 0.4), ("large", 0.55)):
+    PUBLISHED[f"ravlt_{_size}_fpn_ade20k_80k"] = {**SEMANTIC_FPN, "drop_path": _drop, "min_lr": 1e-6,
+                                                 "precision": "32-true"}
+    PUBLISHED[f"ravlt_{_size}_upernet_ade20k_160k"] = {**UPERNET, "drop_path": _drop, "precision": "16-mixed"}
 CROP, BATCH = 512, 16  # both recipes
 
 
@@ -66,6 +75,8 @@ def _tiny_encoder(name: str) -> str:
         return "test_mlla"
     if name.startswith("agent_"):
         return "test_agent_swin" if "swin" in name else "test_agent_pvt"
+    if name.startswith("ravlt_"):
+        return "test_ravlt"
     return "test_soft" if name.startswith("soft_") else "test_flatten_swin" if "swin" in name else "test_flatten_pvt"
 
 
@@ -90,6 +101,8 @@ def test_config_matches_published_recipe(name: str, monkeypatch: pytest.MonkeyPa
         assert cfg.model.aux_weight == expected["aux_weight"]
     assert cfg.model.no_decay == expected["no_decay"]
     assert cfg.model.inference is None or cfg.model.inference.mode == "whole"  # single-scale whole image
+    if "precision" in expected:
+        assert str(trainer.precision) == expected["precision"]
 
     # instantiated with a tiny encoder on CPU (the recipe values under test are unchanged by that)
     monkeypatch.undo()
@@ -110,7 +123,7 @@ def test_config_matches_published_recipe(name: str, monkeypatch: pytest.MonkeyPa
     scheduler = task.scheduler_factory(optimizer)
     assert isinstance(scheduler, WarmupPolyLR)
     assert scheduler.max_steps in (None, expected["max_steps"])  # None: the trainer's max_steps
-    assert scheduler.power == expected["power"] and scheduler.min_lr == 0.0
+    assert scheduler.power == expected["power"] and scheduler.min_lr == expected.get("min_lr", 0.0)
     assert scheduler.warmup_steps == expected["warmup_steps"]
     if expected["warmup_steps"]:
         assert scheduler.warmup_ratio == expected["warmup_ratio"]

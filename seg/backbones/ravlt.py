@@ -1,0 +1,326 @@
+"""RAVLT encoders (Fan et al., "Breaking the Low-Rank Dilemma of Linear Attention", CVPR 2025, arXiv 2411.07635)
+for timm.
+
+A four-stage convolutional-transformer pyramid on NCHW maps: a conv stem (3x3 s2 to C/2, two 3x3 s1, 3x3 s2
+to C; BN, exact GELU between), stages of blocks ``x + pos(x)``, ``x + gamma_1 * attn(LN x)``,
+``x + gamma_2 * FFN(LN x)`` (3x3 depthwise positional conv, LayerNorm eps 1e-6 over channels, layer scale,
+FFN 1x1 -> GELU -> + 3x3 depthwise -> 1x1 with ratio 3.5), and 3x3 stride-2 conv + BN merges between stages.
+Stages 1-2 run rank-augmented linear attention and stages 3-4 RoPE softmax attention
+(:mod:`seg.layers.rala`; ``attn_type='llvv'``, the published layout). The RoPE tables are computed for the
+live map, and every conv pads, so any input of at least 32 x 32 works: stage i has
+ceil(H / 2^(i+2)) x ceil(W / 2^(i+2)) tokens.
+
+Features: ``features_only=True`` gives 4 NCHW maps at strides 4/8/16/32, each through a per-stage LayerNorm
+``extra_norms.{i}.norm`` (the names of the published segmentation backbone); they are not in the ImageNet
+checkpoints and keep their initial values on load. The classifier is the published one: 1x1 conv ``proj`` to
+1024 channels, BatchNorm ``norm``, Swish, average pool, ``head`` (stored as a 1x1 conv in the published
+files, a Linear here). Parameter names equal the published checkpoints'. Parameter counts with the
+1000-class head: Tiny 14.90M, Small 25.59M, Base 48.24M, Large 95.24M (published 15 / 26 / 48 / 95M).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from timm.layers import DropPath, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+from seg.backbones._registry import build_encoder, imagenet_cfg
+from seg.backbones._staged import StagedEncoder
+from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
+from seg.layers.rala import RALAttention, RoPE, RoPESoftmaxAttention
+
+__all__ = ["RAVLT", "checkpoint_filter_fn"]
+
+ATTENTIONS: dict[str, type[nn.Module]] = {"l": RALAttention, "v": RoPESoftmaxAttention}
+Rope = tuple[Tensor, Tensor]
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map; the inner ``norm`` keeps the published names."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+class FeedForward(nn.Module):
+    """1x1 conv -> GELU -> u + 3x3 depthwise conv(u) -> 1x1 conv, on (B, C, H, W)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.fc1(x))
+        return self.fc2(x + self.dwconv(x))
+
+
+class Block(nn.Module):
+    """Conv position encoding, then pre-norm attention and FFN residuals, each scaled per channel.
+
+    Args:
+        dim: channels C.
+        attn_layer: the attention, built from (dim, num_heads).
+        num_heads: heads h.
+        hidden: FFN hidden channels.
+        drop_path: stochastic depth of both residual branches.
+        layer_scale: initial value of ``gamma_1`` / ``gamma_2``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        attn_layer: type[nn.Module],
+        num_heads: int,
+        hidden: int,
+        drop_path: float = 0.0,
+        layer_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.pos = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.norm1 = LayerNorm2d(dim)
+        self.attn = attn_layer(dim, num_heads)
+        self.norm2 = LayerNorm2d(dim)
+        self.ffn = FeedForward(dim, hidden)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.gamma_1 = nn.Parameter(torch.full((1, dim, 1, 1), layer_scale))
+        self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), layer_scale))
+
+    def forward(self, x: Tensor, rope: Rope) -> Tensor:
+        """x: (B, C, H, W); rope: the (sin, cos) tables of the H x W grid."""
+        x = x + self.pos(x)
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rope))
+        return x + self.drop_path(self.gamma_2 * self.ffn(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """3x3 stride-2 conv (padding 1: ceil-halved maps) + BatchNorm."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, out_dim, 3, 2, 1)
+        self.norm = nn.BatchNorm2d(out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.reduction(x))
+
+
+class Stage(nn.Module):
+    """One stage: the RoPE tables of its heads (``RoPE.angle``), its blocks and the merge to the next stage."""
+
+    def __init__(self, blocks: list[Block], head_dim: int, downsample: nn.Module | None) -> None:
+        super().__init__()
+        self.RoPE = RoPE(head_dim)
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+
+def conv_stem(in_chans: int, dim: int) -> nn.Sequential:
+    """3x3 s2 (to C/2) BN GELU, 2 x [3x3 BN GELU], 3x3 s2 (to C) BN: (B, 3, H, W) -> (B, C, H/4, W/4), ceil."""
+    half = dim // 2
+    layers: list[nn.Module] = []
+    for c_in, c_out, stride in ((in_chans, half, 2), (half, half, 1), (half, half, 1), (half, dim, 2)):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), nn.GELU()]
+    return nn.Sequential(*layers[:-1])  # no activation after the last BN
+
+
+class PatchEmbed(nn.Module):
+    """The conv stem under the published name ``patch_embed.proj``."""
+
+    def __init__(self, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = conv_stem(in_chans, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class RAVLT(StagedEncoder):
+    """RAVLT backbone with the published convolutional classifier.
+
+    Args:
+        in_chans: input channels.
+        num_classes: classifier outputs (0: no classifier).
+        embed_dims: channels per stage.
+        depths: blocks per stage.
+        num_heads: heads per stage (every head dim a multiple of 4).
+        mlp_ratio: FFN expansion.
+        attn_type: one letter per stage, ``l`` rank-augmented linear attention, ``v`` RoPE softmax attention.
+        layer_scales: initial layer-scale value per stage.
+        projection: channels of the classifier's 1x1 conv.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dims: Sequence[int] = (64, 128, 256, 512),
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (1, 2, 4, 8),
+        mlp_ratio: float = 3.5,
+        attn_type: str = "llvv",
+        layer_scales: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        projection: int = 1024,
+        drop_path_rate: float = 0.1,
+        attn_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("embed_dims", embed_dims), ("depths", depths), ("num_heads", num_heads),
+                            ("attn_type", attn_type), ("layer_scales", layer_scales)):
+            if len(value) != 4:
+                raise ValueError(f"{name} needs one entry per stage (4), got {len(value)}")
+        unknown = set(attn_type) - set(ATTENTIONS)
+        if unknown:
+            raise ValueError(f"attn_type {attn_type!r}: unknown letter(s) {', '.join(sorted(unknown))}; "
+                             f"valid: {', '.join(ATTENTIONS)}")
+        self.num_classes = num_classes
+        self.num_features = embed_dims[-1]
+        self.head_hidden_size = projection
+        total = sum(depths)
+        dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # python floats: meta-safe
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+        self.layers = nn.ModuleList()
+        self.feature_info = []
+        for i in range(4):
+            drops = dpr[sum(depths[:i]):sum(depths[:i + 1])]
+            hidden = int(mlp_ratio * embed_dims[i])
+            make = partial(Block, embed_dims[i], ATTENTIONS[attn_type[i]], num_heads[i], hidden,
+                           layer_scale=layer_scales[i])
+            downsample = PatchMerging(embed_dims[i], embed_dims[i + 1]) if i < 3 else None
+            self.layers.append(Stage([make(drop_path=p) for p in drops], embed_dims[i] // num_heads[i], downsample))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"extra_norms.{i}"))
+        self.extra_norms = nn.ModuleList([LayerNorm2d(c) for c in embed_dims])
+        self.proj = nn.Conv2d(embed_dims[-1], projection, 1)
+        self.norm = nn.BatchNorm2d(projection)
+        self.act = nn.SiLU()  # Swish
+        self.reset_classifier(num_classes)
+        self._num_stages = 4
+        self.apply(_init_weights)
+        self.set_attn_backend(attn_backend)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _begin(self, x: Tensor) -> Tensor:
+        return self.patch_embed(x)  # (B, C, H/4, W/4)
+
+    def _stage(self, i: int, state: Tensor, feature: bool) -> tuple[Tensor, Tensor | None]:
+        """Stage i on a (B, C, H, W) map: (the merged map for the next stage, the normalised feature map)."""
+        stage = self.layers[i]
+        rope = stage.RoPE((state.shape[2], state.shape[3]))
+        x = self.run_blocks(stage.blocks, state, rope)
+        feat = self.extra_norms[i](x) if feature else None
+        return (x if stage.downsample is None else stage.downsample(x)), feat
+
+    def _end(self, state: Tensor, complete: bool) -> Tensor:
+        """The stage-4 map (B, C, H, W) (the classifier's own layers run in :meth:`_pool`)."""
+        return state
+
+    def _pool(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(self.proj(x))).mean(dim=(2, 3))  # (B, projection)
+
+    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
+        self.layers = self.layers[: max_index + 1]
+        self.layers[-1].downsample = None  # its output would feed no stage
+        for i in range(len(self.extra_norms)):
+            if i not in take_indices:
+                self.extra_norms[i] = nn.Identity()
+        if prune_norm or max_index < self._num_stages - 1:  # the classifier's conv and norm fit stage 4 only
+            self.proj = nn.Identity()
+            self.norm = nn.Identity()
+
+
+def _init_weights(m: nn.Module) -> None:
+    """Convs and Linears: truncated normal (std 0.02), zero bias; LayerNorm: identity (the published init)."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _head_as_linear(name: str, value: Tensor, target: Tensor) -> Tensor | None:
+    """The published 1x1 conv head (classes, C, 1, 1) as a Linear weight (classes, C)."""
+    if name == "head.weight" and value.dim() == 4 and value.shape[2:] == (1, 1):
+        return value.flatten(1)
+    return None
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: RAVLT) -> dict[str, Tensor]:
+    """A published RAVLT ImageNet checkpoint (names as released) -> this model's state dict.
+
+    timm's file loader hands over ``model_ema`` when the file holds one, else ``model`` (the published
+    segmentation code loads ``model``: save ``{'model': ckpt['model']}`` to use those). Called on a whole
+    checkpoint dict, this takes ``model``, else ``model_ema``. Files that pickle the training ``args`` are
+    refused by ``weights_only=True``: re-save the state dict alone. The output norms ``extra_norms`` keep
+    their initial values; the 1x1-conv ``head`` becomes the Linear head.
+    """
+    if "model" not in state_dict and isinstance(state_dict.get("model_ema"), dict):
+        state_dict = state_dict["model_ema"]
+    return adapt_state_dict(
+        unwrap_checkpoint(state_dict),
+        model,
+        position_tables=lambda name: False,
+        fresh=lambda name: name.startswith("extra_norms."),
+        converters=(_head_as_linear,),
+    )
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> RAVLT:
+    return build_encoder(RAVLT, variant, pretrained, checkpoint_filter_fn, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    name: imagenet_cfg("patch_embed.proj.0")
+    for name in ("ravlt_tiny", "ravlt_small", "ravlt_base", "ravlt_large", "test_ravlt")
+})
+
+_TINY = dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.1)
+_SMALL = dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 9, 3), num_heads=(1, 2, 5, 8), drop_path_rate=0.15)
+_BASE = dict(embed_dims=(96, 192, 384, 512), depths=(4, 6, 12, 6), num_heads=(1, 2, 6, 8), drop_path_rate=0.4,
+             layer_scales=(1.0, 1.0, 1e-6, 1e-6))
+_LARGE = dict(embed_dims=(96, 192, 448, 640), depths=(4, 7, 19, 8), num_heads=(1, 2, 7, 10), drop_path_rate=0.55,
+              layer_scales=(1e-6,) * 4)
+_TEST = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), mlp_ratio=2.0,
+             projection=64, drop_path_rate=0.0)
+
+
+@register_model
+def ravlt_tiny(pretrained: bool = False, **kwargs) -> RAVLT:
+    return _create("ravlt_tiny", pretrained, **dict(_TINY, **kwargs))
+
+
+@register_model
+def ravlt_small(pretrained: bool = False, **kwargs) -> RAVLT:
+    return _create("ravlt_small", pretrained, **dict(_SMALL, **kwargs))
+
+
+@register_model
+def ravlt_base(pretrained: bool = False, **kwargs) -> RAVLT:
+    return _create("ravlt_base", pretrained, **dict(_BASE, **kwargs))
+
+
+@register_model
+def ravlt_large(pretrained: bool = False, **kwargs) -> RAVLT:
+    return _create("ravlt_large", pretrained, **dict(_LARGE, **kwargs))
+
+
+@register_model
+def test_ravlt(pretrained: bool = False, **kwargs) -> RAVLT:
+    """Tiny variant (depth 1 per stage, 16-64 channels, head dim 16) for CPU tests."""
+    return _create("test_ravlt", pretrained, **dict(_TEST, **kwargs))
