@@ -33,9 +33,11 @@ from torch import Tensor, nn
 from seg.kernels import set_backend
 from seg.layers import WindowAttention
 from seg.models import Segmentor
+from seg.predictor import Predictor
 from seg.pretrained import from_config
 
-__all__ = ["ExportFormat", "WholeImage", "export_onnx", "export_program", "load_segmentor", "main"]
+__all__ = ["ExportFormat", "WholeImage", "export_onnx", "export_program", "load_predictor", "load_segmentor", "main",
+           "preprocessing"]
 
 ExportFormat = Literal["onnx", "torch_export"]
 MIN_OPSET = 18
@@ -52,13 +54,13 @@ class WholeImage(nn.Module):
         return self.model(image)["out"]
 
 
-def load_segmentor(
+def load_predictor(
     configs: Sequence[str] = (),
     ckpt_path: str | None = None,
     overrides: Sequence[str] = (),
     pretrained: str | None = None,
-) -> Segmentor:
-    """The segmentor to export, in eval mode on the ``reference`` attention backend.
+) -> Predictor:
+    """The model to export with its preprocessing, the segmentor in eval mode on the ``reference`` attention backend.
 
     Args:
         configs: config files, composed in order as ``cli.py --config a --config b`` does; the model is built
@@ -67,17 +69,37 @@ def load_segmentor(
             segmentor, read by :func:`seg.checkpoint.load_checkpoint` (``weights_only=True``; a mismatch lists
             the names); None keeps the initial weights.
         overrides: extra command-line style arguments, e.g. ``["--data.num_classes", "5"]``.
-        pretrained: instead of configs: a saved model (a folder or a Hub id, ``Segmentor.from_pretrained``).
+        pretrained: instead of configs: a saved model (a folder or a Hub id, ``Predictor.from_pretrained``).
     """
     if pretrained is not None:
         if configs or ckpt_path or overrides:
             raise ValueError("give either a saved model (pretrained) or configs with a checkpoint, not both")
-        model = Segmentor.from_pretrained(pretrained)
+        predictor = Predictor.from_pretrained(pretrained)
     else:
         args = [arg for path in configs for arg in ("--config", str(path))] + list(overrides)
-        model = from_config(args, ckpt_path).model
-    set_backend(model, "reference")
-    return model.eval()
+        predictor = from_config(args, ckpt_path)
+    set_backend(predictor.model, "reference")
+    predictor.model.eval()
+    return predictor
+
+
+def load_segmentor(
+    configs: Sequence[str] = (),
+    ckpt_path: str | None = None,
+    overrides: Sequence[str] = (),
+    pretrained: str | None = None,
+) -> Segmentor:
+    """The segmentor of :func:`load_predictor` (same arguments)."""
+    return load_predictor(configs, ckpt_path, overrides, pretrained).model
+
+
+def preprocessing(predictor: Predictor) -> str:
+    """What the exported graph expects of its input, in words: the predictor's evaluation preprocessing."""
+    long, short = predictor.test_scale
+    mean = ", ".join(f"{v:g}" for v in predictor.mean)
+    std = ", ".join(f"{v:g}" for v in predictor.std)
+    return (f"input: an RGB photo rescaled to fit {long} x {short} (long x short side, keeping its aspect ratio), "
+            f"then (x - mean) / std per channel on the 0-255 scale, mean ({mean}), std ({std})")
 
 
 def export_supported() -> bool:
@@ -188,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args, overrides = parser.parse_known_args(argv)
     if bool(args.config) == bool(args.pretrained):
         parser.error("give either --config <experiment>.yaml [--ckpt_path FILE] or --pretrained DIR")
-    model = load_segmentor(args.config, args.ckpt_path, overrides, args.pretrained)
+    predictor = load_predictor(args.config, args.ckpt_path, overrides, args.pretrained)
+    model = predictor.model
     program = export_program(model, torch.randn(1, 3, args.height, args.width), dynamic=not args.static)
     sizes = ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in size_range(program).items())
     if args.format == "onnx":
@@ -198,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(out))
     print(f"wrote {out} ({args.format}; image (1, 3, H, W) -> logits (1, {model.num_classes}, H, W), {sizes})")
+    print(preprocessing(predictor))
     return out
 
 
