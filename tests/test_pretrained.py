@@ -122,8 +122,9 @@ def test_version_1_folder_still_loads(saved: tuple[Predictor, Path], tmp_path: P
         "format": "flatten-seg", "version": 1, "model": ARGUMENTS, "class_names": NAMES,
         "palette": make_palette(4).tolist(),
         "preprocessing": {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "test_scale": [128, 64]},
-        "inference": {"mode": "slide", "crop_size": [64, 64], "stride": [48, 48]},
-    }))  # fmt: skip
+        "inference": {"mode": "slide", "crop_size": 64, "stride": 48, "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75],
+                      "flip": False, "multiscale_mode": "whole", "batch_windows": 1},
+    }))  # fmt: skip; the file as seg.pretrained wrote it up to commit a8dc0d4
     loaded = Predictor.from_pretrained(folder)
     assert loaded.class_names == NAMES and loaded.test_scale == (128, 64) and loaded.inference.mode == "slide"
     x = torch.randn(1, 3, 64, 80)
