@@ -17,14 +17,14 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from seg.app import create_app, serve_in_background
-from seg.pretrained import load_pretrained
+from seg.predictor import Predictor
 
 DOCS = Path(__file__).parent
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrained", required=True, help="folder written by python -m seg.pretrained")
+    parser.add_argument("--pretrained", required=True, help="a saved model: folder or Hub id")
     parser.add_argument("--image", required=True, help="photo to upload")
     parser.add_argument("--out", default=str(DOCS / "app.jpg"))
     parser.add_argument("--width", type=int, default=960, help="browser window width in CSS pixels")
@@ -32,7 +32,8 @@ def main() -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("Chromium is not installed (Debian: apt-get install -y chromium)")
-    with serve_in_background(create_app(load_pretrained(args.pretrained))) as url, sync_playwright() as playwright:
+    predictor = Predictor.from_pretrained(args.pretrained)
+    with serve_in_background(create_app(predictor)) as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium)
         page = browser.new_page(viewport={"width": args.width, "height": 600})
         page.goto(url)

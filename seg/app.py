@@ -1,6 +1,6 @@
 """Web demo: upload a photo, see its colour overlay with the class legend, download the label PNG.
 
-    python -m seg.app --pretrained pretrained/demo                  # a folder written by save_pretrained
+    python -m seg.app --pretrained pretrained/demo                  # a saved model: a folder or a Hub id
     python -m seg.app --config configs/demo.yaml --ckpt_path logs/demo/checkpoints/best.ckpt
 
 serves http://127.0.0.1:8000 (``--host``, ``--port``). Needs the ``app`` extra (``pip install -e ".[app]"``:
@@ -36,7 +36,8 @@ from fastapi.responses import HTMLResponse
 from PIL import Image
 
 from seg.data.ade20k import read_rgb
-from seg.pretrained import Pretrained, from_checkpoint, load_pretrained
+from seg.predictor import Predictor
+from seg.pretrained import from_checkpoint
 from seg.writers import JPEG_QUALITY, blend_labels, classes_by_area, label_image, make_overlay
 
 __all__ = ["MAX_UPLOAD_BYTES", "create_app", "main", "segment_upload", "serve_in_background"]
@@ -69,7 +70,7 @@ def _hex(colour: Sequence[int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in colour))
 
 
-def segment_upload(pretrained: Pretrained, data: bytes, filename: str, alpha: float = 0.5) -> dict[str, Any]:
+def segment_upload(predictor: Predictor, data: bytes, filename: str, alpha: float = 0.5) -> dict[str, Any]:
     """Segment one uploaded file.
 
     Returns:
@@ -90,9 +91,9 @@ def segment_upload(pretrained: Pretrained, data: bytes, filename: str, alpha: fl
         raise HTTPException(status_code=415, detail=f"{filename or 'the upload'} is not an image that can be read "
                                                     f"(JPEG, PNG, WebP, BMP, ...): {reason}") from err
     start = time.perf_counter()
-    labels = pretrained.predict(image)  # (H, W) class indices at the photo's size
+    labels = predictor.predict(image)  # (H, W) class indices at the photo's size
     seconds = time.perf_counter() - start
-    names, palette = pretrained.class_names, pretrained.palette
+    names, palette = predictor.class_names, predictor.palette
     areas = np.bincount(labels.ravel(), minlength=len(names))
     stem = Path(filename).stem or "image"
     return {
@@ -112,19 +113,19 @@ def segment_upload(pretrained: Pretrained, data: bytes, filename: str, alpha: fl
     }
 
 
-def create_app(pretrained: Pretrained, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
     """The demo's FastAPI application around one loaded model."""
     app = FastAPI(title="FLatten segmentation demo", docs_url=None, redoc_url=None)
     lock = threading.Lock()  # one prediction at a time: requests run in a thread pool
-    config = pretrained.model.config
+    config = predictor.model.config
     info = {
         "model": f"{config['encoder']} + {config['decoder']}",
-        "num_classes": len(pretrained.class_names),
-        "test_scale": list(pretrained.test_scale),
-        "inference": pretrained.inference.mode,
+        "num_classes": len(predictor.class_names),
+        "test_scale": list(predictor.test_scale),
+        "inference": predictor.inference.mode,
         "max_upload_bytes": max_upload_bytes,
-        "classes": [{"id": i, "name": n, "color": _hex(pretrained.palette[i])}
-                    for i, n in enumerate(pretrained.class_names)],
+        "classes": [{"id": i, "name": n, "color": _hex(predictor.palette[i])}
+                    for i, n in enumerate(predictor.class_names)],
     }
 
     @app.get("/", response_class=HTMLResponse)
@@ -142,7 +143,7 @@ def create_app(pretrained: Pretrained, max_upload_bytes: int = MAX_UPLOAD_BYTES)
             raise HTTPException(status_code=413, detail=f"{image.filename} is larger than "
                                                         f"{max_upload_bytes // 2**20} MiB")
         with lock:
-            return segment_upload(pretrained, data, image.filename or "")
+            return segment_upload(predictor, data, image.filename or "")
 
     return app
 
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Serve the segmentation demo page. Give a pretrained folder, or a run's config and checkpoint "
         "(any other argument, e.g. --config or --model..., is read as by `python cli.py`).",
     )
-    parser.add_argument("--pretrained", help="folder written by save_pretrained / python -m seg.pretrained")
+    parser.add_argument("--pretrained", help="a saved model (python -m seg.pretrained): a folder or a Hub id")
     parser.add_argument("--ckpt_path", help="Lightning checkpoint of a run, with its --config")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -187,16 +188,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.pretrained:
         if cli_args:
             parser.error(f"unrecognized arguments with --pretrained: {' '.join(cli_args)}")
-        pretrained = load_pretrained(args.pretrained, map_location=args.device)
+        predictor = Predictor.from_pretrained(args.pretrained, map_location=args.device)
     else:
         if not cli_args:
             parser.error("--ckpt_path needs the run's config: --config configs/<experiment>.yaml")
-        pretrained = from_checkpoint(cli_args, args.ckpt_path)
-        pretrained.model.to(torch.device(args.device))
+        predictor = from_checkpoint(cli_args, args.ckpt_path)
+        predictor.model.to(torch.device(args.device))
 
-    config = pretrained.model.config
+    config = predictor.model.config
     print(f"{config['encoder']} + {config['decoder']}: open http://{args.host}:{args.port}/ in a browser")
-    uvicorn.run(create_app(pretrained), host=args.host, port=args.port)
+    uvicorn.run(create_app(predictor), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
     python -m seg.export --config configs/demo.yaml --ckpt_path logs/demo/checkpoints/best.ckpt \\
         --format onnx --out model.onnx
 
+    python -m seg.export --pretrained pretrained/demo --format onnx --out model.onnx   # or a saved model
+
 The exported graph maps a normalised image (1, 3, H, W) to logits (1, K, H, W) with H and W dynamic. The
 model is built from the config files exactly as ``cli.py`` builds it (same parser, same links), the
-checkpoint is read with ``weights_only=True``, and every attention is switched to the ``reference`` backend
+checkpoint is read with ``weights_only=True`` (by :func:`seg.checkpoint.load_checkpoint`, which lists the
+names that do not match), and every attention is switched to the ``reference`` backend
 (the ``cpu`` backend calls a private oneDNN operator that exporters cannot trace).
 
 Both formats start from one strict ``torch.export.export`` with dynamic height and width; ONNX is then
@@ -25,17 +28,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import import_object
 from torch import Tensor, nn
 
-from seg.cli import SegmentationArgumentParser, SegmentationCLI
-from seg.data import SegmentationDataModule
 from seg.kernels import set_backend
 from seg.layers import WindowAttention
 from seg.models import Segmentor
-from seg.task import SegmentationTask
+from seg.predictor import Predictor
+from seg.pretrained import from_config
 
-__all__ = ["ExportFormat", "WholeImage", "export_onnx", "export_program", "load_segmentor", "main"]
+__all__ = ["ExportFormat", "WholeImage", "export_onnx", "export_program", "load_predictor", "load_segmentor", "main",
+           "preprocessing"]
 
 ExportFormat = Literal["onnx", "torch_export"]
 MIN_OPSET = 18
@@ -52,37 +54,52 @@ class WholeImage(nn.Module):
         return self.model(image)["out"]
 
 
-def load_segmentor(configs: Sequence[str], ckpt_path: str | None = None, overrides: Sequence[str] = ()) -> Segmentor:
-    """The config's segmentor in eval mode on the ``reference`` attention backend, with the checkpoint's weights.
+def load_predictor(
+    configs: Sequence[str] = (),
+    ckpt_path: str | None = None,
+    overrides: Sequence[str] = (),
+    pretrained: str | None = None,
+) -> Predictor:
+    """The model to export with its preprocessing, the segmentor in eval mode on the ``reference`` attention backend.
 
     Args:
-        configs: config files, composed in order as ``cli.py --config a --config b`` does.
-        ckpt_path: a Lightning checkpoint of :class:`~seg.task.SegmentationTask` (read with ``weights_only=True``),
-            or a plain state dict of the segmentor; None keeps the initial weights.
+        configs: config files, composed in order as ``cli.py --config a --config b`` does; the model is built
+            as ``cli.py`` builds it (:func:`seg.pretrained.from_config`).
+        ckpt_path: a Lightning checkpoint of :class:`~seg.task.SegmentationTask`, or a plain state dict of the
+            segmentor, read by :func:`seg.checkpoint.load_checkpoint` (``weights_only=True``; a mismatch lists
+            the names); None keeps the initial weights.
         overrides: extra command-line style arguments, e.g. ``["--data.num_classes", "5"]``.
+        pretrained: instead of configs: a saved model (a folder or a Hub id, ``Predictor.from_pretrained``).
     """
-    args = [arg for path in configs for arg in ("--config", str(path))] + list(overrides)
-    cli = _ParseOnlyCLI(SegmentationTask, SegmentationDataModule, args=args, run=False,
-                        parser_class=SegmentationArgumentParser, seed_everything_default=0)
-    spec = cli.config.model.model  # class_path + init_args, num_classes already linked from the data module
-    init_args = spec.init_args.as_dict() if hasattr(spec.init_args, "as_dict") else dict(spec.init_args)
-    model = import_object(spec.class_path)(**init_args)
-    if ckpt_path is not None:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
-        prefix = "model."  # SegmentationTask holds the segmentor as ``model``
-        if any(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-        model.load_state_dict(state)
-    set_backend(model, "reference")
-    return model.eval()
+    if pretrained is not None:
+        if configs or ckpt_path or overrides:
+            raise ValueError("give either a saved model (pretrained) or configs with a checkpoint, not both")
+        predictor = Predictor.from_pretrained(pretrained)
+    else:
+        args = [arg for path in configs for arg in ("--config", str(path))] + list(overrides)
+        predictor = from_config(args, ckpt_path)
+    set_backend(predictor.model, "reference")
+    predictor.model.eval()
+    return predictor
 
 
-class _ParseOnlyCLI(SegmentationCLI):
-    """The CLI's parser, links and config composition, without instantiating anything (no data, trainer, logs)."""
+def load_segmentor(
+    configs: Sequence[str] = (),
+    ckpt_path: str | None = None,
+    overrides: Sequence[str] = (),
+    pretrained: str | None = None,
+) -> Segmentor:
+    """The segmentor of :func:`load_predictor` (same arguments)."""
+    return load_predictor(configs, ckpt_path, overrides, pretrained).model
 
-    def instantiate_classes(self) -> None:
-        pass
+
+def preprocessing(predictor: Predictor) -> str:
+    """What the exported graph expects of its input, in words: the predictor's evaluation preprocessing."""
+    long, short = predictor.test_scale
+    mean = ", ".join(f"{v:g}" for v in predictor.mean)
+    std = ", ".join(f"{v:g}" for v in predictor.std)
+    return (f"input: an RGB photo rescaled to fit {long} x {short} (long x short side, keeping its aspect ratio), "
+            f"then (x - mean) / std per channel on the 0-255 scale, mean ({mean}), std ({std})")
 
 
 def export_supported() -> bool:
@@ -189,8 +206,9 @@ def export_onnx(program: torch.export.ExportedProgram, path: str | Path, opset: 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m seg.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", action="append", required=True, help="config file (repeat to compose)")
+    parser.add_argument("--config", action="append", default=[], help="config file (repeat to compose)")
     parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint (weights_only); none: initial weights")
+    parser.add_argument("--pretrained", default=None, help="instead of --config: a saved model (folder or Hub id)")
     parser.add_argument("--format", choices=["onnx", "torch_export"], default="onnx")
     parser.add_argument("--out", required=True, help="output file (.onnx, or .pt2 for torch_export)")
     parser.add_argument("--height", type=int, default=512, help="example image height the graph is traced at")
@@ -198,7 +216,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--opset", type=int, default=MIN_OPSET)
     parser.add_argument("--static", action="store_true", help="fix H x W to --height x --width")
     args, overrides = parser.parse_known_args(argv)
-    model = load_segmentor(args.config, args.ckpt_path, overrides)
+    if bool(args.config) == bool(args.pretrained):
+        parser.error("give either --config <experiment>.yaml [--ckpt_path FILE] or --pretrained DIR")
+    predictor = load_predictor(args.config, args.ckpt_path, overrides, args.pretrained)
+    model = predictor.model
     program = export_program(model, torch.randn(1, 3, args.height, args.width), dynamic=not args.static)
     sizes = ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in size_range(program).items())
     if args.format == "onnx":
@@ -208,8 +229,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(out))
     print(f"wrote {out} ({args.format}; image (1, 3, H, W) -> logits (1, {model.num_classes}, H, W), {sizes})")
+    print(preprocessing(predictor))
     return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

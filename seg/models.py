@@ -23,6 +23,7 @@ A batch of images padded to a common size is segmented image by image at each im
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from segmentation_models_pytorch.base.initialization import initialize_decoder
 from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
 from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
@@ -37,6 +39,7 @@ from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from segmentation_models_pytorch.encoders import get_encoder
 from torch import Tensor, nn
 
+from seg import hub
 from seg.heads import AuxFCNHead, SemanticFPNHead
 
 __all__ = ["DECODERS", "DecoderName", "NoDecayRule", "Segmentor", "SmpDecodeHead", "no_decay_names"]
@@ -145,8 +148,17 @@ DECODERS: dict[str, _DecoderSpec] = {
 assert set(DECODERS) == set(get_args(DecoderName)), "DECODERS and DecoderName must list the same names"
 
 
-class Segmentor(nn.Module):
+class Segmentor(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="flatten-seg",
+    tags=list(hub.CARD_TAGS),
+):
     """Encoder + decode head (+ auxiliary FCN head on the stride-16 map in training).
+
+    Saves and loads itself with huggingface_hub's ``PyTorchModelHubMixin``: :meth:`save_pretrained` writes
+    ``config.json`` (:attr:`arguments`), ``model.safetensors`` and a model card (``README.md``) into a folder,
+    ``push_to_hub`` uploads them, :meth:`from_pretrained` reads a folder or a Hub id (see :mod:`seg.hub`).
 
     Args:
         encoder: timm model name (``flatten_pvt_tiny``, ``pvt_v2_b0``, ...), built features-only.
@@ -209,11 +221,12 @@ class Segmentor(nn.Module):
             self.decode_head.to(memory_format=torch.channels_last)
             if self.aux_head is not None:
                 self.aux_head.to(memory_format=torch.channels_last)
-        self.config = dict(  # the architecture, for save_pretrained (weights come from the saved file)
+        self.config = dict(  # the architecture (weights come from the saved file)
             encoder=encoder, decoder=decoder, num_classes=num_classes, decoder_channels=decoder_channels,
             aux_head=aux_head, encoder_kwargs=dict(encoder_kwargs or {}), pad_multiple=pad_multiple,
             channels_last=channels_last,
         )
+        self._hub_mixin_config = {**self.arguments, "format": hub.FORMAT, "version": hub.VERSION}  # config.json
 
     @property
     def encoder_channels(self) -> list[int]:
@@ -291,19 +304,62 @@ class Segmentor(nn.Module):
             decayed["weight_decay"] = weight_decay
         return [decayed] if rule == "decay_all" else [decayed, {"params": no_decay, "weight_decay": 0.0}]
 
-    def save_pretrained(self, directory: str | Path, **metadata: Any) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory``; ``metadata``: ``class_names``,
-        ``palette``, ``mean``, ``std``, ``test_scale``, ``inference`` (see :func:`seg.pretrained.save_pretrained`)."""
-        from seg.pretrained import save_pretrained  # seg.pretrained imports this module
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """The architecture: the constructor's arguments as JSON values, as ``config.json`` holds them, without
+        the ImageNet ``encoder_checkpoint`` (saved or checkpointed weights replace it)."""
+        kwargs = {k: v for k, v in self.config["encoder_kwargs"].items() if k != "pretrained_cfg_overlay"}
+        try:
+            kwargs = json.loads(json.dumps(kwargs))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"encoder_kwargs {kwargs} cannot be written to {hub.CONFIG_FILE}: {err}") from err
+        return {**self.config, "encoder_kwargs": kwargs}
 
-        return save_pretrained(self, directory, **metadata)
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's weights file, written through a temporary file (contiguous tensors)."""
+        hub.write_weights(self, Path(save_directory) / hub.WEIGHTS_FILE)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The model card: encoder, decoder and classes, plus ``dataset`` (the data-set section of config.json)
+        and ``metrics`` when given (``save_pretrained(..., model_card_kwargs=dict(dataset=..., metrics=...))``)."""
+        return hub.model_card(self.arguments, kwargs.get("dataset"), kwargs.get("metrics"))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Segmentor:
-        """The segmentor saved by :meth:`save_pretrained` in ``directory``, in eval mode."""
-        from seg.pretrained import load_pretrained  # seg.pretrained imports this module
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        map_location: str | torch.device = "cpu",
+        **model_kwargs: Any,
+    ) -> Segmentor:
+        """The segmentor saved in a folder or a Hub repository, in eval mode on ``map_location``.
 
-        return load_pretrained(directory, map_location).model
+        The mixin's own loader is replaced (same arguments): it would load weights non-strictly, name no file
+        in its errors and not read version 1 folders. ``model_kwargs`` override the saved arguments.
+
+        Raises:
+            FileNotFoundError: the folder, ``config.json`` or ``model.safetensors`` is missing (named).
+            ValueError: a file cannot be read, or the config and the weights do not match (both named; the
+                missing, unexpected and mis-shaped names listed).
+        """
+        where = dict(force_download=force_download, token=token, cache_dir=cache_dir,
+                     local_files_only=local_files_only, revision=revision)
+        config_path = hub.resolve_file(pretrained_model_name_or_path, hub.CONFIG_FILE, **where)
+        weights_path = hub.resolve_file(pretrained_model_name_or_path, hub.WEIGHTS_FILE, **where)
+        arguments = {**hub.read_config(config_path)["model"], **model_kwargs}
+        try:
+            model = cls(**arguments)
+        except Exception as err:
+            raise ValueError(f"{config_path}: cannot build the segmentor from its arguments: "
+                             f"{type(err).__name__}: {err}") from err
+        state = hub.read_weights(weights_path)
+        hub.load_weights(model, state, f"{weights_path} does not match the model described by {config_path}")
+        return model.to(map_location).eval()
 
 
 def no_decay_names(model: nn.Module, rule: NoDecayRule) -> set[str]:

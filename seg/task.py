@@ -30,6 +30,11 @@ def clean_param_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
+def _class_path(obj: object) -> str:
+    """The dotted path of an object's class, as jsonargparse names it."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
 
@@ -72,6 +77,10 @@ class SegmentationTask(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "class_names"])
+        if "_instantiator" in self.hparams:  # built by LightningCLI: load_from_checkpoint rebuilds through it
+            # the architecture, not the CLI's arguments: an ImageNet `encoder_checkpoint` is not needed (the
+            # checkpoint holds the weights) and may not exist where the checkpoint is loaded
+            self.hparams["model"] = {"class_path": _class_path(model), "init_args": model.arguments}
         self.model = model
         self.ignore_index = ignore_index
         self.aux_weight = aux_weight

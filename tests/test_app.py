@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from seg.app import create_app, main, serve_in_background  # noqa: E402
 from seg.data import read_rgb  # noqa: E402
 from seg.models import Segmentor  # noqa: E402
-from seg.pretrained import Pretrained, load_pretrained  # noqa: E402
+from seg.predictor import Predictor  # noqa: E402
 
 NAMES = ["sky", "grass", "road", "tree", "water"]
 PHOTO_SIZE = (90, 150)  # (H, W)
@@ -44,17 +44,17 @@ def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       aux_head=False)
     with torch.no_grad():  # spread the classifier's output so several classes show up
         model.decode_head.classifier.weight.mul_(50)
-    return model.save_pretrained(tmp_path_factory.mktemp("pretrained") / "tiny", class_names=NAMES,
-                                 test_scale=(128, 64))
+    predictor = Predictor(model, class_names=NAMES, test_scale=(128, 64))
+    return predictor.save_pretrained(tmp_path_factory.mktemp("pretrained") / "tiny")
 
 
 @pytest.fixture(scope="module")
-def bundle(pretrained_dir: Path) -> Pretrained:
-    return load_pretrained(pretrained_dir)
+def bundle(pretrained_dir: Path) -> Predictor:
+    return Predictor.from_pretrained(pretrained_dir)
 
 
 @pytest.fixture(scope="module")
-def client(bundle: Pretrained) -> TestClient:
+def client(bundle: Predictor) -> TestClient:
     return TestClient(create_app(bundle, max_upload_bytes=200_000))
 
 
@@ -72,7 +72,7 @@ def test_page_and_info(client: TestClient) -> None:
     assert [c["name"] for c in info["classes"]] == NAMES and info["test_scale"] == [128, 64]
 
 
-def test_segment_returns_the_prediction_files(client: TestClient, bundle: Pretrained, tmp_path: Path) -> None:
+def test_segment_returns_the_prediction_files(client: TestClient, bundle: Predictor, tmp_path: Path) -> None:
     path = photo(tmp_path / "street view.jpg")
     response = client.post("/api/segment", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
     assert response.status_code == 200, response.text
@@ -110,7 +110,7 @@ def test_main_needs_one_model_source(pretrained_dir: Path) -> None:
 
 
 @pytest.fixture
-def server(bundle: Pretrained) -> Iterator[str]:
+def server(bundle: Predictor) -> Iterator[str]:
     """The demo served by uvicorn on a free localhost port."""
     with serve_in_background(create_app(bundle)) as url:
         yield url
@@ -131,7 +131,7 @@ _IMAGE_STATS = """img => {
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install -y chromium)")
-def test_page_in_headless_chromium(server: str, bundle: Pretrained, tmp_path: Path) -> None:
+def test_page_in_headless_chromium(server: str, bundle: Predictor, tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (dev extra)")
     path = photo(tmp_path / "photo.jpg")
     expected = bundle.predict(read_rgb(path))

@@ -1,5 +1,6 @@
 """Distributed correctness on CPU with gloo: ``python cli.py`` under 2-process DDP, an uneven validation split
-scored exactly as by one process, two "nodes" of one process each on loopback, and the SyncBatchNorm guard."""
+scored exactly as by one process, two "nodes" of one process each on loopback, and the SyncBatchNorm guard; and
+the harness that keeps a stalled rank from blocking the run (tests/_ranks.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import csv
 import os
 import shutil
 import socket
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from _ranks import run_commands, run_ranks
 
 from seg.cli import cli_main
 from seg.data import DEMO_CLASS_NAMES, make_demo_dataset
@@ -21,7 +23,7 @@ REPO = Path(__file__).parents[1]
 EXPERIMENT = REPO / "configs" / "flatten_pvt_tiny_fpn_ade20k_80k.yaml"
 CPU = REPO / "configs" / "trainer" / "cpu.yaml"
 NUM_CLASSES = len(DEMO_CLASS_NAMES)
-TIMEOUT = 240  # seconds per subprocess; the runs take 10-30 s
+TIMEOUT = 240  # seconds per run (each rank's stack is printed when it is exceeded); the runs take 10-30 s
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +70,7 @@ def last_logged(metrics_csv: Path, keys: tuple[str, ...]) -> dict[str, float]:
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
-    cwd.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
-    return output
+    return run_commands([(command, cwd, env)], TIMEOUT)[0]
 
 
 def test_ddp_fit_and_uneven_validation_match_one_process(demo_root: Path, tmp_path: Path,
@@ -116,23 +114,13 @@ def test_two_nodes_on_loopback(demo_root: Path, tmp_path: Path) -> None:
     command = cli_command("fit", demo_root, "--trainer.strategy=ddp", "--trainer.devices=1",
                           "--trainer.num_nodes=2", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
                           "--trainer.num_sanity_val_steps=0")
-    processes = []
+    runs = []
     for node in (0, 1):
         env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node), WORLD_SIZE="2",
                         LOCAL_RANK="0")
-        cwd = tmp_path / f"node{node}"
-        cwd.mkdir()
-        processes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=TIMEOUT)[0])
-    finally:
-        for process in processes:
-            process.kill()
-    for node, (process, output) in enumerate(zip(processes, outputs, strict=True)):
-        assert process.returncode == 0, f"node {node}:\n{output[-4000:]}"
+        runs.append((command, tmp_path / f"node{node}", env))
+    outputs = run_commands(runs, TIMEOUT)
+    for node, output in enumerate(outputs):
         assert f"MEMBER: {node + 1}/2" in output  # global rank node of world size 2
     assert "1 devices x 2 nodes x 2 per-device batch x 1 accumulation = 4" in outputs[0]
     assert "`max_steps=2` reached" in outputs[0]
@@ -143,8 +131,28 @@ def test_sync_batchnorm_under_cpu_ddp_is_explained(demo_root: Path, tmp_path: Pa
     command = cli_command("fit", demo_root, "--trainer.strategy=ddp", "--trainer.devices=2",
                           "--trainer.sync_batchnorm=true", "--trainer.max_steps=1",
                           "--trainer.callbacks+=seg.scaling.SyncBatchNormCheck")
-    (tmp_path / "run").mkdir()
-    done = subprocess.run(command, cwd=tmp_path / "run", env=clean_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    assert done.returncode != 0
-    assert "sync_batchnorm=true needs CUDA devices" in done.stdout + done.stderr
+    with pytest.raises(pytest.fail.Exception, match="sync_batchnorm=true needs CUDA devices"):
+        run(command, tmp_path / "run", clean_env())
+
+
+def test_a_stalled_rank_fails_with_its_stack(tmp_path: Path) -> None:
+    """Rank 1 never finishes: within the deadline (+ grace) the test fails showing where rank 1 waits."""
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_ranks("_ranks:wait_for_a_peer_that_never_comes", 2, tmp_path, 3)
+    assert time.monotonic() - start < 30
+    message = str(failure.value)
+    assert "ranks [1] of 2 failed or stalled" in message and "rank 0" not in message
+    assert "Timeout (0:00:03)!" in message and "in wait_for_a_peer_that_never_comes" in message
+
+
+def test_a_stalled_launcher_fails_with_the_stacks_of_its_children(tmp_path: Path) -> None:
+    """A launcher whose child never finishes (as Lightning's DDP launcher starts rank 1): both stacks, no hang."""
+    child = "import time\ndef child_rank_waits():\n    time.sleep(3600)\nchild_rank_waits()"
+    launcher = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(3600)"
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_commands([([sys.executable, "-c", launcher], tmp_path, clean_env())], 3)
+    assert time.monotonic() - start < 30
+    message = str(failure.value)
+    assert "did not finish within 3 s" in message and "in child_rank_waits" in message

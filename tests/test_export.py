@@ -7,10 +7,19 @@ import pytest
 import torch
 
 import seg  # noqa: F401  (registers the encoders)
-from seg.export import WholeImage, export_onnx, export_program, export_supported, load_segmentor
+from seg.export import (
+    WholeImage,
+    export_onnx,
+    export_program,
+    export_supported,
+    load_predictor,
+    load_segmentor,
+    preprocessing,
+)
 from seg.kernels import set_backend
 from seg.layers import FocusedLinearAttention
 from seg.models import Segmentor
+from seg.predictor import Predictor
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -106,6 +115,22 @@ def test_cli_builds_from_config_and_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(WholeImage(model)(image), reference(image)["out"])
     assert not (tmp_path / "data").exists()
+
+
+def test_saved_model_with_its_preprocessing(tmp_path):
+    """--pretrained: the saved model on the reference backend, and the input the graph expects, in words."""
+    reference = _segmentor("test_flatten_pvt_v2", "semantic_fpn")
+    Predictor(reference, test_scale=(640, 160), mean=(100, 110, 120)).save_pretrained(tmp_path / "saved")
+    predictor = load_predictor(pretrained=str(tmp_path / "saved"))
+    assert all(m.fast_path is None for m in predictor.model.modules() if isinstance(m, FocusedLinearAttention))
+    image = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(WholeImage(predictor.model)(image), reference(image)["out"], rtol=0, atol=0)
+    assert preprocessing(predictor) == (
+        "input: an RGB photo rescaled to fit 640 x 160 (long x short side, keeping its aspect ratio), then "
+        "(x - mean) / std per channel on the 0-255 scale, mean (100, 110, 120), std (58.395, 57.12, 57.375)")
+    with pytest.raises(ValueError, match="not both"):
+        load_predictor(["configs/demo.yaml"], pretrained=str(tmp_path / "saved"))
 
 
 def test_bin_average_pool_equals_adaptive_average_pool() -> None:

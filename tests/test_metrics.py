@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import run_ranks
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from seg.metrics import SegmentationMetric, confusion_matrix
@@ -162,23 +160,20 @@ def test_other_ignore_index() -> None:
     assert torch.equal(a.confmat, b.confmat)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ddp_worker(rank: int, port: int, preds: torch.Tensor, target: torch.Tensor, out_dir: str) -> None:
+def ddp_worker(rank: int, world_size: int, store: str, data: str, out_dir: str) -> None:
+    """One rank of the test below: its share of the samples (uneven: 1 sample vs the rest), then compute()."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world_size), rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))  # a lost peer fails a collective in 60 s, not 30 min
     try:
+        preds, target = torch.load(data, weights_only=True)
         metric = SegmentationMetric(7)
-        share = range(0, 1) if rank == 0 else range(1, len(preds))  # uneven: 1 sample vs the rest
+        share = range(0, 1) if rank == 0 else range(1, len(preds))
         for i in share:
             metric.update(preds[i : i + 1], target[i : i + 1])
         result = metric.compute()
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank closes its connections while the other may still be in the last collective
     finally:
         dist.destroy_process_group()
 
@@ -189,15 +184,9 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
     single = SegmentationMetric(7)
     single.update(preds, target)
     expected = single.compute()
-    # fork, not spawn: spawned children re-import torch, torchmetrics and timm (~20 s here vs 0.3 s)
-    args = (_free_port(), preds, target, str(tmp_path))
-    context = mp.start_processes(_ddp_worker, args=args, nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("DDP workers did not finish within 60 s")
+    torch.save((preds, target), tmp_path / "maps.pt")
+    # fresh interpreters meeting through a file: no fork of this process, no port (see tests/_ranks.py)
+    run_ranks("test_metrics:ddp_worker", 2, tmp_path / "ranks", 180, str(tmp_path / "maps.pt"), str(tmp_path))
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(result["confusion_matrix"], expected["confusion_matrix"])

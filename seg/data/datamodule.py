@@ -35,7 +35,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from seg.data.ade20k import ADE20K_CLASSES, ImageFolder, SegmentationFolder, load_class_names
-from seg.data.synthetic import ensure_demo_dataset
+from seg.data.synthetic import DEMO_CLASS_NAMES, ensure_demo_dataset
 from seg.data.transforms import eval_transform, train_transform
 
 __all__ = ["SegmentationDataModule", "SkipBadSamples", "SkipLedger", "SkippingDataLoader", "seed_worker"]
@@ -200,8 +200,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         train_split: training split folder name.
         val_split: validation (and test) split folder name.
         predict_root: folder (recursive) or image file to predict on.
-        demo: the bundled synthetic demo set: generate it into ``root`` on first use (deterministic,
-            seconds, no download); a complete copy is reused.
+        demo: the bundled synthetic demo set: generated into ``root`` by :meth:`prepare_data` when a run
+            fits, validates or tests (deterministic, seconds, no download; a complete copy is reused), never
+            for predict.
         skip_bad_samples: pass over unusable samples with a warning naming the file, and count them (see the
             module docstring), instead of stopping with an error.
     """
@@ -230,8 +231,7 @@ class SegmentationDataModule(pl.LightningDataModule):
                              f"{batch_size}, {num_workers}")
         self.save_hyperparameters()
         self.root = Path(root)
-        if demo:  # before anything reads root (class names are linked into the model at instantiation)
-            ensure_demo_dataset(self.root)
+        self.demo = demo
         self.crop_size = crop_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -290,6 +290,8 @@ class SegmentationDataModule(pl.LightningDataModule):
                 raise ValueError(f"class names file {path} holds {len(names)} names but num_classes is "
                                  f"{self.num_classes}")
             return names
+        if self.demo and self.num_classes == len(DEMO_CLASS_NAMES):  # the demo set's names, without generating it
+            return list(DEMO_CLASS_NAMES)
         if self.num_classes == len(ADE20K_CLASSES):
             return list(ADE20K_CLASSES)
         return [f"class_{i}" for i in range(self.num_classes)]
@@ -316,6 +318,14 @@ class SegmentationDataModule(pl.LightningDataModule):
             reduce_zero_label=self.reduce_zero_label,
             original_mask=not train,
         )
+
+    def prepare_data(self) -> None:
+        """Generate the demo set into ``root`` (``demo=True``; once per machine, before ``setup``), unless the run
+        only predicts."""
+        trainer = self.trainer
+        predicting = trainer is not None and trainer.state.fn == "predict"
+        if self.demo and not predicting:
+            ensure_demo_dataset(self.root)
 
     def setup(self, stage: str | None = None) -> None:
         """Index the splits that ``stage`` (fit / validate / test / predict; None: all) needs."""

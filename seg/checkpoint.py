@@ -1,0 +1,70 @@
+"""Lightning checkpoints: the one reader of a training checkpoint's segmentor weights, for every command that
+loads a run (``seg.pretrained``, ``seg.export``, ``seg.app``) and for predictions from a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from seg.hub import load_weights
+
+__all__ = ["best_score", "load_checkpoint", "read_checkpoint", "segmentor_state"]
+
+PREFIX = "model."  # SegmentationTask holds the segmentor as `model`
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint file read as tensors and plain data only (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file cannot be read that way, or holds no state dict (the file named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {path} (tensors only, weights_only=True): {err}") from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not a checkpoint (a dict with a 'state_dict', or a state dict)")
+    return checkpoint
+
+
+def segmentor_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
+    """The segmentor's tensors of a Lightning checkpoint of SegmentationTask (``state_dict`` entries under
+    ``model.``), or of a plain state dict of the segmentor."""
+    state = checkpoint.get("state_dict", checkpoint)
+    if any(key.startswith(PREFIX) for key in state):
+        return {key[len(PREFIX):]: value for key, value in state.items() if key.startswith(PREFIX)}
+    return dict(state)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], built_from: str = "the config") -> dict[str, Any]:
+    """Load the segmentor weights of a checkpoint into ``model``, strictly; returns the checkpoint.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unreadable file, or weights that do not match ``model`` (the missing, unexpected and
+            mis-shaped names listed, after "<path> does not match the model built from <built_from>").
+    """
+    checkpoint = read_checkpoint(path)
+    load_weights(model, segmentor_state(checkpoint), f"{path} does not match the model built from {built_from}")
+    return checkpoint
+
+
+def best_score(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> dict[str, float] | None:
+    """``{monitor: score}`` when ``path`` is the best checkpoint its ModelCheckpoint kept (e.g. ``best.ckpt`` with
+    ``val/mIoU``), else None: the score of the weights in that file, for the model card."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, dict):
+            continue
+        best, score, monitor = state.get("best_model_path"), state.get("best_model_score"), state.get("monitor")
+        if best and monitor and score is not None and Path(best).name == Path(path).name:
+            return {str(monitor): float(score)}
+    return None

@@ -1,0 +1,171 @@
+"""Predictor: a segmentor with the facts of its data set and its inference settings. A photo in, labels out.
+
+It is what ``python -m seg.pretrained`` writes, what the web demo and ``seg.export`` load, and what a user of a
+trained model needs::
+
+    predictor = Predictor.from_pretrained("pretrained/demo")  # a folder or a Hugging Face Hub id
+    labels = predictor.predict(rgb)  # uint8 (H, W, 3) -> (H, W) class indices, as `cli.py predict` computes them
+    predictor.save_pretrained("pretrained/copy")  # config.json + model.safetensors + README.md (model card)
+
+The files are the segmentor's own (:meth:`seg.models.Segmentor.save_pretrained`); the predictor adds the
+``dataset`` (name, class names, palette, normalisation mean / std, evaluation rescale), ``inference`` and
+``metrics`` sections to ``config.json`` and the model card (see :mod:`seg.hub`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seg import hub
+from seg.data import SegmentationDataModule
+from seg.data.ade20k import ADE20K_CLASSES, image_to_tensor, make_palette
+from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from seg.inference import InferenceConfig, run_inference
+from seg.models import Segmentor
+
+__all__ = ["DEFAULT_TEST_SCALE", "Predictor"]
+
+DEFAULT_TEST_SCALE: tuple[int, int] = inspect.signature(SegmentationDataModule).parameters["test_scale"].default
+
+
+@dataclass
+class Predictor:
+    """A segmentor with its classes, colours, preprocessing and inference mode.
+
+    Args:
+        model: the network.
+        class_names: one name per class; None: the ADE20K names for 150 classes, else ``class_0``, ...
+        palette: (K, 3) RGB colours, integers 0..255; None: ``make_palette(K)``, the prediction writer's colours.
+        mean: per-channel RGB mean on the 0-255 scale, subtracted before the network.
+        std: per-channel RGB standard deviation on the 0-255 scale.
+        test_scale: (long, short) box images are rescaled to fit (keeping their aspect ratio).
+        inference: whole-image, sliding-window or multi-scale inference.
+        dataset: name of the training data set, for the model card (None: not known).
+        metrics: validation scores, e.g. ``{"val/mIoU": 0.69}``, for the model card (None: not known).
+    """
+
+    model: Segmentor
+    class_names: list[str] | None = None
+    palette: np.ndarray | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    test_scale: tuple[int, int] = DEFAULT_TEST_SCALE
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    dataset: str | None = None
+    metrics: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        k = self.model.num_classes
+        if self.class_names is None:
+            self.class_names = list(ADE20K_CLASSES) if k == len(ADE20K_CLASSES) else [f"class_{i}" for i in range(k)]
+        self.class_names = [str(name) for name in self.class_names]
+        self.palette = make_palette(len(self.class_names)) if self.palette is None else np.asarray(self.palette)
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        self.test_scale = (int(self.test_scale[0]), int(self.test_scale[1]))
+        problem = _check_dataset(k, self.class_names, self.palette, self.mean, self.std)
+        if problem:
+            raise ValueError(problem)
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike[str], map_location: str | torch.device = "cpu", **hub_kwargs: Any
+    ) -> Predictor:
+        """Load a folder or Hub repository written by :meth:`save_pretrained` (or by ``Segmentor.save_pretrained``:
+        then the defaults stand in for the data-set facts). ``hub_kwargs``: revision, cache_dir, token,
+        local_files_only, force_download.
+
+        Raises:
+            FileNotFoundError: a missing folder or file (named).
+            ValueError: an unreadable file, a bad entry, or weights that do not match the config (named).
+        """
+        config_path = hub.resolve_file(source, hub.CONFIG_FILE, **hub_kwargs)
+        config = hub.read_config(config_path)
+        dataset = config["dataset"] or {}
+        if not isinstance(dataset, dict):
+            raise ValueError(f"{config_path}: 'dataset' must be a mapping")
+        model = Segmentor.from_pretrained(source, map_location=map_location, **hub_kwargs)
+        try:
+            return cls(model, dataset.get("class_names"), dataset.get("palette"),
+                       tuple(dataset.get("mean", IMAGENET_MEAN)), tuple(dataset.get("std", IMAGENET_STD)),
+                       tuple(dataset.get("test_scale", DEFAULT_TEST_SCALE)),
+                       _inference(config["inference"]), dataset.get("name"), config["metrics"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{config_path}: {err}") from err
+
+    def config(self) -> dict[str, Any]:
+        """The content of ``config.json``: the segmentor's arguments and the dataset / inference / metrics."""
+        return {
+            **self.model._hub_mixin_config,
+            "dataset": self.dataset_facts(),
+            "inference": dataclasses.asdict(self.inference),
+            "metrics": self.metrics,
+        }
+
+    def dataset_facts(self) -> dict[str, Any]:
+        """The ``dataset`` section of ``config.json``."""
+        return {"name": self.dataset, "class_names": list(self.class_names), "palette": self.palette.tolist(),
+                "mean": list(self.mean), "std": list(self.std), "test_scale": list(self.test_scale)}
+
+    def save_pretrained(self, directory: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the model card (``README.md``, kept if the folder
+        already has one, as the mixin does) into ``directory``; ``kwargs`` go to the mixin (``push_to_hub=True,
+        repo_id=...`` also uploads). Returns the folder."""
+        card = {"dataset": self.dataset_facts(), "metrics": self.metrics}
+        self.model.save_pretrained(directory, config=self.config(), model_card_kwargs=card, **kwargs)
+        return Path(directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload the files of :meth:`save_pretrained` to a Hub repository (the mixin's ``push_to_hub``)."""
+        card = {"dataset": self.dataset_facts(), "metrics": self.metrics}
+        return self.model.push_to_hub(repo_id, config=self.config(), model_card_kwargs=card, **kwargs)
+
+    def transform(self) -> Any:
+        """The evaluation pipeline: keep-ratio rescale into ``test_scale``, normalise."""
+        return eval_transform(self.test_scale, self.mean, self.std)
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Class indices (H, W) of one uint8 (H, W, 3) RGB image, at its size, as ``cli.py predict`` computes
+        them (same rescale, normalisation and inference mode)."""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        x = image_to_tensor(self.transform()(image=image)["image"])[None].to(device)  # (1, 3, h, w)
+        logits = run_inference(lambda t: self.model(t)["out"], x, self.inference, tuple(image.shape[:2]),
+                               self.test_scale)  # (1, K, H, W)
+        return logits.argmax(dim=1)[0].cpu().numpy()
+
+
+def _inference(entry: Mapping[str, Any] | None) -> InferenceConfig:
+    """An ``inference`` section as an InferenceConfig (None: whole-image)."""
+    if entry is None:
+        return InferenceConfig()
+    try:
+        fields = {f.name for f in dataclasses.fields(InferenceConfig)}
+        if set(entry) - fields:
+            raise TypeError(f"unknown keys {sorted(set(entry) - fields)}")
+        return InferenceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"bad 'inference' entry: {err}") from err
+
+
+def _check_dataset(num_classes: int, class_names: Any, palette: np.ndarray, mean: Any, std: Any) -> str:
+    """What is wrong with the class names, palette and normalisation of a ``num_classes`` model ("" if nothing)."""
+    if not isinstance(class_names, list | tuple) or len(class_names) != num_classes:
+        count = len(class_names) if isinstance(class_names, list | tuple) else "no list of"
+        return f"{count} class names for a model of {num_classes} classes"
+    if palette.shape != (num_classes, 3) or not np.issubdtype(palette.dtype, np.integer) \
+            or palette.min(initial=0) < 0 or palette.max(initial=0) > 255:
+        return f"palette must be {num_classes} RGB triples of integers 0..255, got shape {palette.shape}"
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        return f"mean and std must be 3 values per RGB channel (std > 0), got {list(mean)} and {list(std)}"
+    return ""
