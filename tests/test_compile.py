@@ -19,6 +19,9 @@ pytestmark = pytest.mark.slow
 def test_compiled_training_step_equals_eager_and_keeps_checkpoint_keys() -> None:
     torch.manual_seed(0)
     model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=4, decoder_channels=16, aux_head=False)
+    for module in model.modules():  # compiled dropout draws other masks: compare without it
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     task = SegmentationTask(model, compile=True)
     keys = list(task.state_dict())
     batch = {"image": torch.randn(2, 3, 64, 64), "mask": torch.randint(0, 4, (2, 64, 64))}
