@@ -10,7 +10,7 @@ A folder written by :func:`save_pretrained` (or ``Segmentor.save_pretrained``) h
                          "preprocessing": {"mean": [...], "std": [...], "test_scale": [long, short]},
                          "inference": the InferenceConfig fields (whole / slide / multiscale)}
 
-``mean`` and ``std`` are per RGB channel on the 0-255 scale; ``test_scale`` is the (long, short) box images
+``mean`` and ``std`` are per RGB channel on the 8-bit pixel scale; ``test_scale`` is the (long, short) box images
 are rescaled to fit before the network, as in validation and predict. Write one from a Lightning checkpoint,
 the model built from the training config exactly as training built it::
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import sys
@@ -43,9 +42,10 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from seg.cli import SegmentationArgumentParser, SegmentationCLI
-from seg.data import ADE20K_CLASSES, SegmentationDataModule, make_palette
+from seg.data import ADE20K, SegmentationDataModule, make_palette
 from seg.data.ade20k import image_to_tensor
-from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from seg.data.spec import IMAGENET_MEAN, IMAGENET_STD, UINT8_MAX
+from seg.data.transforms import eval_transform
 from seg.inference import InferenceConfig
 from seg.models import Segmentor
 from seg.task import SegmentationTask
@@ -63,7 +63,7 @@ __all__ = [
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT, VERSION = "flatten-seg", 1
-DEFAULT_TEST_SCALE: tuple[int, int] = inspect.signature(SegmentationDataModule).parameters["test_scale"].default
+DEFAULT_TEST_SCALE: tuple[int, int] = ADE20K.test_scale
 
 
 @dataclass
@@ -74,8 +74,8 @@ class Pretrained:
         model: the network.
         class_names: one name per class.
         palette: uint8 (K, 3) RGB colour per class.
-        mean: per-channel RGB mean on the 0-255 scale, subtracted before the network.
-        std: per-channel RGB standard deviation on the 0-255 scale.
+        mean: per-channel RGB mean on the 8-bit pixel scale, subtracted before the network.
+        std: per-channel RGB standard deviation on the 8-bit pixel scale.
         test_scale: (long, short) box images are rescaled to fit (keeping their aspect ratio).
         inference: whole-image, sliding-window or multi-scale inference.
     """
@@ -135,7 +135,7 @@ class Pretrained:
         """Class indices (H, W) of one uint8 (H, W, 3) RGB image, at its size, as ``cli.py predict`` computes
         them (same rescale, normalisation and inference mode)."""
         if self._task is None:
-            self._task = SegmentationTask(self.model, inference=self.inference, class_names=self.class_names)
+            self._task = SegmentationTask(self.model, inference=self.inference)
         task = self._task.eval()
         device = next(self.model.parameters()).device
         x = image_to_tensor(self.transform()(image=image)["image"])[None].to(device)  # (1, 3, h, w)
@@ -157,10 +157,11 @@ def save_pretrained(
     Args:
         model: the segmentor.
         directory: output folder (created if missing).
-        class_names: one name per class; default the ADE20K names for 150 classes, else ``class_0``, ...
+        class_names: one name per class; default the ADE20K names for a model of ADE20K's class count, else
+            ``class_0``, ...
         palette: (K, 3) RGB colours; default ``make_palette(K)``, the colours the prediction writer uses.
-        mean: per-channel RGB mean (0-255 scale) of the training normalisation.
-        std: per-channel RGB standard deviation (0-255 scale).
+        mean: per-channel RGB mean (8-bit pixel scale) of the training normalisation.
+        std: per-channel RGB standard deviation (8-bit pixel scale).
         test_scale: (long, short) evaluation rescale box.
         inference: inference mode; default whole-image.
 
@@ -169,7 +170,7 @@ def save_pretrained(
     """
     k = model.num_classes
     if class_names is None:
-        class_names = list(ADE20K_CLASSES) if k == len(ADE20K_CLASSES) else [f"class_{i}" for i in range(k)]
+        class_names = list(ADE20K.class_names) if k == ADE20K.num_classes else [f"class_{i}" for i in range(k)]
     palette = make_palette(len(class_names)) if palette is None else np.asarray(palette)
     bundle = Pretrained(model, list(class_names), palette, tuple(mean), tuple(std), tuple(test_scale),
                         inference or InferenceConfig())
@@ -264,8 +265,8 @@ def _check_metadata(num_classes: int, class_names: Any, palette: np.ndarray, mea
         count = len(class_names) if isinstance(class_names, list | tuple) else "no list of"
         return f"{count} class names for a model of {num_classes} classes"
     if palette.shape != (num_classes, 3) or not np.issubdtype(palette.dtype, np.integer) \
-            or palette.min(initial=0) < 0 or palette.max(initial=0) > 255:
-        return f"palette must be {num_classes} RGB triples of integers 0..255, got shape {palette.shape}"
+            or palette.min(initial=0) < 0 or palette.max(initial=0) > UINT8_MAX:
+        return f"palette must be {num_classes} RGB triples of integers 0..{UINT8_MAX}, got shape {palette.shape}"
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         return f"mean and std must be 3 values per RGB channel (std > 0), got {list(mean)} and {list(std)}"
     return ""
@@ -320,9 +321,9 @@ def from_checkpoint(cli_args: Sequence[str], ckpt_path: str | os.PathLike[str]) 
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     configs = " ".join(a for a in cli_args if a.endswith((".yaml", ".yml"))) or "the command line"
     load_weights(task.model, state, f"{ckpt} does not match the model built from {configs}")
-    data: SegmentationDataModule = cli.datamodule
-    return Pretrained(task.model.eval(), task.class_names, make_palette(len(task.class_names)),
-                      test_scale=data.test_scale, inference=task.inference)
+    spec = cli.datamodule.spec  # the data set's facts, as training read them
+    return Pretrained(task.model.eval(), list(spec.class_names), spec.palette_array, spec.mean, spec.std,
+                      spec.test_scale, inference=task.inference)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -37,7 +37,7 @@ def tiny_args(root: Path) -> list[str]:
         "--model.model.init_args.encoder=test_flatten_pvt", "--model.model.init_args.encoder_checkpoint=null",
         f"--data.root={root}", f"--data.num_classes={NUM_CLASSES}", "--data.crop_size=64", "--data.batch_size=2",
         "--data.num_workers=0", "--data.train_scale=[128, 64]", "--data.test_scale=[128, 64]",
-        "--trainer.callbacks+=seg.scaling.EffectiveBatch", "--trainer.callbacks.expected=16",
+        "--trainer.callbacks+=seg.callbacks.effective_batch.EffectiveBatch", "--trainer.callbacks.expected=16",
     ]
 
 
@@ -142,7 +142,7 @@ def test_two_nodes_on_loopback(demo_root: Path, tmp_path: Path) -> None:
 def test_sync_batchnorm_under_cpu_ddp_is_explained(demo_root: Path, tmp_path: Path) -> None:
     command = cli_command("fit", demo_root, "--trainer.strategy=ddp", "--trainer.devices=2",
                           "--trainer.sync_batchnorm=true", "--trainer.max_steps=1",
-                          "--trainer.callbacks+=seg.scaling.SyncBatchNormCheck")
+                          "--trainer.callbacks+=seg.callbacks.sync_batchnorm.SyncBatchNormCheck")
     (tmp_path / "run").mkdir()
     done = subprocess.run(command, cwd=tmp_path / "run", env=clean_env(), capture_output=True, text=True,
                           timeout=TIMEOUT)

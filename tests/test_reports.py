@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 
+from seg.callbacks.report import SegmentationReport
 from seg.cli import cli_main
 from seg.data import ADE20K_CLASSES, SegmentationDataModule, make_demo_dataset
 from seg.metrics import scores_from_confusion
 from seg.models import Segmentor
-from seg.reports import SegmentationReport, class_table, most_confused, summary_text, write_report
+from seg.reports import class_table, most_confused, summary_text, write_report
 from seg.task import SegmentationTask
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -156,7 +157,7 @@ def test_cli_validate_writes_report(tiny_root: Path, tmp_path: Path, monkeypatch
             "validate", "--config", str(CONFIGS / "demo.yaml"),
             "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={tiny_root}", "--data.demo=false",
             "--data.num_workers=0", "--data.test_scale=[128, 64]",
-            "--trainer.callbacks+=seg.reports.SegmentationReport", "--trainer.callbacks.output_dir=report",
+            "--trainer.callbacks+=seg.callbacks.report.SegmentationReport", "--trainer.callbacks.output_dir=report",
         ])
     assert {p.name for p in (tmp_path / "report").iterdir()} == REPORT_FILES
     data = json.loads((tmp_path / "report" / "metrics.json").read_text())

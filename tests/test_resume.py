@@ -17,9 +17,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
+from seg.callbacks.seed_each_epoch import SeedEachEpoch
+from seg.checkpoint_io import AtomicCheckpointIO
 from seg.data import DEMO_CLASS_NAMES, SegmentationDataModule, make_demo_dataset
 from seg.models import Segmentor
-from seg.scaling import AtomicCheckpointIO, SeedEachEpoch
 from seg.schedules import WarmupPolyLR
 from seg.task import SegmentationTask
 
@@ -177,7 +178,7 @@ def test_atomic_save_failure_keeps_previous_checkpoint(tmp_path: Path, monkeypat
 
 KILL_WHILE_SAVING = """
 import io, sys, time, torch
-from seg.scaling import AtomicCheckpointIO
+from seg.checkpoint_io import AtomicCheckpointIO
 path = sys.argv[1]
 AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(10000)}, path)
 real_save = torch.save

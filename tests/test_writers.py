@@ -11,12 +11,13 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
+from seg.callbacks.prediction_writer import SegmentationWriter
+from seg.callbacks.report import SegmentationReport
 from seg.cli import cli_main
 from seg.data import DEMO_CLASS_NAMES, SegmentationDataModule, make_demo_dataset, make_palette, read_rgb
 from seg.models import Segmentor
-from seg.reports import SegmentationReport
 from seg.task import SegmentationTask
-from seg.writers import SegmentationWriter, blend_labels, draw_legend, make_overlay, output_paths
+from seg.writers import blend_labels, draw_legend, make_overlay, output_paths
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -181,7 +182,7 @@ def test_cli_predict_writes_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             "predict", "--config", str(CONFIGS / "demo.yaml"),
             "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={root}", "--data.demo=false",
             "--data.num_workers=0", "--data.test_scale=[128, 64]", f"--data.predict_root={photos}",
-            "--trainer.callbacks+=seg.writers.SegmentationWriter", "--trainer.callbacks.output_dir=predictions",
+            "--trainer.callbacks+=seg.callbacks.prediction_writer.SegmentationWriter", "--trainer.callbacks.output_dir=predictions",
             "--return_predictions=false",
         ])
     with Image.open(tmp_path / "predictions/holiday/beach.png") as img:
