@@ -59,7 +59,7 @@ def load_segmentor(configs: Sequence[str], ckpt_path: str | None = None, overrid
         configs: config files, composed in order as ``cli.py --config a --config b`` does.
         ckpt_path: a Lightning checkpoint of :class:`~seg.task.SegmentationTask` (read with ``weights_only=True``),
             or a plain state dict of the segmentor; None keeps the initial weights.
-        overrides: extra command-line style arguments, e.g. ``["--data.num_classes", "5"]``.
+        overrides: extra command-line style arguments, e.g. ``["--data.spec.num_classes", "5"]``.
     """
     args = [arg for path in configs for arg in ("--config", str(path))] + list(overrides)
     cli = _ParseOnlyCLI(SegmentationTask, SegmentationDataModule, args=args, run=False,

@@ -39,8 +39,6 @@ __all__ = [
     "write_report",
 ]
 
-_STAGE_KEYS = {"validate": "val", "test": "test"}
-
 
 def _num(value: float) -> float | None:
     """A JSON-safe float: NaN becomes None."""

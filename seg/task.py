@@ -20,6 +20,7 @@ from seg.weight_decay import DecayPlan, NoDecayRule, param_groups, plan_weight_d
 
 __all__ = ["SegmentationTask"]
 
+
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _specs import DEMO_SMALL, spec_arg
 
 from seg.cli import cli_main
 from seg.data import DEMO_CLASS_NAMES, make_demo_dataset
@@ -35,8 +36,8 @@ def tiny_args(root: Path) -> list[str]:
     return [
         "--config", str(EXPERIMENT), "--config", str(CPU),
         "--model.model.init_args.encoder=test_flatten_pvt", "--model.model.init_args.encoder_checkpoint=null",
-        f"--data.root={root}", f"--data.num_classes={NUM_CLASSES}", "--data.crop_size=64", "--data.batch_size=2",
-        "--data.num_workers=0", "--data.train_scale=[128, 64]", "--data.test_scale=[128, 64]",
+        f"--data.root={root}", spec_arg(DEMO_SMALL), "--data.crop_size=64", "--data.batch_size=2",
+        "--data.num_workers=0", "--data.train_scale=[128, 64]",
         "--trainer.callbacks+=seg.callbacks.effective_batch.EffectiveBatch", "--trainer.callbacks.expected=16",
     ]
 

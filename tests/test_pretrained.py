@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _specs import DEMO_SMALL, spec_arg
 
 from seg.cli import cli_main
 from seg.data import DEMO_CLASS_NAMES, make_demo_dataset, make_palette
@@ -84,7 +85,7 @@ def test_defaults_without_metadata(tmp_path: Path) -> None:
     tiny_segmentor(aux_head=False).save_pretrained(tmp_path)
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert config["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
-    assert config["preprocessing"]["test_scale"] == [2048, 512]  # the data module's default
+    assert config["preprocessing"]["test_scale"] == [2048, 512]  # ADE20K's
     assert config["inference"]["mode"] == "whole"
 
 
@@ -157,7 +158,7 @@ def demo_args(root: Path, encoder: str = "test_flatten_pvt_v2") -> list[str]:
     return [
         "--config", str(CONFIGS / "demo.yaml"), f"--model.model.init_args.encoder={encoder}",
         f"--data.root={root}", "--data.demo=false", "--data.crop_size=64", "--data.batch_size=2",
-        "--data.num_workers=0", "--data.train_scale=[128, 64]", "--data.test_scale=[128, 64]",
+        "--data.num_workers=0", "--data.train_scale=[128, 64]", spec_arg(DEMO_SMALL),
     ]  # fmt: skip
 
 
@@ -175,7 +176,8 @@ def test_cli_writes_a_folder_from_a_lightning_checkpoint(tmp_path: Path, monkeyp
     folder = main([*args, "--ckpt_path", str(ckpt), "--out", str(tmp_path / "pretrained" / "demo")])
 
     bundle = load_pretrained(folder)
-    assert bundle.class_names == list(DEMO_CLASS_NAMES)  # from the data set's class_names.txt
+    assert bundle.class_names == list(DEMO_CLASS_NAMES)  # from the data set spec
+    np.testing.assert_array_equal(bundle.palette, DEMO_SMALL.palette_array)
     assert bundle.test_scale == (128, 64) and bundle.model.config["decoder"] == "fpn"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for name, tensor in bundle.model.state_dict().items():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from _specs import DEMO_SMALL
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from seg.callbacks.seed_each_epoch import SeedEachEpoch
@@ -43,7 +44,7 @@ def make_task() -> SegmentationTask:
 
 def make_data(root: Path, num_workers: int = 0) -> SegmentationDataModule:
     return SegmentationDataModule(str(root), crop_size=64, batch_size=2, num_workers=num_workers,
-                                  num_classes=NUM_CLASSES, train_scale=(128, 64), test_scale=(128, 64))
+                                  spec=DEMO_SMALL, train_scale=(128, 64))
 
 
 def fit(root: Path, max_steps: int, callbacks: list[Callback], ckpt_path: str | Path | None = None,

@@ -12,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from _specs import DEMO_SMALL, spec_arg
 from pytorch_lightning.callbacks import Callback
 
 from seg.backbones.pvt import Block
@@ -45,8 +46,8 @@ def make_task(lr: float = LR) -> SegmentationTask:
 
 
 def make_data(root: Path, **kwargs) -> SegmentationDataModule:
-    args = dict(root=str(root), crop_size=64, batch_size=2, num_workers=0, num_classes=NUM_CLASSES,
-                train_scale=(128, 64), test_scale=(128, 64))
+    args = dict(root=str(root), crop_size=64, batch_size=2, num_workers=0, spec=DEMO_SMALL,
+                train_scale=(128, 64))
     return SegmentationDataModule(**(args | kwargs))
 
 
@@ -136,8 +137,8 @@ def test_cpu_config_runs_with_effective_batch(demo_root: Path, tmp_path: Path, m
     cli = cli_main([
         "fit", "--config", str(EXPERIMENT), "--config", str(TRAINER_CONFIGS / "cpu.yaml"),
         "--model.model.init_args.encoder=test_flatten_pvt", "--model.model.init_args.encoder_checkpoint=null",
-        f"--data.root={demo_root}", f"--data.num_classes={NUM_CLASSES}", "--data.crop_size=64",
-        "--data.num_workers=0", "--data.train_scale=[128, 64]", "--data.test_scale=[128, 64]",
+        f"--data.root={demo_root}", spec_arg(DEMO_SMALL), "--data.crop_size=64",
+        "--data.num_workers=0", "--data.train_scale=[128, 64]",
         "--trainer.callbacks+=seg.callbacks.effective_batch.EffectiveBatch", "--trainer.callbacks.expected=16",
         "--trainer.fast_dev_run=true",
     ])

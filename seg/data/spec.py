@@ -115,9 +115,11 @@ class DatasetSpec:
     test_scale: tuple[int, int] = (2048, 512)
 
     def __post_init__(self) -> None:
+        if not 0 < self.num_classes <= UINT8_MAX:  # before the defaults below are sized by it
+            raise ValueError(f"data set spec {self.name!r}: {self._range_problem()}")
         # normalise what YAML and JSON give (lists) to the declared tuples, filling the defaults
         names = tuple(str(n) for n in self.class_names) or tuple(f"class_{i}" for i in range(self.num_classes))
-        palette = np.asarray(self.palette if len(self.palette) else make_palette(max(self.num_classes, 1)))
+        palette = np.asarray(self.palette if len(self.palette) else make_palette(self.num_classes))
         object.__setattr__(self, "class_names", names)
         object.__setattr__(self, "palette", tuple(tuple(int(c) for c in rgb) for rgb in palette.reshape(-1, 3)))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -131,8 +133,7 @@ class DatasetSpec:
         """What is inconsistent in this spec ("" when nothing)."""
         k = self.num_classes
         if not 0 < k <= UINT8_MAX or not 0 <= self.ignore_index <= UINT8_MAX:
-            return (f"need 0 < num_classes <= {UINT8_MAX} and 0 <= ignore_index <= {UINT8_MAX} (8-bit label maps), "
-                    f"got num_classes={k}, ignore_index={self.ignore_index}")
+            return self._range_problem()
         if self.ignore_index < k:
             return f"ignore_index {self.ignore_index} is one of the {k} classes"
         if len(self.class_names) != k:
@@ -147,6 +148,10 @@ class DatasetSpec:
         if len(self.test_scale) != 2 or min(self.test_scale) < 1:
             return f"test_scale must be a (long, short) box of positive sizes, got {self.test_scale}"
         return ""
+
+    def _range_problem(self) -> str:
+        return (f"need 0 < num_classes <= {UINT8_MAX} and 0 <= ignore_index <= {UINT8_MAX} (8-bit label maps), "
+                f"got num_classes={self.num_classes}, ignore_index={self.ignore_index}")
 
     @property
     def palette_array(self) -> np.ndarray:
