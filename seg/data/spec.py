@@ -125,11 +125,11 @@ class DatasetSpec:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "test_scale", tuple(int(v) for v in self.test_scale))
-        problem = self.problem()
+        problem = self._problem()
         if problem:
             raise ValueError(f"data set spec {self.name!r}: {problem}")
 
-    def problem(self) -> str:
+    def _problem(self) -> str:
         """What is inconsistent in this spec ("" when nothing)."""
         k = self.num_classes
         if not 0 < k <= UINT8_MAX or not 0 <= self.ignore_index <= UINT8_MAX:
