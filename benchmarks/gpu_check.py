@@ -34,6 +34,7 @@ import seg  # noqa: E402,F401  (registers the encoders)
 from seg.kernels import set_backend  # noqa: E402
 from seg.layers import FocusedLinearAttention  # noqa: E402
 from seg.models import Segmentor  # noqa: E402
+from seg.weight_decay import param_groups, plan_weight_decay  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -157,7 +158,8 @@ def training_table(cases: list[tuple[str, str, str]], crop: int, batch: int, rep
     for encoder, decoder, attn_type in cases:
         torch.manual_seed(0)
         model = Segmentor(encoder, decoder, num_classes=150, encoder_kwargs=dict(attn_type=attn_type)).to(device)
-        optimizer = torch.optim.AdamW(model.train().param_groups(0.01), lr=6e-5)
+        groups = param_groups(model.train().named_parameters(), plan_weight_decay(model, "norms_biases_tables"))
+        optimizer = torch.optim.AdamW(groups, lr=6e-5, weight_decay=0.01)
         image = torch.randn(batch, 3, crop, crop, device=device)
         mask = torch.randint(0, 150, (batch, crop, crop), device=device)
         step = _train_step(model, optimizer, image, mask, device)

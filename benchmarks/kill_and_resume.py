@@ -10,9 +10,9 @@ FPN paper config, shrunk to the ``test_flatten_pvt`` encoder and 64-pixel crops,
 3. resumed: the same command plus ``--ckpt_path last``.
 
 Checkpoints are written every ``--every`` optimizer steps into a fixed folder (atomically, by
-``seg.scaling.AtomicCheckpointIO``), with ``seg.scaling.SeedEachEpoch`` making each epoch's randomness a
-function of (seed, epoch). The final checkpoints of runs 1 and 3 are compared: optimizer step, epoch,
-learning rate (optimizer and scheduler) and every weight. With ``--every`` a multiple of the epoch length
+``seg.checkpoint_io.AtomicCheckpointIO``), with ``seg.callbacks.seed_each_epoch.SeedEachEpoch`` making each
+epoch's randomness a function of (seed, epoch). The final checkpoints of runs 1 and 3 are compared: optimizer step,
+epoch, learning rate (optimizer and scheduler) and every weight. With ``--every`` a multiple of the epoch length
 (the default) the resume point is an epoch boundary and the weights must match bit for bit; otherwise
 Lightning restarts the interrupted epoch's data order and only the counters and the learning rate match.
 Exit status 0 when everything that must match does.
@@ -46,7 +46,7 @@ trainer:
   limit_val_batches: 0
   num_sanity_val_steps: 0
   plugins:
-    - class_path: seg.scaling.AtomicCheckpointIO
+    - class_path: seg.checkpoint_io.AtomicCheckpointIO
   callbacks:
     - class_path: pytorch_lightning.callbacks.ModelCheckpoint
       init_args:
@@ -56,21 +56,25 @@ trainer:
         every_n_train_steps: {every}
         save_top_k: -1
         save_last: true
-    - class_path: seg.scaling.SeedEachEpoch
+    - class_path: seg.callbacks.seed_each_epoch.SeedEachEpoch
 """
 
 
 def fit_command(data: Path, overlay: Path, steps: int, resume: bool) -> list[str]:
     """``python cli.py fit`` with the paper config shrunk to CPU size."""
-    from seg.data import DEMO_CLASS_NAMES
+    import dataclasses
+    import json
 
+    from seg.data import DEMO
+
+    spec = dataclasses.replace(DEMO, test_scale=(128, 64))  # the demo's classes, evaluated small
     command = [
         sys.executable, str(REPO / "cli.py"), "fit",
         "--config", str(EXPERIMENT), "--config", str(TRAINER), "--config", str(overlay),
         "--model.model.init_args.encoder=test_flatten_pvt", "--model.model.init_args.encoder_checkpoint=null",
-        f"--data.root={data}", f"--data.num_classes={len(DEMO_CLASS_NAMES)}", "--data.crop_size=64",
+        f"--data.root={data}", f"--data.spec={json.dumps(spec.to_dict())}", "--data.crop_size=64",
         f"--data.batch_size={BATCH}", "--data.num_workers=0", "--data.train_scale=[128, 64]",
-        "--data.test_scale=[128, 64]", f"--trainer.max_steps={steps}",
+        f"--trainer.max_steps={steps}",
         f"--model.scheduler.init_args.max_steps={10 * steps}",  # poly decay still far from 0 at the end
     ]
     return command + (["--ckpt_path", "last"] if resume else [])

@@ -6,18 +6,20 @@ import difflib
 import inspect
 import re
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser
 from jsonargparse.typing import import_object
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from seg.data import SegmentationDataModule
-from seg.scaling import EffectiveBatch
+from seg.callbacks.effective_batch import EffectiveBatch
+from seg.data import DatasetSpec, SegmentationDataModule, as_spec
 from seg.task import SegmentationTask
 
-__all__ = ["SegmentationArgumentParser", "SegmentationCLI", "cli_main", "unknown_key_hint"]
+__all__ = [
+    "SegmentationArgumentParser", "SegmentationCLI", "cli_main", "spec_num_classes", "unknown_key_hint",
+]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULTS_FILE = Path(__file__).with_name("trainer_defaults.yaml")  # loggers and callbacks of every run
@@ -70,6 +72,14 @@ def unknown_key_hint(parser: ArgumentParser, message: str) -> str:
     return f"\n  valid options{where}: {', '.join(valid)}" + (f"\n  did you mean '{close[0]}'?" if close else "")
 
 
+def spec_num_classes(value: Any) -> int:
+    """The class count of a parsed ``data.spec``: a name, or a spec's fields as a namespace."""
+    if not isinstance(value, str | DatasetSpec):
+        fields = value.init_args if "init_args" in value else value  # parsed with or without its class_path
+        value = fields.as_dict()
+    return as_spec(value).num_classes
+
+
 class SegmentationArgumentParser(LightningArgumentParser):
     """Lightning's parser, whose unknown-key errors list the valid options and the closest match."""
 
@@ -80,12 +90,11 @@ class SegmentationArgumentParser(LightningArgumentParser):
 
 
 class SegmentationCLI(LightningCLI):
-    """States each fact once: the data module's class count, ignore label and names feed the model."""
+    """States each fact once: the data module's spec feeds the task, and its class count the model."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.model.init_args.num_classes")
-        parser.link_arguments("data.ignore_index", "model.ignore_index")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.spec", "model.spec")
+        parser.link_arguments("data.spec", "model.model.init_args.num_classes", compute_fn=spec_num_classes)
         # always-present callbacks, configured by top-level keys so an experiment sets one value without
         # restating the callback list: `checkpoint.dirpath`, `effective_batch.expected`
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -68,7 +68,7 @@ def load_predictor(
         ckpt_path: a Lightning checkpoint of :class:`~seg.task.SegmentationTask`, or a plain state dict of the
             segmentor, read by :func:`seg.checkpoint.load_checkpoint` (``weights_only=True``; a mismatch lists
             the names); None keeps the initial weights.
-        overrides: extra command-line style arguments, e.g. ``["--data.num_classes", "5"]``.
+        overrides: extra command-line style arguments, e.g. ``["--data.spec.num_classes", "5"]``.
         pretrained: instead of configs: a saved model (a folder or a Hub id, ``Predictor.from_pretrained``).
     """
     if pretrained is not None:

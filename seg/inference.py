@@ -238,7 +238,7 @@ class InferenceConfig:
         crop_size: sliding-window size in pixels (int or (h, w)); used by ``"slide"`` and by
             ``"multiscale"`` with ``multiscale_mode="slide"``.
         stride: sliding-window step in pixels (int or (h, w)).
-        scales: image scale factors for ``"multiscale"``, of the test resize box (the data module's
+        scales: image scale factors for ``"multiscale"``, of the test resize box (the data set spec's
             ``test_scale``): mmseg's ``img_ratios``.
         flip: add horizontally flipped views; with ``"whole"`` or ``"slide"`` this is single-scale + flip.
         multiscale_mode: per-view inference of ``"multiscale"``: ``"whole"`` or ``"slide"``.

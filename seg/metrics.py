@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from seg.data.spec import IGNORE_INDEX
+
 __all__ = ["SegmentationMetric", "confusion_matrix", "scores_from_confusion"]
 
 
@@ -32,7 +34,7 @@ def _class_map(preds: Tensor, target: Tensor, num_classes: int) -> Tensor:
     return preds
 
 
-def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Confusion matrix of one batch, counted with a single ``torch.bincount``.
 
     Args:
@@ -118,7 +120,7 @@ class SegmentationMetric(Metric):
 
     confmat: Tensor
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, **kwargs) -> None:
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")

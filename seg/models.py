@@ -40,43 +40,15 @@ from segmentation_models_pytorch.encoders import get_encoder
 from torch import Tensor, nn
 
 from seg import hub
+from seg.data.spec import ADE20K
 from seg.heads import AuxFCNHead, SemanticFPNHead
 
-__all__ = ["DECODERS", "DecoderName", "NoDecayRule", "Segmentor", "SmpDecodeHead", "no_decay_names"]
+__all__ = ["DECODERS", "DecoderName", "Segmentor", "SmpDecodeHead"]
 
 DecoderName = Literal["upernet", "semantic_fpn", "fpn", "segformer"]
 
 # smp feature lists hold the input and a stride-2 map before the 4 encoder stages: depth 5 = strides 1..32.
 _SMP_DEPTH = 5
-
-# Weight-decay rules (which parameters get none), named in configs as `model.no_decay`:
-# - decay_all: none exempt. PVT's Semantic FPN recipe: its mmseg config sets AdamW(lr=1e-4, weight_decay=1e-4)
-#   with no paramwise_cfg, so norms, biases and position tables all decay.
-# - norms_tables: normalisation layers (found by module type), position tables and FLatten's `scale`. Swin's UperNet
-#   recipe (paramwise custom_keys absolute_pos_embed, relative_position_bias_table and norm at decay_mult 0), plus
-#   FLatten's `positional_encoding` and `scale`, and agent attention's bias tables (the Agent-Swin recipe's
-#   custom_keys an_bias ... wa_bias); other biases decay, as there.
-# - norms_biases_tables: norms_tables plus every other 1-D parameter (biases): the usual rule outside the recipes.
-# Rules read module types and the original names and shapes, so they are applied to the unwrapped model (FSDP
-# flattens parameters and changes their shapes and names; see SegmentationTask.configure_optimizers).
-NoDecayRule = Literal["decay_all", "norms_tables", "norms_biases_tables"]
-_POSITION_TABLES = (
-    "pos_embed",  # PVT / ViT absolute position tables, Swin's absolute_pos_embed
-    "pos_embedding",
-    "positional_encoding",  # FLatten's learned key position table
-    "relative_position_bias_table",  # Swin
-    "cls_token",
-    *("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias"),  # agent attention's bias tables
-)
-_TEMPERATURES = frozenset({"scale"})  # FLatten's per-channel temperature, matched as the parameter's own name
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-    nn.LayerNorm,  # also timm's LayerNorm / LayerNorm2d
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
-_WRAPPED_MARKERS = ("_flat_param", "_fsdp_wrapped_module")
 
 class SmpDecodeHead(nn.Module):
     """An smp decoder followed by channel dropout and a 1x1 classifier (smp's own head upsamples with
@@ -185,7 +157,7 @@ class Segmentor(
         self,
         encoder: str,
         decoder: DecoderName = "upernet",
-        num_classes: int = 150,
+        num_classes: int = ADE20K.num_classes,
         decoder_channels: int | None = None,
         aux_head: bool = True,
         encoder_kwargs: dict[str, Any] | None = None,
@@ -281,29 +253,6 @@ class Segmentor(
                 outputs[key][index, :, :h, :w] = logits
         return outputs
 
-    def param_groups(
-        self, weight_decay: float | None = None, rule: NoDecayRule = "norms_biases_tables"
-    ) -> list[dict[str, Any]]:
-        """Split trainable parameters into a decayed and a non-decayed group for the optimizer.
-
-        Call it on the model as built (before DDP / FSDP wrapping); see :func:`no_decay_names` for the rules.
-
-        Args:
-            weight_decay: decay of the first group; None leaves it to the optimizer's own setting.
-            rule: which parameters get no decay (``decay_all``: one group).
-
-        Returns:
-            ``[{'params': decayed(, 'weight_decay': weight_decay)}, {'params': others, 'weight_decay': 0.0}]``,
-            without the second group when ``rule`` is ``decay_all``.
-        """
-        exempt = no_decay_names(self, rule)
-        decay = [p for n, p in self.named_parameters() if p.requires_grad and n not in exempt]
-        no_decay = [p for n, p in self.named_parameters() if p.requires_grad and n in exempt]
-        decayed: dict[str, Any] = {"params": decay}
-        if weight_decay is not None:
-            decayed["weight_decay"] = weight_decay
-        return [decayed] if rule == "decay_all" else [decayed, {"params": no_decay, "weight_decay": 0.0}]
-
     @property
     def arguments(self) -> dict[str, Any]:
         """The architecture: the constructor's arguments as JSON values, as ``config.json`` holds them, without
@@ -360,41 +309,6 @@ class Segmentor(
         state = hub.read_weights(weights_path)
         hub.load_weights(model, state, f"{weights_path} does not match the model described by {config_path}")
         return model.to(map_location).eval()
-
-
-def no_decay_names(model: nn.Module, rule: NoDecayRule) -> set[str]:
-    """Names (as ``model.named_parameters()`` spells them) of the parameters ``rule`` exempts from weight decay.
-
-    ``decay_all``: none. ``norms_tables``: weights and biases of normalisation layers (by module type),
-    position tables (names containing ``pos_embed``, ``positional_encoding``, ``relative_position_bias_table``,
-    ``cls_token``, agent attention's ``an_bias`` ... ``wa_bias``) and parameters named ``scale`` (FLatten's
-    temperature). ``norms_biases_tables``: those and every other 1-D parameter (biases).
-
-    Raises:
-        ValueError: for an unknown rule, or a model already wrapped by FSDP (its names and shapes are no longer
-            the original ones: classify the model before wrapping).
-    """
-    if rule not in get_args(NoDecayRule):
-        raise ValueError(f"unknown no_decay rule {rule!r}; valid options: {', '.join(get_args(NoDecayRule))}")
-    wrapped = [n for n, _ in model.named_parameters() if any(m in n for m in _WRAPPED_MARKERS)]
-    if wrapped:
-        raise ValueError(f"no_decay_names needs the unwrapped model, got FSDP-wrapped parameters ({wrapped[0]}, "
-                         "...): classify the parameters before the strategy wraps the model")
-    if rule == "decay_all":
-        return set()
-    exempt = set()
-    for module_name, module in model.named_modules():
-        is_norm = isinstance(module, _NORM_TYPES)
-        for param_name, param in module.named_parameters(recurse=False):
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            if (
-                is_norm
-                or any(key in name for key in _POSITION_TABLES)
-                or param_name in _TEMPERATURES
-                or (rule == "norms_biases_tables" and param.ndim <= 1)
-            ):
-                exempt.add(name)
-    return exempt
 
 
 def _resize_crop(logits: Tensor, padded: tuple[int, int], size: tuple[int, int]) -> Tensor:

@@ -15,7 +15,6 @@ The files are the segmentor's own (:meth:`seg.models.Segmentor.save_pretrained`)
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,15 +25,15 @@ import numpy as np
 import torch
 
 from seg import hub
-from seg.data import SegmentationDataModule
-from seg.data.ade20k import ADE20K_CLASSES, image_to_tensor, make_palette
-from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from seg.data.ade20k import image_to_tensor
+from seg.data.spec import ADE20K, IMAGENET_MEAN, IMAGENET_STD, UINT8_MAX, make_palette
+from seg.data.transforms import eval_transform
 from seg.inference import InferenceConfig, run_inference
 from seg.models import Segmentor
 
 __all__ = ["DEFAULT_TEST_SCALE", "Predictor"]
 
-DEFAULT_TEST_SCALE: tuple[int, int] = inspect.signature(SegmentationDataModule).parameters["test_scale"].default
+DEFAULT_TEST_SCALE: tuple[int, int] = ADE20K.test_scale
 
 
 @dataclass
@@ -43,10 +42,11 @@ class Predictor:
 
     Args:
         model: the network.
-        class_names: one name per class; None: the ADE20K names for 150 classes, else ``class_0``, ...
-        palette: (K, 3) RGB colours, integers 0..255; None: ``make_palette(K)``, the prediction writer's colours.
-        mean: per-channel RGB mean on the 0-255 scale, subtracted before the network.
-        std: per-channel RGB standard deviation on the 0-255 scale.
+        class_names: one name per class; None: the ADE20K names for a model of ADE20K's class count, else
+            ``class_0``, ...
+        palette: (K, 3) RGB colours, 8-bit integers; None: ``make_palette(K)``, the prediction writer's colours.
+        mean: per-channel RGB mean on the 8-bit pixel scale, subtracted before the network.
+        std: per-channel RGB standard deviation on the 8-bit pixel scale.
         test_scale: (long, short) box images are rescaled to fit (keeping their aspect ratio).
         inference: whole-image, sliding-window or multi-scale inference.
         dataset: name of the training data set, for the model card (None: not known).
@@ -66,7 +66,8 @@ class Predictor:
     def __post_init__(self) -> None:
         k = self.model.num_classes
         if self.class_names is None:
-            self.class_names = list(ADE20K_CLASSES) if k == len(ADE20K_CLASSES) else [f"class_{i}" for i in range(k)]
+            same = k == ADE20K.num_classes
+            self.class_names = list(ADE20K.class_names) if same else [f"class_{i}" for i in range(k)]
         self.class_names = [str(name) for name in self.class_names]
         self.palette = make_palette(len(self.class_names)) if self.palette is None else np.asarray(self.palette)
         self.mean = tuple(float(v) for v in self.mean)
@@ -164,8 +165,8 @@ def _check_dataset(num_classes: int, class_names: Any, palette: np.ndarray, mean
         count = len(class_names) if isinstance(class_names, list | tuple) else "no list of"
         return f"{count} class names for a model of {num_classes} classes"
     if palette.shape != (num_classes, 3) or not np.issubdtype(palette.dtype, np.integer) \
-            or palette.min(initial=0) < 0 or palette.max(initial=0) > 255:
-        return f"palette must be {num_classes} RGB triples of integers 0..255, got shape {palette.shape}"
+            or palette.min(initial=0) < 0 or palette.max(initial=0) > UINT8_MAX:
+        return f"palette must be {num_classes} RGB triples of integers 0..{UINT8_MAX}, got shape {palette.shape}"
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         return f"mean and std must be 3 values per RGB channel (std > 0), got {list(mean)} and {list(std)}"
     return ""

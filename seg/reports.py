@@ -1,7 +1,7 @@
 """Evaluation reports people can look at: JSON, per-class tables, an IoU bar chart and a confusion matrix.
 
-:class:`SegmentationReport` runs at the end of every ``validate`` and ``test`` run (optionally after each
-validation during ``fit``) and writes, from the scores of :class:`~seg.metrics.SegmentationMetric`::
+:func:`write_report` writes, from the scores of :class:`~seg.metrics.SegmentationMetric` (the callback
+:class:`~seg.callbacks.report.SegmentationReport` calls it at the end of every ``validate`` and ``test`` run)::
 
     metrics.json        mIoU / mAcc / aAcc and per-class IoU / Acc / pixel counts (fractions in [0, 1], NaN -> null)
     per_class.md        per-class table sorted by IoU (descending, classes never seen last), values x100
@@ -9,7 +9,8 @@ validation during ``fit``) and writes, from the scores of :class:`~seg.metrics.S
     per_class_iou.png   horizontal bar chart of per-class IoU (best and worst 20 when there are more than 40)
     confusion.png       row-normalised confusion matrix of the most confused classes (at most 20)
 
-and prints a short block (mIoU / mAcc / aAcc x100, the five worst classes). Only global rank 0 writes.
+and :func:`summary_text` makes the short block printed after a run (mIoU / mAcc / aAcc x100, the five worst
+classes).
 """
 
 from __future__ import annotations
@@ -23,17 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from seg.data.ade20k import make_palette
+from seg.data.spec import UINT8_MAX, make_palette
 
 __all__ = [
-    "SegmentationReport",
     "class_table",
     "most_confused",
     "plot_confusion",
@@ -41,8 +38,6 @@ __all__ = [
     "summary_text",
     "write_report",
 ]
-
-_STAGE_KEYS = {"validate": "val", "test": "test"}
 
 
 def _num(value: float) -> float | None:
@@ -121,16 +116,18 @@ def plot_per_class_iou(
     title: str = "",
     show: int = 20,
     dpi: int = 100,
+    palette: np.ndarray | None = None,
 ) -> Path:
     """Horizontal bars of per-class IoU (x100), best at the top, with the mIoU as a dashed line.
 
     With more than ``2 * show`` scored classes only the best and the worst ``show`` are drawn, separated by
-    a row naming how many were left out. Classes never seen (NaN) are counted in the title, not drawn.
+    a row naming how many were left out. Classes never seen (NaN) are counted in the title, not drawn. Bars take
+    the class colours of ``palette`` (uint8 (K, 3); default ``make_palette(K)``).
     """
     rows = [r for r in class_table(scores, class_names) if r["IoU"] is not None]
     hidden = len(rows) - 2 * show if len(rows) > 2 * show else 0
     drawn: list[dict[str, Any] | None] = [*rows[:show], None, *rows[-show:]] if hidden else list(rows)
-    palette = make_palette(len(class_names)) / 255.0
+    palette = (make_palette(len(class_names)) if palette is None else np.asarray(palette)) / UINT8_MAX
     height = 1.2 + 0.24 * max(len(drawn), 1)
     fig = Figure(figsize=(7.0, height))
     ax = fig.subplots()
@@ -232,6 +229,7 @@ def write_report(
     stage: str = "val",
     extra: dict[str, Any] | None = None,
     max_confused: int = 20,
+    palette: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Write every report file into ``directory`` (created if missing); returns them by name.
 
@@ -241,6 +239,7 @@ def write_report(
         stage: ``val`` or ``test``, used in titles and the JSON.
         extra: more JSON fields (e.g. checkpoint path, global step).
         max_confused: most classes in the confusion matrix.
+        palette: uint8 (K, 3) class colours of the bar chart; default ``make_palette(K)``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -251,53 +250,7 @@ def write_report(
              ("metrics.json", "per_class.md", "per_class.csv", "per_class_iou.png", "confusion.png")}
     files["metrics.json"].write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     _write_tables(directory, table, scores, stage)
-    plot_per_class_iou(files["per_class_iou.png"], scores, class_names, title=stage)
+    plot_per_class_iou(files["per_class_iou.png"], scores, class_names, title=stage, palette=palette)
     confmat = scores["confusion_matrix"].cpu().numpy()
     plot_confusion(files["confusion.png"], confmat, class_names, max_confused, title=stage)
     return files
-
-
-class SegmentationReport(Callback):
-    """Write the report files and print the summary at the end of ``validate`` and ``test`` runs.
-
-    Reads ``pl_module.last_scores[stage]`` (stage ``val`` / ``test``) and ``pl_module.class_names``; never
-    runs during the sanity check.
-
-    Args:
-        output_dir: folder for the files; default: the run's log folder (``trainer.log_dir``).
-        during_fit: also report after every validation inside ``fit``, into
-            ``<folder>/report_val_step<global step>/``.
-        max_confused: most classes in the confusion matrix.
-    """
-
-    def __init__(self, output_dir: str | None = None, during_fit: bool = False, max_confused: int = 20) -> None:
-        super().__init__()
-        self.output_dir = output_dir
-        self.during_fit = during_fit
-        self.max_confused = max_confused
-        self.last_files: dict[str, Path] = {}
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        fitting = trainer.state.fn == "fit"
-        if not fitting or self.during_fit:
-            self._report(trainer, pl_module, "val", fitting)
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._report(trainer, pl_module, "test", fitting=False)
-
-    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, fitting: bool) -> None:
-        directory = Path(self.output_dir or trainer.log_dir or ".")  # log_dir broadcasts: every rank asks
-        if fitting:
-            directory = directory / f"report_{stage}_step{trainer.global_step}"
-        if not trainer.is_global_zero:
-            return
-        scores = getattr(pl_module, "last_scores", {}).get(stage)
-        if scores is None:
-            rank_zero_warn(f"SegmentationReport: {type(pl_module).__name__} has no last_scores[{stage!r}]; no report")
-            return
-        names = list(getattr(pl_module, "class_names", None) or [f"class_{k}" for k in range(len(scores["IoU"]))])
-        extra = {"global_step": trainer.global_step, "ckpt_path": trainer.ckpt_path}
-        self.last_files = write_report(directory, scores, names, stage, extra, self.max_confused)
-        print(f"{summary_text(scores, names, stage)}\n  report: {directory}", flush=True)

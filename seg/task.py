@@ -12,22 +12,14 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
+from seg.data.spec import DatasetSpec, as_spec
 from seg.inference import InferenceConfig, run_inference
 from seg.metrics import SegmentationMetric
-from seg.models import NoDecayRule, Segmentor, no_decay_names
+from seg.models import Segmentor
 from seg.schedules import WarmupPolyLR
+from seg.weight_decay import DecayPlan, NoDecayRule, param_groups, plan_weight_decay
 
-__all__ = ["SegmentationTask", "clean_param_name"]
-
-# Name components that FSDP, activation checkpointing and torch.compile insert into the names of the parameters
-# below this module (DDP wraps from outside: names seen from inside the LightningModule do not change).
-_WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
-_FLAT_PARAM = "_flat_param"  # FSDP with use_orig_params=False: one flattened parameter per FSDP unit
-
-
-def clean_param_name(name: str) -> str:
-    """A parameter name without the components wrappers insert (``_fsdp_wrapped_module``, ...)."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
+__all__ = ["SegmentationTask"]
 
 
 def _class_path(obj: object) -> str:
@@ -43,19 +35,21 @@ class SegmentationTask(pl.LightningModule):
     """Semantic segmentation with a :class:`~seg.models.Segmentor`.
 
     Args:
-        model: encoder + decoder (its ``num_classes`` is linked from the data module by the CLI).
-        ignore_index: label excluded from loss and metrics (linked from the data module).
+        model: encoder + decoder (its ``num_classes`` is linked from the data module's spec by the CLI).
+        spec: the data set's facts (linked from the data module by the CLI): ignore label (excluded from loss and
+            metrics), class names (per-class metrics, reports, prediction files), palette and evaluation scale
+            (multi-scale views). None: ``model.num_classes`` unnamed classes with the usual ignore label, and
+            multi-scale views sized from an attached data module's ``test_scale`` (else from the input).
         aux_weight: weight of the auxiliary head's cross-entropy (0.4 in the recipes).
         optimizer: optimizer factory; it receives the model's parameter groups: a decayed group and, unless
             ``no_decay`` is ``decay_all``, a group with ``weight_decay=0``.
         scheduler: learning-rate scheduler factory, stepped every optimizer step. A
             :class:`~seg.schedules.WarmupPolyLR` without ``max_steps`` takes the trainer's step count.
         inference: how validation, test and predict turn an image into logits.
-        class_names: names for per-class metrics (linked from the data module).
         compile: run the training forward under ``torch.compile`` (static shapes: training crops share one
             size; validation, test and predict images each have their own size and run eagerly). Checkpoint
             keys do not change. Off by default: see BENCHMARKS.md for what it gains on each machine measured.
-        no_decay: which parameters get no weight decay (:func:`~seg.models.no_decay_names`): ``decay_all``
+        no_decay: which parameters get no weight decay (:func:`~seg.weight_decay.no_decay_names`): ``decay_all``
             (PVT's Semantic FPN recipe), ``norms_tables`` (Swin's UperNet recipe: norms, position tables,
             ``positional_encoding``, ``scale``) or ``norms_biases_tables`` (those and all biases). The groups are
             worked out from the unwrapped model in :meth:`configure_model`, so they are the same on one device,
@@ -66,36 +60,48 @@ class SegmentationTask(pl.LightningModule):
     def __init__(
         self,
         model: Segmentor,
-        ignore_index: int = 255,
+        spec: DatasetSpec | str | None = None,
         aux_weight: float = 0.4,
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         inference: InferenceConfig | None = None,
-        class_names: list[str] | None = None,
         compile: bool = False,
         no_decay: NoDecayRule = "norms_biases_tables",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "class_names"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "spec"])
         if "_instantiator" in self.hparams:  # built by LightningCLI: load_from_checkpoint rebuilds through it
             # the architecture, not the CLI's arguments: an ImageNet `encoder_checkpoint` is not needed (the
             # checkpoint holds the weights) and may not exist where the checkpoint is loaded
             self.hparams["model"] = {"class_path": _class_path(model), "init_args": model.arguments}
+        self._spec_given = spec is not None
+        self.spec = as_spec(spec) if spec is not None else DatasetSpec(num_classes=model.num_classes)
+        if self.spec.num_classes != model.num_classes:
+            raise ValueError(f"data set spec {self.spec.name!r} has {self.spec.num_classes} classes but the model "
+                             f"predicts {model.num_classes}")
+        self.hparams["spec"] = self.spec.to_dict() if spec is not None else None  # plain values (weights_only)
         self.model = model
-        self.ignore_index = ignore_index
         self.aux_weight = aux_weight
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.inference = inference or InferenceConfig()
-        num_classes = model.num_classes
-        self.class_names = list(class_names or [f"class_{i}" for i in range(num_classes)])
-        self.val_metric = SegmentationMetric(num_classes, ignore_index)
-        self.test_metric = SegmentationMetric(num_classes, ignore_index)
+        self.val_metric = SegmentationMetric(self.spec.num_classes, self.spec.ignore_index)
+        self.test_metric = SegmentationMetric(self.spec.num_classes, self.spec.ignore_index)
         self.last_scores: dict[str, dict[str, Tensor]] = {}
         self.compile_model = compile
         self._train_forward: Callable[[Tensor], dict[str, Tensor]] | None = None  # compiled in configure_model
         self.no_decay = no_decay
-        self._decay_plan: tuple[frozenset[str], frozenset[str]] | None = None  # (all names, exempt names)
+        self._decay_plan: DecayPlan | None = None
+
+    @property
+    def ignore_index(self) -> int:
+        """Label excluded from loss and metrics (the spec's)."""
+        return self.spec.ignore_index
+
+    @property
+    def class_names(self) -> list[str]:
+        """One name per class (the spec's)."""
+        return list(self.spec.class_names)
 
     def configure_model(self) -> None:
         """Work out the weight-decay groups from the unwrapped model, then compile the training forward when
@@ -104,20 +110,22 @@ class SegmentationTask(pl.LightningModule):
         Only the training forward is compiled, with static shapes: dynamic image sizes make the compiler
         specialise per size or fail inside inductor (torch 2.14), while the training crops have one size."""
         if self._decay_plan is None:
-            self._decay_plan = self._plan_weight_decay()
+            self._decay_plan = plan_weight_decay(self, self.no_decay)
         if self.compile_model and self._train_forward is None:
             self._train_forward = torch.compile(self.model.forward, dynamic=False)
 
     def forward(self, image: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
         """Inference: normalised images (B, 3, H, W) -> logits (B, K, H', W'), ``out_size`` or input size.
 
-        ``out_size`` is the original image size; multi-scale views are sized from it and the data module's
+        ``out_size`` is the original image size; multi-scale views are sized from it and the spec's
         ``test_scale`` box, as mmseg does.
         """
         return run_inference(lambda x: self.model(x)["out"], image, self.inference, out_size, self._test_scale())
 
     def _test_scale(self) -> tuple[int, int] | None:
-        """The data module's (long, short) test resize box, when a trainer with such a data module is attached."""
+        """The (long, short) test resize box: the spec's, else an attached data module's, else None."""
+        if self._spec_given:
+            return self.spec.test_scale
         trainer = self._trainer
         scale = getattr(getattr(trainer, "datamodule", None), "test_scale", None) if trainer is not None else None
         return (int(scale[0]), int(scale[1])) if scale is not None else None
@@ -173,48 +181,12 @@ class SegmentationTask(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish(self.test_metric, "test")
 
-    def _plan_weight_decay(self) -> tuple[frozenset[str], frozenset[str]]:
-        """Names (relative to this module) of all trainable parameters and of those ``no_decay`` exempts."""
-        exempt = {f"model.{name}" for name in no_decay_names(self.model, self.no_decay)}
-        names = {name for name, param in self.named_parameters() if param.requires_grad}
-        return frozenset(names), frozenset(exempt & names)
-
     def param_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups, over the parameters as the strategy left them.
-
-        Parameters are matched by their original names (wrapper components removed), against the plan made from
-        the unwrapped model in :meth:`configure_model`.
-
-        Raises:
-            ValueError: FSDP with ``use_orig_params=False`` (flattened parameters) and a rule that exempts
-                some parameters, or a parameter that did not exist when the plan was made.
-        """
+        """The optimizer's parameter groups (:func:`~seg.weight_decay.param_groups`), over the parameters as the
+        strategy left them, against the plan made from the unwrapped model in :meth:`configure_model`."""
         if self._decay_plan is None:  # e.g. a direct call without a trainer: the model is still unwrapped
-            self._decay_plan = self._plan_weight_decay()
-        known, exempt = self._decay_plan
-        decay: list[torch.nn.Parameter] = []
-        no_decay: list[torch.nn.Parameter] = []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            if name.split(".")[-1] == _FLAT_PARAM:
-                if exempt:
-                    raise ValueError(
-                        f"no_decay={self.no_decay!r} needs per-parameter weight decay, but FSDP runs with "
-                        "use_orig_params=False and flattens each unit's parameters into one: set "
-                        "`use_orig_params: true` in the FSDPStrategy init_args (configs/trainer/fsdp.yaml does), or "
-                        "use no_decay=decay_all"
-                    )
-                decay.append(param)
-                continue
-            original = clean_param_name(name)
-            if original not in known:
-                raise ValueError(f"parameter {original!r} did not exist when the weight-decay groups were made "
-                                 "(configure_model): add parameters before training starts")
-            (no_decay if original in exempt else decay).append(param)
-        if self.no_decay == "decay_all":
-            return [{"params": decay}]
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+            self._decay_plan = plan_weight_decay(self, self.no_decay)
+        return param_groups(self.named_parameters(), self._decay_plan)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.param_groups())

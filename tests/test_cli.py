@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _specs import DEMO_SMALL, spec_arg
 
 from seg.cli import cli_main
 from seg.data import make_demo_dataset
@@ -31,8 +32,8 @@ def tiny_overrides(config: Path, root: Path) -> list[str]:
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
         "--trainer.sync_batchnorm=false",
         f"--model.model.init_args.encoder={encoder}", "--model.model.init_args.encoder_checkpoint=null",
-        f"--data.root={root}", "--data.num_classes=12", "--data.crop_size=64", "--data.batch_size=2",
-        "--data.num_workers=0", "--data.train_scale=[128, 64]", "--data.test_scale=[128, 64]",
+        f"--data.root={root}", spec_arg(DEMO_SMALL), "--data.crop_size=64", "--data.batch_size=2",
+        "--data.num_workers=0", "--data.train_scale=[128, 64]",
     ]
 
 
@@ -51,8 +52,8 @@ def test_config_fast_dev_run(config: Path, tiny_root: Path, tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["fit", *tiny_overrides(config, tiny_root), "--trainer.fast_dev_run=true"])
     assert cli.trainer.global_step == 1
-    assert cli.model.model.num_classes == 12  # linked from the data module
-    assert cli.model.class_names[0] == "h-stripes"  # class names read from the data set's class_names.txt
+    assert cli.model.model.num_classes == 12  # linked from the data module's spec
+    assert cli.model.class_names[0] == "h-stripes" and cli.model.spec == cli.datamodule.spec
 
 
 def test_fit_then_validate_from_checkpoint(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

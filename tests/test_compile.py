@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import seg.kernels.onednn as onednn
 from seg.cli import cli_main
 from seg.data import make_demo_dataset
 from seg.models import Segmentor
@@ -16,9 +17,13 @@ from seg.task import SegmentationTask
 pytestmark = pytest.mark.slow
 
 
-def test_compiled_training_step_equals_eager_and_keeps_checkpoint_keys() -> None:
+def test_compiled_training_step_equals_eager_and_keeps_checkpoint_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager runs what the compiler traces (the reference attention, F.linear), so the two losses agree closely;
+    the CPU fast paths differ from it in rounding, which the batch norms of a tiny batch amplify."""
+    monkeypatch.setattr(onednn, "_switched_on", False)
     torch.manual_seed(0)
-    model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=4, decoder_channels=16, aux_head=False)
+    model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=4, decoder_channels=16, aux_head=False,
+                      encoder_kwargs={"attn_backend": "reference"})
     for module in model.modules():  # compiled dropout draws other masks: compare without it
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

@@ -13,8 +13,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from seg.data.ade20k import (
-    ADE20K_CLASSES,
-    ADE20K_PALETTE,
     ImageFolder,
     SegmentationFolder,
     load_class_names,
@@ -23,9 +21,8 @@ from seg.data.ade20k import (
 from seg.data.datamodule import seed_worker
 from seg.data.prepare import main as prepare_main
 from seg.data.prepare import verify
+from seg.data.spec import ADE20K, ADE20K_CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from seg.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CatMaxRatioCrop,
     PhotometricDistortion,
     RandomRescale,
@@ -66,9 +63,10 @@ def test_ade20k_names_and_palette() -> None:
     assert len(ADE20K_CLASSES) == 150 and len(set(ADE20K_CLASSES)) == 150
     assert ADE20K_CLASSES[:5] == ("wall", "building", "sky", "floor", "tree")
     assert ADE20K_CLASSES[12] == "person" and ADE20K_CLASSES[-2:] == ("clock", "flag")
-    assert ADE20K_PALETTE.shape == (150, 3) and ADE20K_PALETTE.dtype == np.uint8
-    assert len(np.unique(ADE20K_PALETTE, axis=0)) == 150
-    assert ADE20K_PALETTE.sum(axis=1).min() > 0  # no black class
+    palette = ADE20K.palette_array
+    assert palette.shape == (150, 3) and palette.dtype == np.uint8
+    assert len(np.unique(palette, axis=0)) == 150
+    assert palette.sum(axis=1).min() > 0  # no black class
 
 
 def test_load_class_names_text_and_yaml(tmp_path: Path) -> None:

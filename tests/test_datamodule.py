@@ -12,8 +12,8 @@ from PIL import Image
 from pytorch_lightning import seed_everything
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 
-from seg.data.ade20k import ADE20K_CLASSES
 from seg.data.datamodule import SegmentationDataModule
+from seg.data.spec import ADE20K, DatasetSpec
 
 
 def write_pair(root: Path, split: str, stem: str, h: int, w: int, seed: int) -> None:
@@ -38,9 +38,9 @@ def tiny_root(tmp_path: Path) -> Path:
     return root
 
 
-def make_dm(root: Path, **kwargs) -> SegmentationDataModule:
-    args = dict(root=str(root), crop_size=32, batch_size=2, num_workers=0, num_classes=4,
-                train_scale=(64, 32), test_scale=(64, 32))
+def make_dm(root: Path, num_classes: int = 4, **kwargs) -> SegmentationDataModule:
+    spec = DatasetSpec(num_classes=num_classes, name="tiny", test_scale=(64, 32))
+    args = dict(root=str(root), spec=spec, crop_size=32, batch_size=2, num_workers=0, train_scale=(64, 32))
     return SegmentationDataModule(**(args | kwargs))
 
 
@@ -73,20 +73,24 @@ def test_batches_per_stage(tiny_root: Path, tmp_path: Path) -> None:
     assert pred["image"].shape == (1, 3, 32, 64)
     assert pred["path"] == ["nested/wide.png"]
     assert pred["orig_size"].tolist() == [[50, 100]] and pred["orig_size"].dtype == torch.int64
+    assert pred["photo"].shape == (1, 50, 100, 3) and pred["photo"].dtype == torch.uint8  # for the writer
 
 
-def test_class_names_resolution(tiny_root: Path, tmp_path: Path) -> None:
-    assert make_dm(tiny_root).class_names == ["class_0", "class_1", "class_2", "class_3"]
-    assert make_dm(tiny_root, num_classes=150).class_names == list(ADE20K_CLASSES)
-    (tiny_root / "class_names.txt").write_text("sky\nroad\ncar\ntree\n")
-    assert make_dm(tiny_root).class_names == ["sky", "road", "car", "tree"]
-    custom = tmp_path / "names.yaml"
-    custom.write_text("- a\n- b\n- c\n- d\n")
-    assert make_dm(tiny_root, class_names=str(custom)).class_names == ["a", "b", "c", "d"]
-    dm = make_dm(tiny_root, num_classes=5)
-    with pytest.raises(ValueError, match=r"class_names.txt holds 4 names but num_classes is 5"):
-        dm.setup("validate")
-    assert make_dm(tiny_root).num_classes == 4 and make_dm(tiny_root).ignore_index == 255
+def test_facts_come_from_the_spec(tiny_root: Path) -> None:
+    dm = make_dm(tiny_root)
+    assert dm.class_names == ["class_0", "class_1", "class_2", "class_3"]
+    assert dm.num_classes == 4 and dm.ignore_index == 255 and dm.test_scale == (64, 32)
+    ade = SegmentationDataModule(str(tiny_root), spec="ade20k")
+    assert ade.spec is ADE20K and ade.num_classes == 150 and ade.class_names[:2] == ["wall", "building"]
+    named = make_dm(tiny_root, spec=DatasetSpec(num_classes=4, class_names=("sky", "road", "car", "tree"),
+                                                mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), test_scale=(64, 32)))
+    assert named.class_names == ["sky", "road", "car", "tree"]
+    named.setup("validate")
+    image = next(iter(named.val_dataloader()))["image"]
+    assert image.min() >= 0 and image.max() > 10  # the spec's normalisation (none here), not ImageNet's
+    assert dm.hparams["spec"]["num_classes"] == 4 and isinstance(dm.hparams["spec"]["class_names"], list)
+    with pytest.raises(ValueError, match="unknown data set spec 'ade'; known: ade20k, demo"):
+        SegmentationDataModule(str(tiny_root), spec="ade")
 
 
 def test_missing_root_and_predict_root(tmp_path: Path) -> None:
@@ -146,6 +150,6 @@ def test_parses_from_config() -> None:
 
     parser = ArgumentParser()
     parser.add_class_arguments(SegmentationDataModule, "data")
-    cfg = parser.parse_args(["--data.root=x", "--data.train_scale=[1024, 256]", "--data.class_names=n.txt"])
-    assert cfg.data.train_scale == (1024, 256) and cfg.data.class_names == "n.txt"
+    cfg = parser.parse_args(["--data.root=x", "--data.train_scale=[1024, 256]", "--data.spec=demo"])
+    assert cfg.data.train_scale == (1024, 256) and cfg.data.spec == "demo"
     assert cfg.data.crop_size == 512 and cfg.data.predict_root is None

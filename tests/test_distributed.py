@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from _ranks import run_commands, run_ranks
+from _specs import DEMO_SMALL, spec_arg
 
 from seg.cli import cli_main
 from seg.data import DEMO_CLASS_NAMES, make_demo_dataset
@@ -37,9 +38,9 @@ def tiny_args(root: Path) -> list[str]:
     return [
         "--config", str(EXPERIMENT), "--config", str(CPU),
         "--model.model.init_args.encoder=test_flatten_pvt", "--model.model.init_args.encoder_checkpoint=null",
-        f"--data.root={root}", f"--data.num_classes={NUM_CLASSES}", "--data.crop_size=64", "--data.batch_size=2",
-        "--data.num_workers=0", "--data.train_scale=[128, 64]", "--data.test_scale=[128, 64]",
-        "--trainer.callbacks+=seg.scaling.EffectiveBatch", "--trainer.callbacks.expected=16",
+        f"--data.root={root}", spec_arg(DEMO_SMALL), "--data.crop_size=64", "--data.batch_size=2",
+        "--data.num_workers=0", "--data.train_scale=[128, 64]",
+        "--trainer.callbacks+=seg.callbacks.effective_batch.EffectiveBatch", "--trainer.callbacks.expected=16",
     ]
 
 
@@ -130,7 +131,7 @@ def test_two_nodes_on_loopback(demo_root: Path, tmp_path: Path) -> None:
 def test_sync_batchnorm_under_cpu_ddp_is_explained(demo_root: Path, tmp_path: Path) -> None:
     command = cli_command("fit", demo_root, "--trainer.strategy=ddp", "--trainer.devices=2",
                           "--trainer.sync_batchnorm=true", "--trainer.max_steps=1",
-                          "--trainer.callbacks+=seg.scaling.SyncBatchNormCheck")
+                          "--trainer.callbacks+=seg.callbacks.sync_batchnorm.SyncBatchNormCheck")
     with pytest.raises(pytest.fail.Exception, match="sync_batchnorm=true needs CUDA devices"):
         run(command, tmp_path / "run", clean_env())
 

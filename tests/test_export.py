@@ -103,7 +103,7 @@ def test_cli_builds_from_config_and_checkpoint(tmp_path):
         "model:\n  model:\n    class_path: seg.models.Segmentor\n    init_args:\n"
         "      encoder: test_flatten_pvt_v2\n      decoder: semantic_fpn\n      decoder_channels: 16\n"
         "      aux_head: false\n"
-        f"data:\n  root: {tmp_path / 'data'}\n  num_classes: 5\n"
+        f"data:\n  root: {tmp_path / 'data'}\n  spec:\n    num_classes: 5\n"
     )
     reference = _segmentor("test_flatten_pvt_v2", "semantic_fpn")
     state = {f"model.{k}": v for k, v in reference.state_dict().items()}

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import seg.models as models
-from seg.models import DECODERS, DecoderName, Segmentor, no_decay_names
+from seg.models import DECODERS, DecoderName, Segmentor
+from seg.weight_decay import no_decay_names, param_groups, plan_weight_decay
 
 # timm's PVTv2-B0 shrunk to one block per stage: same code path as a real encoder, fast on CPU.
 TINY = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))
@@ -179,8 +180,8 @@ def test_param_groups_partition(encoder: str) -> None:
         pytest.skip(f"{encoder} is not registered")
     kwargs = TINY if encoder == "pvt_v2_b0" else {}
     model = Segmentor(encoder, "upernet", num_classes=NUM_CLASSES, decoder_channels=32, encoder_kwargs=kwargs)
-    decay, no_decay = model.param_groups(0.01)
-    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    decay, no_decay = param_groups(model.named_parameters(), plan_weight_decay(model, "norms_biases_tables"))
+    assert "weight_decay" not in decay and no_decay["weight_decay"] == 0.0  # the optimizer's own decay applies
     ids_decay = [id(p) for p in decay["params"]]
     ids_no = [id(p) for p in no_decay["params"]]
     all_ids = [id(p) for p in model.parameters()]

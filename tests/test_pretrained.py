@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _specs import DEMO_SMALL, spec_arg
 from safetensors.torch import save_file
 
 from seg.cli import cli_main
@@ -240,7 +241,7 @@ def demo_args(root: Path, encoder: str = "test_flatten_pvt_v2") -> list[str]:
     return [
         "--config", str(CONFIGS / "demo.yaml"), f"--model.model.init_args.encoder={encoder}",
         f"--data.root={root}", "--data.demo=false", "--data.crop_size=64", "--data.batch_size=2",
-        "--data.num_workers=0", "--data.train_scale=[128, 64]", "--data.test_scale=[128, 64]",
+        "--data.num_workers=0", "--data.train_scale=[128, 64]", spec_arg(DEMO_SMALL),
     ]  # fmt: skip
 
 
@@ -258,9 +259,10 @@ def test_cli_writes_a_folder_from_a_lightning_checkpoint(tmp_path: Path, monkeyp
     folder = main([*args, "--ckpt_path", str(ckpt), "--out", str(tmp_path / "pretrained" / "demo")])
 
     predictor = Predictor.from_pretrained(folder)
-    assert predictor.class_names == list(DEMO_CLASS_NAMES)  # from the data set's class_names.txt
+    assert predictor.class_names == list(DEMO_CLASS_NAMES)  # from the data set spec
+    np.testing.assert_array_equal(predictor.palette, DEMO_SMALL.palette_array)
     assert predictor.test_scale == (128, 64) and predictor.model.config["decoder"] == "fpn"
-    assert predictor.dataset == "data" and "| data set | data |" in (folder / CARD_FILE).read_text()
+    assert predictor.dataset == "demo" and "| data set | demo |" in (folder / CARD_FILE).read_text()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for name, tensor in predictor.model.state_dict().items():
         torch.testing.assert_close(tensor, state[f"model.{name}"], rtol=0, atol=0)

@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from _specs import DEMO_SMALL, spec_arg
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 
+from seg.callbacks.report import SegmentationReport
 from seg.cli import cli_main
-from seg.data import ADE20K_CLASSES, SegmentationDataModule, make_demo_dataset
+from seg.data import ADE20K_CLASSES, DatasetSpec, SegmentationDataModule, make_demo_dataset
 from seg.metrics import scores_from_confusion
 from seg.models import Segmentor
-from seg.reports import SegmentationReport, class_table, most_confused, summary_text, write_report
+from seg.reports import class_table, most_confused, summary_text, write_report
 from seg.task import SegmentationTask
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -106,7 +108,7 @@ def test_charts_are_real_images(tmp_path: Path) -> None:
 def tiny_task() -> SegmentationTask:
     torch.manual_seed(0)
     model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=12, aux_head=False)
-    return SegmentationTask(model, class_names=[f"c{k}" for k in range(12)])
+    return SegmentationTask(model, spec=DatasetSpec(num_classes=12, class_names=tuple(f"c{k}" for k in range(12))))
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +118,8 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(tiny_root: Path, tmp_path: Path, stage: str, report: SegmentationReport) -> pl.Trainer:
-    dm = SegmentationDataModule(str(tiny_root), crop_size=64, batch_size=2, num_workers=0, num_classes=12,
-                                train_scale=(128, 64), test_scale=(128, 64))
+    dm = SegmentationDataModule(str(tiny_root), crop_size=64, batch_size=2, num_workers=0, spec=DEMO_SMALL,
+                                train_scale=(128, 64))
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path / "logs"), callbacks=[report],
                          max_steps=2, val_check_interval=1, num_sanity_val_steps=1, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
@@ -155,8 +157,8 @@ def test_cli_validate_writes_report(tiny_root: Path, tmp_path: Path, monkeypatch
         cli = cli_main([
             "validate", "--config", str(CONFIGS / "demo.yaml"),
             "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={tiny_root}", "--data.demo=false",
-            "--data.num_workers=0", "--data.test_scale=[128, 64]",
-            "--trainer.callbacks+=seg.reports.SegmentationReport", "--trainer.callbacks.output_dir=report",
+            "--data.num_workers=0", spec_arg(DEMO_SMALL),
+            "--trainer.callbacks+=seg.callbacks.report.SegmentationReport", "--trainer.callbacks.output_dir=report",
         ])
     assert {p.name for p in (tmp_path / "report").iterdir()} == REPORT_FILES
     data = json.loads((tmp_path / "report" / "metrics.json").read_text())

@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from _specs import DEMO_SMALL
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
+from seg.callbacks.seed_each_epoch import SeedEachEpoch
+from seg.checkpoint_io import AtomicCheckpointIO
 from seg.data import DEMO_CLASS_NAMES, SegmentationDataModule, make_demo_dataset
 from seg.models import Segmentor
-from seg.scaling import AtomicCheckpointIO, SeedEachEpoch
 from seg.schedules import WarmupPolyLR
 from seg.task import SegmentationTask
 
@@ -42,7 +44,7 @@ def make_task() -> SegmentationTask:
 
 def make_data(root: Path, num_workers: int = 0) -> SegmentationDataModule:
     return SegmentationDataModule(str(root), crop_size=64, batch_size=2, num_workers=num_workers,
-                                  num_classes=NUM_CLASSES, train_scale=(128, 64), test_scale=(128, 64))
+                                  spec=DEMO_SMALL, train_scale=(128, 64))
 
 
 def fit(root: Path, max_steps: int, callbacks: list[Callback], ckpt_path: str | Path | None = None,
@@ -177,7 +179,7 @@ def test_atomic_save_failure_keeps_previous_checkpoint(tmp_path: Path, monkeypat
 
 KILL_WHILE_SAVING = """
 import io, sys, time, torch
-from seg.scaling import AtomicCheckpointIO
+from seg.checkpoint_io import AtomicCheckpointIO
 path = sys.argv[1]
 AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(10000)}, path)
 real_save = torch.save

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from _files import write_pair
+from _specs import small_spec, spec_arg
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
@@ -26,11 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from seg.callbacks.non_finite import NonFiniteError, NonFiniteGuard
 from seg.cli import cli_main
 from seg.data.ade20k import ImageFolder, SegmentationFolder, read_rgb
 from seg.data.datamodule import SegmentationDataModule, SkippingDataLoader
 from seg.data.transforms import eval_transform
-from seg.guards import NonFiniteError, NonFiniteGuard
 from seg.models import Segmentor
 
 # ---------------------------------------------------------------- helpers
@@ -81,9 +82,9 @@ def good_set(root: Path, train: int = 4, val: int = 2) -> Path:
     return root
 
 
-def make_dm(root: Path, **kwargs) -> SegmentationDataModule:
-    args = dict(root=str(root), crop_size=32, batch_size=2, num_workers=0, num_classes=4, train_scale=(64, 32),
-                test_scale=(64, 32))
+def make_dm(root: Path, num_classes: int = 4, **kwargs) -> SegmentationDataModule:
+    args = dict(root=str(root), spec=small_spec(num_classes, (64, 32)), crop_size=32, batch_size=2, num_workers=0,
+                train_scale=(64, 32))
     return SegmentationDataModule(**(args | kwargs))
 
 
@@ -344,7 +345,7 @@ def test_guard_never_overwrites_a_good_checkpoint_with_nan_weights(tmp_path: Pat
 
 def test_guard_from_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "guard.yaml"
-    config.write_text("trainer:\n  callbacks:\n    - class_path: seg.guards.NonFiniteGuard\n"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: seg.callbacks.non_finite.NonFiniteGuard\n"
                       "      init_args: {action: skip}\n")
     cli = cli_main(["--config", str(config), "--data.root=x", "--model.model.class_path=seg.models.Segmentor",
                     "--model.model.init_args.encoder=test_flatten_pvt", "--trainer.logger=false"], run=False)
@@ -382,7 +383,7 @@ def cli_args(root: Path) -> list[str]:
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
         "--trainer.sync_batchnorm=false", "--trainer.logger=false",
         "--model.model.init_args.encoder=test_flatten_pvt", "--model.model.init_args.encoder_checkpoint=null",
-        f"--data.root={root}", "--data.num_classes=4", "--data.num_workers=0", "--data.test_scale=[64, 32]",
+        f"--data.root={root}", spec_arg(small_spec(4, (64, 32))), "--data.num_workers=0",
     ]
 
 
@@ -463,5 +464,5 @@ def test_unknown_keys_list_the_valid_options(tmp_path: Path, capsys: pytest.Capt
         with pytest.raises(SystemExit):
             cli_main(["fit", *args, "--print_config"])
         err = capsys.readouterr().err
-        assert "valid options for 'data': batch_size, class_names, crop_size," in err
+        assert "valid options for 'data': batch_size, crop_size, demo," in err
         assert "did you mean 'crop_size'?" in err

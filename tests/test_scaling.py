@@ -12,15 +12,17 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from _specs import DEMO_SMALL, spec_arg
 from pytorch_lightning.callbacks import Callback
 
 from seg.backbones.pvt import Block
 from seg.backbones.soft import SoftBlock
 from seg.backbones.swin import SwinBlock
+from seg.callbacks.effective_batch import EffectiveBatch, lr_factor
+from seg.callbacks.sync_batchnorm import SyncBatchNormCheck
 from seg.cli import SegmentationCLI, cli_main
 from seg.data import DEMO_CLASS_NAMES, SegmentationDataModule, make_demo_dataset
 from seg.models import Segmentor
-from seg.scaling import EffectiveBatch, SyncBatchNormCheck, lr_factor
 from seg.schedules import WarmupPolyLR
 from seg.task import SegmentationTask
 
@@ -44,8 +46,8 @@ def make_task(lr: float = LR) -> SegmentationTask:
 
 
 def make_data(root: Path, **kwargs) -> SegmentationDataModule:
-    args = dict(root=str(root), crop_size=64, batch_size=2, num_workers=0, num_classes=NUM_CLASSES,
-                train_scale=(128, 64), test_scale=(128, 64))
+    args = dict(root=str(root), crop_size=64, batch_size=2, num_workers=0, spec=DEMO_SMALL,
+                train_scale=(128, 64))
     return SegmentationDataModule(**(args | kwargs))
 
 
@@ -135,9 +137,9 @@ def test_cpu_config_runs_with_effective_batch(demo_root: Path, tmp_path: Path, m
     cli = cli_main([
         "fit", "--config", str(EXPERIMENT), "--config", str(TRAINER_CONFIGS / "cpu.yaml"),
         "--model.model.init_args.encoder=test_flatten_pvt", "--model.model.init_args.encoder_checkpoint=null",
-        f"--data.root={demo_root}", f"--data.num_classes={NUM_CLASSES}", "--data.crop_size=64",
-        "--data.num_workers=0", "--data.train_scale=[128, 64]", "--data.test_scale=[128, 64]",
-        "--trainer.callbacks+=seg.scaling.EffectiveBatch", "--trainer.callbacks.expected=16",
+        f"--data.root={demo_root}", spec_arg(DEMO_SMALL), "--data.crop_size=64",
+        "--data.num_workers=0", "--data.train_scale=[128, 64]",
+        "--trainer.callbacks+=seg.callbacks.effective_batch.EffectiveBatch", "--trainer.callbacks.expected=16",
         "--trainer.fast_dev_run=true",
     ])
     callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EffectiveBatch))

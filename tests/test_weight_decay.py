@@ -15,7 +15,8 @@ from seg.backbones.pvt import Block
 from seg.backbones.soft import SoftBlock
 from seg.backbones.swin import SwinBlock
 from seg.models import Segmentor
-from seg.task import SegmentationTask, clean_param_name
+from seg.task import SegmentationTask
+from seg.weight_decay import clean_param_name
 
 FSDP_CONFIG = Path(__file__).parents[1] / "configs" / "trainer" / "fsdp.yaml"
 BLOCKS = {Block, SwinBlock, SoftBlock}

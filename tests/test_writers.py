@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from _specs import DEMO_SMALL, spec_arg
 from PIL import Image
 
+from seg.callbacks.prediction_writer import SegmentationWriter
+from seg.callbacks.report import SegmentationReport
 from seg.cli import cli_main
 from seg.data import DEMO_CLASS_NAMES, SegmentationDataModule, make_demo_dataset, make_palette, read_rgb
 from seg.models import Segmentor
-from seg.reports import SegmentationReport
 from seg.task import SegmentationTask
-from seg.writers import SegmentationWriter, blend_labels, draw_legend, make_overlay, output_paths
+from seg.writers import blend_labels, draw_legend, make_overlay, output_paths
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -63,13 +65,12 @@ def make_inputs(folder: Path) -> Path:
 def task() -> SegmentationTask:
     torch.manual_seed(0)
     model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=12, aux_head=False)
-    return SegmentationTask(model, class_names=list(DEMO_CLASS_NAMES)).eval()
+    return SegmentationTask(model, spec=DEMO_SMALL).eval()
 
 
 def predict(task: SegmentationTask, inputs: Path, writer: SegmentationWriter) -> dict[str, np.ndarray]:
     """Run a real Trainer.predict; returns the label maps it produced, by relative path."""
-    dm = SegmentationDataModule(root=str(inputs), num_workers=0, num_classes=12, predict_root=str(inputs),
-                                test_scale=(128, 64))
+    dm = SegmentationDataModule(root=str(inputs), spec=DEMO_SMALL, num_workers=0, predict_root=str(inputs))
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[writer], enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     outputs = trainer.predict(task, datamodule=dm)
@@ -180,8 +181,9 @@ def test_cli_predict_writes_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         cli_main([
             "predict", "--config", str(CONFIGS / "demo.yaml"),
             "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={root}", "--data.demo=false",
-            "--data.num_workers=0", "--data.test_scale=[128, 64]", f"--data.predict_root={photos}",
-            "--trainer.callbacks+=seg.writers.SegmentationWriter", "--trainer.callbacks.output_dir=predictions",
+            "--data.num_workers=0", spec_arg(DEMO_SMALL), f"--data.predict_root={photos}",
+            "--trainer.callbacks+=seg.callbacks.prediction_writer.SegmentationWriter",
+            "--trainer.callbacks.output_dir=predictions",
             "--return_predictions=false",
         ])
     with Image.open(tmp_path / "predictions/holiday/beach.png") as img:
@@ -199,8 +201,7 @@ def test_ddp_ranks_write_their_own_images(tmp_path: Path) -> None:
         folder = inputs / "sub" if i % 2 else inputs
         Image.fromarray(np.full((20 + i, 30, 3), 40 * i, np.uint8)).save(folder / f"im{i}.png")
     root = make_demo_dataset(tmp_path / "tiny", num_train=2, num_val=3, min_size=64, max_size=96)
-    dm = SegmentationDataModule(str(root), num_workers=0, num_classes=12, predict_root=str(inputs),
-                                test_scale=(128, 64))
+    dm = SegmentationDataModule(str(root), spec=DEMO_SMALL, num_workers=0, predict_root=str(inputs))
     model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=12, aux_head=False)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
                          callbacks=[SegmentationWriter(str(tmp_path / "out")),
@@ -208,7 +209,7 @@ def test_ddp_ranks_write_their_own_images(tmp_path: Path) -> None:
                          enable_model_summary=False, enable_checkpointing=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        task = SegmentationTask(model, class_names=list(DEMO_CLASS_NAMES))
+        task = SegmentationTask(model, spec=DEMO_SMALL)
         trainer.predict(task, datamodule=dm, return_predictions=False)
         trainer.validate(task, datamodule=dm)
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))

@@ -24,67 +24,21 @@ import yaml
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from seg.data.spec import ADE20K, UINT8_MAX
 from seg.data.transforms import seed_pipeline
 
 __all__ = [
-    "ADE20K_CLASSES",
-    "ADE20K_PALETTE",
     "IMAGE_EXTENSIONS",
     "ImageFolder",
     "SegmentationFolder",
     "image_to_tensor",
     "load_class_names",
-    "make_palette",
     "read_label",
     "read_rgb",
 ]
 
-# The 150 classes of ADEChallengeData2016 in label order (raw label k + 1, training label k).
-ADE20K_CLASSES: tuple[str, ...] = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
-    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
-    "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
-    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion",
-    "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper",
-    "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table", "pillow",
-    "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
-    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair",
-    "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
-    "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole",
-    "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
-    "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel",
-    "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
-    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket",
-    "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen",
-    "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
-)  # fmt: skip
-
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _SPLIT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
-
-def make_palette(num_colors: int) -> np.ndarray:
-    """A fixed palette of distinct RGB colours, generated (not taken from any data set).
-
-    Colour i spreads the bits of i + 1 over the three channels, most significant colour bits first, so
-    neighbouring classes get clearly different colours and no class is black. Distinct for up to 255 colours.
-
-    Returns:
-        uint8 array (num_colors, 3).
-    """
-    if not 0 < num_colors <= 255:
-        raise ValueError(f"make_palette supports 1..255 colours, got {num_colors}")
-    palette = np.zeros((num_colors, 3), dtype=np.uint8)
-    for i in range(num_colors):
-        code, rgb = i + 1, [0, 0, 0]
-        for bit in range(8):  # bit b of channel c comes from bit 3 * b + c of the code
-            for channel in range(3):
-                rgb[channel] |= ((code >> (3 * bit + channel)) & 1) << (7 - bit)
-        palette[i] = rgb
-    return palette
-
-
-ADE20K_PALETTE: np.ndarray = make_palette(len(ADE20K_CLASSES))
 
 
 def load_class_names(path: str | os.PathLike[str]) -> list[str]:
@@ -129,9 +83,9 @@ def read_rgb(path: str | os.PathLike[str], exif_transpose: bool = True) -> np.nd
             img.load()  # decodes every byte: a truncated file raises here
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
-            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit grey: 0..65535 -> 0..255
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit grey -> 8-bit (65535 / 257 = UINT8_MAX)
                 grey = np.asarray(img, dtype=np.float64)
-                grey = np.clip(grey / 257.0 + 0.5, 0, 255).astype(np.uint8)
+                grey = np.clip(grey / 257.0 + 0.5, 0, UINT8_MAX).astype(np.uint8)
                 return np.repeat(grey[:, :, None], 3, axis=2)
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")
@@ -184,7 +138,7 @@ def _label_lut(num_classes: int, ignore_index: int, reduce_zero_label: bool) -> 
         mapped[raw == 0] = ignore_index
         mapped[raw == ignore_index] = ignore_index
     valid = ((mapped >= 0) & (mapped < num_classes)) | (mapped == ignore_index)
-    return mapped.clip(0, 255).astype(np.uint8), valid
+    return mapped.clip(0, UINT8_MAX).astype(np.uint8), valid
 
 
 def _list_by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
@@ -220,7 +174,7 @@ class SegmentationFolder(Dataset):
         split: sub-folder name, e.g. ``training`` or ``validation``.
         transform: albumentations pipeline, called as ``transform(image=..., mask=...)``; None: no change.
         num_classes: number of training classes; label values beyond it are an error.
-        ignore_index: label of unlabelled pixels (255).
+        ignore_index: label of unlabelled pixels.
         reduce_zero_label: raw 0 -> ignore, k -> k - 1 (ADE20K).
         original_mask: evaluation mode, see above.
     """
@@ -230,14 +184,14 @@ class SegmentationFolder(Dataset):
         root: str | os.PathLike[str],
         split: str,
         transform: Callable[..., dict[str, Any]] | None = None,
-        num_classes: int = 150,
-        ignore_index: int = 255,
-        reduce_zero_label: bool = True,
+        num_classes: int = ADE20K.num_classes,
+        ignore_index: int = ADE20K.ignore_index,
+        reduce_zero_label: bool = ADE20K.reduce_zero_label,
         original_mask: bool = False,
     ) -> None:
-        if not 0 < num_classes <= 255 or not 0 <= ignore_index <= 255:
-            raise ValueError(f"need 0 < num_classes <= 255 and 0 <= ignore_index <= 255 (8-bit label maps), "
-                             f"got num_classes={num_classes}, ignore_index={ignore_index}")
+        if not 0 < num_classes <= UINT8_MAX or not 0 <= ignore_index <= UINT8_MAX:
+            raise ValueError(f"need 0 < num_classes <= {UINT8_MAX} and 0 <= ignore_index <= {UINT8_MAX} (8-bit "
+                             f"label maps), got num_classes={num_classes}, ignore_index={ignore_index}")
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data set root {self.root} does not exist")
@@ -340,8 +294,10 @@ class ImageFolder(Dataset):
 
     Files are sorted by relative path; a file that is not a readable image is skipped with a warning naming
     it. Images are converted to RGB with their EXIF orientation applied. Samples are dicts: ``image`` float32
-    (3, h, w) after ``transform``; ``path`` the path relative to the folder; ``orig_size`` int64 (2,) =
-    (H0, W0).
+    (3, h, w) after ``transform``; ``photo`` the decoded uint8 (H0, W0, 3) RGB image (for overlays, so nothing
+    decodes the file twice); ``path`` the path relative to the folder; ``orig_size`` int64 (2,) = (H0, W0).
+    Two files that differ only in their extension (``a.jpg``, ``a.png``) are refused: predictions are named
+    by relative path without extension.
 
     Args:
         root: folder (searched recursively) or a single image file.
@@ -371,6 +327,12 @@ class ImageFolder(Dataset):
         if not self.files:
             kinds = ", ".join(IMAGE_EXTENSIONS)
             raise FileNotFoundError(f"no readable images ({kinds}) found in {self.root}")
+        seen: dict[Path, Path] = {}
+        for path in self.files:
+            key = path.relative_to(self.base).with_suffix("")
+            if key in seen:
+                raise ValueError(f"{seen[key]} and {path} would both be written as {key}.png: rename one of them")
+            seen[key] = path
 
     def __len__(self) -> int:
         return len(self.files)
@@ -385,6 +347,7 @@ class ImageFolder(Dataset):
                              f"{type(err).__name__}: {err}") from err
         return {
             "image": image_to_tensor(out["image"]),
+            "photo": torch.tensor(image),  # (H0, W0, 3) uint8, a copy (the decoded array is read-only)
             "path": path.relative_to(self.base).as_posix(),
             "orig_size": torch.tensor(image.shape[:2], dtype=torch.int64),  # (H0, W0) after EXIF rotation
         }

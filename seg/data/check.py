@@ -1,6 +1,9 @@
 """Scan a data set in the ADE20K layout for every problem that would stop or silently spoil training.
 
-``python -m seg.data.check ROOT [--num-classes 150] [--no-reduce-zero-label] [--splits training validation]``
+``python -m seg.data.check ROOT [--spec ade20k|demo] [--num-classes K] [--no-reduce-zero-label] [--splits ...]``
+
+The label rules come from a data set spec (:mod:`seg.data.spec`, ADE20K's by default); ``--num-classes``,
+``--ignore-index`` and ``--[no-]reduce-zero-label`` override single facts of it.
 
 Unlike ``seg.data.prepare`` (ADE20K counts and file headers), every image and label map is decoded in full,
 with the same readers and label rules as :class:`~seg.data.ade20k.SegmentationFolder`, so a file reported
@@ -33,6 +36,7 @@ import numpy as np
 
 from seg.data.ade20k import _label_lut, read_label, read_rgb
 from seg.data.prepare import Problem, Report, index_split, print_report
+from seg.data.spec import ADE20K, SPECS, UINT8_MAX
 
 __all__ = ["LabelRules", "check_dataset", "check_sample", "main"]
 
@@ -47,9 +51,9 @@ class LabelRules:
         ignore_index: raw value of unlabelled pixels besides 0 under ``reduce_zero_label``.
     """
 
-    num_classes: int = 150
-    reduce_zero_label: bool = True
-    ignore_index: int = 255
+    num_classes: int = ADE20K.num_classes
+    reduce_zero_label: bool = ADE20K.reduce_zero_label
+    ignore_index: int = ADE20K.ignore_index
 
     def legal(self) -> np.ndarray:
         """bool (256,): raw values allowed in a label map."""
@@ -169,17 +173,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 OK, 1 problems found, 2 bad arguments)."""
     parser = argparse.ArgumentParser(prog="python -m seg.data.check", description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, help="data set root holding images/ and annotations/")
-    parser.add_argument("--num-classes", type=int, default=150, help="number of training classes (150)")
-    parser.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=True,
-                        help="raw 0 = unlabelled, raw k = class k - 1 (ADE20K; default on)")
-    parser.add_argument("--ignore-index", type=int, default=255, help="raw value of unlabelled pixels (255)")
+    parser.add_argument("--spec", choices=sorted(SPECS), default=ADE20K.name, help="data set spec (ade20k)")
+    parser.add_argument("--num-classes", type=int, help="number of training classes (default: the spec's)")
+    parser.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                        help="raw 0 = unlabelled, raw k = class k - 1 (default: the spec's; on for ADE20K)")
+    parser.add_argument("--ignore-index", type=int, help="raw value of unlabelled pixels (default: the spec's)")
     parser.add_argument("--splits", nargs="+", default=["training", "validation"], help="split folder names")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--max-report", type=int, default=50, help="problems printed per kind")
     args = parser.parse_args(argv)
-    if not 0 < args.num_classes <= 255 or not 0 <= args.ignore_index <= 255:
-        print(f"error: need 0 < --num-classes <= 255 and 0 <= --ignore-index <= 255 (8-bit label maps), got "
-              f"{args.num_classes} and {args.ignore_index}", file=sys.stderr)
+    spec = SPECS[args.spec]
+    for key in ("num_classes", "reduce_zero_label", "ignore_index"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(spec, key))
+    if not 0 < args.num_classes <= UINT8_MAX or not 0 <= args.ignore_index <= UINT8_MAX:
+        print(f"error: need 0 < --num-classes <= {UINT8_MAX} and 0 <= --ignore-index <= {UINT8_MAX} (8-bit label "
+              f"maps), got {args.num_classes} and {args.ignore_index}", file=sys.stderr)
         return 2
     if not (args.root / "images").is_dir() or not (args.root / "annotations").is_dir():
         print(f"error: {args.root} holds no images/ and annotations/ folders (the ADE20K layout)", file=sys.stderr)

@@ -5,8 +5,8 @@ Batches (dicts):
 - train: ``image`` float32 (B, 3, crop, crop), ``mask`` int64 (B, crop, crop).
 - val / test (batch size 1): ``image`` float32 (1, 3, h, w) rescaled, ``mask`` int64 (1, H0, W0) the
   original-size label that metrics are computed against, ``name`` [stem].
-- predict (batch size 1): ``image`` (1, 3, h, w), ``path`` [path relative to ``predict_root``], ``orig_size``
-  int64 (1, 2) = (H0, W0).
+- predict (batch size 1): ``image`` (1, 3, h, w), ``photo`` uint8 (1, H0, W0, 3) the decoded original (what the
+  prediction writer draws on), ``path`` [path relative to ``predict_root``], ``orig_size`` int64 (1, 2) = (H0, W0).
 
 Test runs on ``val_split`` (ADE20K publishes no test labels).
 
@@ -34,13 +34,12 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from seg.data.ade20k import ADE20K_CLASSES, ImageFolder, SegmentationFolder, load_class_names
-from seg.data.synthetic import DEMO_CLASS_NAMES, ensure_demo_dataset
+from seg.data.ade20k import ImageFolder, SegmentationFolder
+from seg.data.spec import ADE20K, DatasetSpec, as_spec
+from seg.data.synthetic import ensure_demo_dataset
 from seg.data.transforms import eval_transform, train_transform
 
 __all__ = ["SegmentationDataModule", "SkipBadSamples", "SkipLedger", "SkippingDataLoader", "seed_worker"]
-
-CLASS_NAMES_FILE = "class_names.txt"
 
 
 def _mixed_seed(base: int, rank: int) -> int:
@@ -186,17 +185,13 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     Args:
         root: data set root (e.g. ``data/ADEChallengeData2016``).
+        spec: the data set's facts (:class:`~seg.data.spec.DatasetSpec`: classes, ignore label, zero-label rule,
+            names, palette, normalisation, evaluation scale), or the name of a known one (``ade20k``, ``demo``).
+            The CLI links its class count into the model and its ignore label and names into the task.
         crop_size: square training crop side in pixels.
         batch_size: training images per device (val / test / predict always use 1).
         num_workers: DataLoader worker processes per loader.
-        num_classes: number of training classes (150 for ADE20K).
-        ignore_index: label of unlabelled pixels.
-        class_names: path to a class names file (text, one per line, or a YAML list). Default:
-            ``root/class_names.txt`` if present, else the ADE20K names when ``num_classes == 150``,
-            else ``class_0``, ``class_1``, ...
-        reduce_zero_label: raw label 0 -> ignore, k -> k - 1 (ADE20K).
         train_scale: (long, short) training rescale box before the random ratio in [0.5, 2].
-        test_scale: (long, short) box the evaluation images are rescaled to fit.
         train_split: training split folder name.
         val_split: validation (and test) split folder name.
         predict_root: folder (recursive) or image file to predict on.
@@ -210,15 +205,11 @@ class SegmentationDataModule(pl.LightningDataModule):
     def __init__(
         self,
         root: str,
+        spec: DatasetSpec | str = ADE20K.name,
         crop_size: int = 512,
         batch_size: int = 2,
         num_workers: int = 4,
-        num_classes: int = 150,
-        ignore_index: int = 255,
-        class_names: str | None = None,
-        reduce_zero_label: bool = True,
         train_scale: tuple[int, int] = (2048, 512),
-        test_scale: tuple[int, int] = (2048, 512),
         train_split: str = "training",
         val_split: str = "validation",
         predict_root: str | None = None,
@@ -229,25 +220,21 @@ class SegmentationDataModule(pl.LightningDataModule):
         if crop_size < 1 or batch_size < 1 or num_workers < 0:
             raise ValueError(f"need crop_size >= 1, batch_size >= 1, num_workers >= 0; got {crop_size}, "
                              f"{batch_size}, {num_workers}")
-        self.save_hyperparameters()
+        self.spec = as_spec(spec)
+        self.save_hyperparameters(ignore=["spec"])
+        self.hparams["spec"] = self.spec.to_dict()  # plain values: checkpoints load with weights_only=True
         self.root = Path(root)
         self.demo = demo
         self.crop_size = crop_size
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self._num_classes = num_classes
-        self._ignore_index = ignore_index
-        self.class_names_path = class_names
-        self.reduce_zero_label = reduce_zero_label
         self.train_scale = (int(train_scale[0]), int(train_scale[1]))
-        self.test_scale = (int(test_scale[0]), int(test_scale[1]))
         self.train_split = train_split
         self.val_split = val_split
         self.predict_root = predict_root
         self.train_set: SegmentationFolder | None = None
         self.val_set: SegmentationFolder | None = None
         self.predict_set: ImageFolder | None = None
-        self._class_names: list[str] | None = None
         self.skip_bad_samples = skip_bad_samples
         self._ledgers = {stage: SkipLedger(stage, self._log_metric) for stage in ("train", "val", "test")}
         self._ledgers["predict"] = SkipLedger("predict")
@@ -267,34 +254,23 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """Number of training classes."""
-        return self._num_classes
+        """Number of training classes (the spec's)."""
+        return self.spec.num_classes
 
     @property
     def ignore_index(self) -> int:
-        """Label of unlabelled pixels, excluded from loss and metrics."""
-        return self._ignore_index
+        """Label of unlabelled pixels, excluded from loss and metrics (the spec's)."""
+        return self.spec.ignore_index
 
     @property
     def class_names(self) -> list[str]:
-        """One name per training class (length ``num_classes``)."""
-        if self._class_names is None:
-            self._class_names = self._resolve_class_names()
-        return self._class_names
+        """One name per training class (the spec's)."""
+        return list(self.spec.class_names)
 
-    def _resolve_class_names(self) -> list[str]:
-        path = Path(self.class_names_path) if self.class_names_path else self.root / CLASS_NAMES_FILE
-        if self.class_names_path or path.is_file():
-            names = load_class_names(path)
-            if len(names) != self.num_classes:
-                raise ValueError(f"class names file {path} holds {len(names)} names but num_classes is "
-                                 f"{self.num_classes}")
-            return names
-        if self.demo and self.num_classes == len(DEMO_CLASS_NAMES):  # the demo set's names, without generating it
-            return list(DEMO_CLASS_NAMES)
-        if self.num_classes == len(ADE20K_CLASSES):
-            return list(ADE20K_CLASSES)
-        return [f"class_{i}" for i in range(self.num_classes)]
+    @property
+    def test_scale(self) -> tuple[int, int]:
+        """(long, short) box the evaluation and prediction images are rescaled to fit (the spec's)."""
+        return self.spec.test_scale
 
     def _check_root(self) -> None:
         if not self.root.is_dir():
@@ -305,17 +281,19 @@ class SegmentationDataModule(pl.LightningDataModule):
             )
 
     def _folder(self, split: str, train: bool) -> SegmentationFolder:
+        spec = self.spec
         if train:
-            transform = train_transform(self.crop_size, self.train_scale, ignore_index=self.ignore_index)
+            transform = train_transform(self.crop_size, self.train_scale, ignore_index=spec.ignore_index,
+                                        mean=spec.mean, std=spec.std)
         else:
-            transform = eval_transform(self.test_scale)
+            transform = eval_transform(spec.test_scale, spec.mean, spec.std)
         return SegmentationFolder(
             self.root,
             split,
             transform=transform,
-            num_classes=self.num_classes,
-            ignore_index=self.ignore_index,
-            reduce_zero_label=self.reduce_zero_label,
+            num_classes=spec.num_classes,
+            ignore_index=spec.ignore_index,
+            reduce_zero_label=spec.reduce_zero_label,
             original_mask=not train,
         )
 
@@ -331,7 +309,6 @@ class SegmentationDataModule(pl.LightningDataModule):
         """Index the splits that ``stage`` (fit / validate / test / predict; None: all) needs."""
         if stage in ("fit", "validate", "test", None):
             self._check_root()
-            _ = self.class_names  # fail early on a bad class names file
             if stage in ("fit", None) and self.train_set is None:
                 self.train_set = self._folder(self.train_split, train=True)
             if self.val_set is None:
@@ -340,7 +317,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             if not self.predict_root:
                 raise ValueError("predict needs `predict_root`: a folder of images or one image file")
             if self.predict_set is None:
-                self.predict_set = ImageFolder(self.predict_root, transform=eval_transform(self.test_scale))
+                transform = eval_transform(self.spec.test_scale, self.spec.mean, self.spec.std)
+                self.predict_set = ImageFolder(self.predict_root, transform=transform)
 
     def teardown(self, stage: str) -> None:
         """At the end of a run: one warning summing up the samples skipped so far, if any."""

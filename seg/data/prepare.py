@@ -5,7 +5,8 @@ extracted ``ADEChallengeData2016`` folder (checked in place). The check reports,
 
 - image / label counts per split against the expected 20,210 training and 2,000 validation pairs;
 - images without a label map and label maps without an image;
-- label maps that are not single-channel (mode L / P), that cannot be decoded, or hold values above 150;
+- label maps that are not single-channel (mode L / P), that cannot be decoded, or hold values
+  above the class count (ADE20K's by default);
 - label maps whose size differs from their image's (sizes read from the file headers, no image decoding).
 
 Exit status 0 when nothing is wrong, 1 otherwise, 2 on bad arguments.
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from seg.data.spec import ADE20K
 
 __all__ = ["EXPECTED_COUNTS", "Problem", "Report", "check_pair", "extract", "main", "verify"]
 
@@ -104,7 +107,7 @@ def _header(path: Path) -> tuple[tuple[int, int], str]:
         return img.size, img.mode
 
 
-def check_pair(image: str, label: str, max_label: int = 150) -> list[Problem]:
+def check_pair(image: str, label: str, max_label: int = ADE20K.num_classes) -> list[Problem]:
     """Check one image / label map pair: readable headers, label mode, label values, equal sizes."""
     problems: list[Problem] = []
     try:
@@ -171,7 +174,7 @@ def index_split(root: Path, split: str, report: Report) -> tuple[dict[str, Path]
 def verify(
     root: Path,
     expected: dict[str, int] | None = None,
-    max_label: int = 150,
+    max_label: int = ADE20K.num_classes,
     workers: int = 1,
 ) -> Report:
     """Check every split of ``expected`` (default: ADE20K's) under ``root``.
@@ -179,7 +182,7 @@ def verify(
     Args:
         root: data set root holding ``images/`` and ``annotations/``.
         expected: split name -> expected number of pairs; a value < 0 skips the count check of that split.
-        max_label: largest legal raw label value (150 for ADE20K: 0 = other, 1..150 classes).
+        max_label: largest legal raw label value (ADE20K's class count: 0 = other, 1..K classes).
         workers: processes decoding label maps (1: in this process).
     """
     expected = dict(EXPECTED_COUNTS if expected is None else expected)
@@ -236,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("path", type=Path, help="ADEChallengeData2016.zip or an extracted data set folder")
     parser.add_argument("--out", type=Path, default=Path("data"), help="where a zip is extracted (data/)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="checking processes")
-    parser.add_argument("--max-label", type=int, default=150, help="largest legal raw label value")
+    parser.add_argument("--max-label", type=int, default=ADE20K.num_classes, help="largest legal raw label value")
     parser.add_argument("--skip-count-check", action="store_true", help="do not compare with ADE20K's counts")
     parser.add_argument("--max-report", type=int, default=50, help="problems printed per kind")
     args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ DEMO_CLASS_NAMES: tuple[str, ...] = DEMO_STUFF + DEMO_THINGS
 
 Array = np.ndarray
 Rng = np.random.Generator
+_PIXEL_MAX = float(np.iinfo(np.uint8).max)  # 8-bit RGB
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -36,17 +37,17 @@ Rng = np.random.Generator
 
 
 def _luma(rgb: Array) -> float:
-    """Perceived brightness (0-255) of one RGB colour."""
+    """Perceived brightness (8-bit scale) of one RGB colour."""
     return float(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
 
 
 def _colour_pair(rng: Rng, min_contrast: float = 80.0) -> tuple[Array, Array]:
-    """Two random RGB colours (0-255) whose brightness differs by at least ``min_contrast``.
+    """Two random 8-bit RGB colours whose brightness differs by at least ``min_contrast``.
 
     Every class draws from this same distribution, so colour alone never identifies a class.
     """
     while True:
-        c0, c1 = rng.uniform(0.0, 255.0, size=(2, 3))
+        c0, c1 = rng.uniform(0.0, _PIXEL_MAX, size=(2, 3))
         if abs(_luma(c0) - _luma(c1)) >= min_contrast:
             return c0.astype(np.float32), c1.astype(np.float32)
 
@@ -264,7 +265,7 @@ def render_demo_sample(rng: Rng, height: int, width: int, index: int | None = No
         shading = 18.0 * _smooth_field(rng, height, width, cells=2)[..., None]
         if rng.uniform() < 0.5:  # a thin unlabelled border just outside the shape
             border = (sdf >= 0.0) & (sdf < rng.uniform(1.5, 3.5))
-            image[border] = rng.uniform(0.0, 255.0, size=3)
+            image[border] = rng.uniform(0.0, _PIXEL_MAX, size=3)
             label[border] = 0
         inside = sdf < 0.0
         # Nested copies of the outline (iso-lines of the distance, 8-14 px apart): the shape is visible
@@ -277,4 +278,4 @@ def render_demo_sample(rng: Rng, height: int, width: int, index: int | None = No
 
     light = 1.0 + 0.15 * _smooth_field(rng, height, width, cells=3)[..., None]
     image = image * light + rng.normal(0.0, rng.uniform(2.0, 8.0), size=image.shape)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+    return np.clip(np.rint(image), 0, _PIXEL_MAX).astype(np.uint8), label

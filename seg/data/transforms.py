@@ -2,7 +2,7 @@
 
 Training: random keep-ratio rescale into (long * r, short * r), r ~ U[0.5, 2.0]; random crop retried until no
 class covers >= ``cat_max_ratio`` of the labelled pixels; horizontal flip p=0.5; photometric distortion;
-ImageNet normalisation on 0-255 RGB; pad to the crop size (image 0, label ignore). Evaluation: keep-ratio
+ImageNet normalisation on 8-bit RGB; pad to the crop size (image 0, label ignore). Evaluation: keep-ratio
 rescale into ``scale`` and normalisation only. Masks are always resized with nearest neighbour.
 
 All randomness is drawn from the transforms' ``py_random`` / ``random_generator``, which
@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 from albumentations.core.type_definitions import Targets
 
+from seg.data.spec import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, UINT8_MAX
+
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "CatMaxRatioCrop",
     "PhotometricDistortion",
     "RandomRescale",
@@ -31,8 +31,6 @@ __all__ = [
     "train_transform",
 ]
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 pixel scale
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def fit_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -108,7 +106,7 @@ class CatMaxRatioCrop(A.DualTransform):
         self,
         crop_size: tuple[int, int] = (512, 512),
         cat_max_ratio: float = 0.75,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         max_tries: int = 10,
         p: float = 1.0,
     ) -> None:
@@ -155,8 +153,8 @@ class CatMaxRatioCrop(A.DualTransform):
 
 
 def _affine_uint8(img: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-    """clip(img * alpha + beta, 0, 255) back to uint8 (truncating, as the recipe does)."""
-    return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+    """clip(img * alpha + beta, 0, UINT8_MAX) back to uint8 (truncating, as the recipe does)."""
+    return np.clip(img.astype(np.float32) * alpha + beta, 0, UINT8_MAX).astype(np.uint8)
 
 
 class PhotometricDistortion(A.ImageOnlyTransform):
@@ -164,7 +162,7 @@ class PhotometricDistortion(A.ImageOnlyTransform):
 
     Brightness + U[-32, 32]; contrast x U[0.5, 1.5] (either first or last, chosen at random); saturation
     x U[0.5, 1.5] and hue + randint[-18, 18] (OpenCV hue units, 0..179, wrapping) in HSV space. Values are
-    clipped to 0..255 after every step.
+    clipped to 0..UINT8_MAX after every step.
 
     Args:
         brightness_delta: largest brightness shift in pixel units.
@@ -216,7 +214,7 @@ class PhotometricDistortion(A.ImageOnlyTransform):
         if contrast is not None and contrast_first:
             img = _affine_uint8(img, contrast, 0.0)
         if saturation is not None or hue is not None:
-            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # uint8: H in 0..179, S and V in 0..255
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # uint8: H in 0..179, S and V in 0..UINT8_MAX
             if saturation is not None:
                 hsv[..., 1] = _affine_uint8(hsv[..., 1], saturation, 0.0)
             if hue is not None:
@@ -233,7 +231,7 @@ class PhotometricDistortion(A.ImageOnlyTransform):
 def _normalize(
     mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD
 ) -> A.Normalize:
-    return A.Normalize(mean=mean, std=std, max_pixel_value=1.0)  # stats on the 0-255 scale
+    return A.Normalize(mean=mean, std=std, max_pixel_value=1.0)  # stats on the 8-bit pixel scale
 
 
 def train_transform(
@@ -241,8 +239,10 @@ def train_transform(
     scale: tuple[int, int],
     ratio_range: tuple[float, float] = (0.5, 2.0),
     cat_max_ratio: float = 0.75,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     seed: int | None = None,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
 ) -> A.Compose:
     """The training pipeline: call as ``pipeline(image=uint8 (H, W, 3), mask=uint8 (H, W))``.
 
@@ -253,6 +253,8 @@ def train_transform(
         cat_max_ratio: largest share of one class in an accepted crop.
         ignore_index: label of unlabelled and padded pixels.
         seed: seed of the pipeline's random state (None: fresh entropy).
+        mean: per-channel RGB mean on the 8-bit pixel scale (the data set spec's).
+        std: per-channel RGB standard deviation on the 8-bit pixel scale.
 
     Returns:
         A pipeline giving ``image`` float32 (crop, crop, 3) normalised and ``mask`` uint8 (crop, crop).
@@ -262,7 +264,7 @@ def train_transform(
         CatMaxRatioCrop((crop_size, crop_size), cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
         A.HorizontalFlip(p=0.5),
         PhotometricDistortion(),
-        _normalize(),
+        _normalize(mean, std),
         A.PadIfNeeded(
             min_height=crop_size,
             min_width=crop_size,
@@ -284,7 +286,7 @@ def eval_transform(
     """Validation / test / prediction pipeline: keep-ratio rescale into ``scale`` (long, short), normalise.
 
     Call it on the image only (metrics use the original-size label). Deterministic. ``mean`` and ``std`` are
-    per RGB channel on the 0-255 pixel scale (ImageNet's by default, as in training).
+    per RGB channel on the 8-bit pixel scale (ImageNet's by default, as in training).
     """
     return A.Compose([RandomRescale(scale=scale, ratio_range=(1.0, 1.0)), _normalize(mean, std)])
 

@@ -1,48 +1,18 @@
-"""Scaling out and staying correct: effective batch and learning-rate scaling, a SyncBatchNorm guard,
-per-epoch seeding for exact resume, and atomic checkpoint files.
-
-All four plug into Lightning's own machinery (callbacks and a ``CheckpointIO`` plugin), so they compose with any
-strategy (single device, DDP, FSDP, multi-node) and with the YAML configs:
-
-- :class:`EffectiveBatch` logs ``devices x nodes x per-device batch x accumulation = N`` when training starts and,
-  when N differs from the batch the learning rates were tuned for, rescales them (linear rule of Goyal et al. 2017,
-  or square root) or only warns.
-- :class:`SyncBatchNormCheck` turns ``sync_batchnorm=True`` on CPU processes (which torch rejects deep inside DDP
-  with "SyncBatchNorm layers only work with GPU modules") into an error saying what to change.
-- :class:`SeedEachEpoch` makes each epoch's shuffle, in-process augmentations and dropout masks a function of
-  (seed, epoch, rank), so a run resumed from an epoch-boundary checkpoint continues bit-identically.
-- :class:`AtomicCheckpointIO` writes ``<path>.tmp`` beside the target, fsyncs it and renames it over the target,
-  so a kill while saving never leaves a truncated ``last.ckpt``.
-"""
+"""Effective batch: log ``devices x nodes x per-device batch x accumulation = N`` when training starts and, when N
+differs from the batch the learning rates were tuned for, rescale them (linear rule of Goyal et al. 2017, or square
+root) or only warn."""
 
 from __future__ import annotations
 
 import math
-import os
-import random
-from pathlib import Path
 from typing import Any, Literal, get_args
 
-import numpy as np
 import pytorch_lightning as pl
-import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader
 
-__all__ = [
-    "AtomicCheckpointIO",
-    "EffectiveBatch",
-    "LRRule",
-    "SeedEachEpoch",
-    "SyncBatchNormCheck",
-    "effective_batch",
-    "epoch_seed",
-    "lr_factor",
-    "scale_learning_rates",
-]
+__all__ = ["EffectiveBatch", "LRRule", "effective_batch", "lr_factor", "scale_learning_rates"]
 
 LRRule = Literal["linear", "sqrt", "none"]
 CHECKPOINT_KEY = "effective_batch"  # where EffectiveBatch keeps the batch the saved learning rates are for
@@ -191,134 +161,3 @@ class EffectiveBatch(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self._lr_batch = checkpoint.get(CHECKPOINT_KEY, {}).get("lr_batch")
-
-
-class SyncBatchNormCheck(Callback):
-    """Fail early, with the fix, when ``sync_batchnorm=True`` meets CPU processes.
-
-    torch's SyncBatchNorm is GPU-only: DDP on CPU (gloo) raises "SyncBatchNorm layers only work with GPU
-    modules" while wrapping the model. One CPU process ignores the flag (nothing to synchronise).
-    """
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Lightning keeps the requested layer sync on parallel strategies only, and applies it when fitting
-        layer_sync = getattr(trainer.strategy, "_layer_sync", None)
-        if stage != "fit" or layer_sync is None or not isinstance(trainer.accelerator, CPUAccelerator):
-            return
-        raise ValueError(
-            f"trainer.sync_batchnorm=true needs CUDA devices, but this run uses {trainer.world_size} CPU "
-            f"processes (strategy {type(trainer.strategy).__name__}): torch's SyncBatchNorm has no CPU "
-            "implementation. Add `--config configs/trainer/cpu.yaml` or `--trainer.sync_batchnorm=false` for CPU "
-            "runs, or run on GPUs."
-        )
-
-
-def _dataset_with_reseed(dataset: Dataset | None) -> Any:
-    """The data set (or the one it wraps, e.g. a Subset) that has a ``reseed(seed)`` method, else None."""
-    while dataset is not None:
-        if hasattr(dataset, "reseed"):
-            return dataset
-        dataset = getattr(dataset, "dataset", None)
-    return None
-
-
-def epoch_seed(base: int, epoch: int, rank: int) -> int:
-    """A 32-bit seed mixing the run's seed, the epoch and the global rank."""
-    return int(np.random.SeedSequence([base % 2**63, epoch, rank]).generate_state(1, dtype=np.uint32)[0])
-
-
-class SeedEachEpoch(Callback):
-    """Make every random draw of an epoch a function of (seed, epoch, rank) only, so that resuming from a
-    checkpoint written at an epoch boundary continues bit-identically (CPU; GPU kernels may add their own
-    nondeterminism).
-
-    At the start of each epoch (and of a resumed run, where Lightning may skip that hook) the shuffle of a
-    ``RandomSampler`` gets its own generator and the in-process augmentation pipeline (``num_workers=0``) is
-    reseeded; at the epoch's first batch the global torch, numpy and python RNGs (dropout, drop-path) are
-    reseeded. Lightning creates a resumed run's first loader iterator before any hook runs, so the timing of
-    its draws cannot matter. Distributed samplers already shuffle by (seed, epoch). Limits: worker processes
-    are seeded once, when they start (``worker_init_fn``), so exactness needs ``num_workers=0``; a mid-epoch
-    resume restarts the epoch's data order (the loader has no saved position).
-
-    Args:
-        seed: base seed; None reads ``PL_GLOBAL_SEED`` (set by ``seed_everything``), else 0.
-    """
-
-    def __init__(self, seed: int | None = None) -> None:
-        self.seed = seed
-
-    def _epoch_seed(self, trainer: pl.Trainer) -> int:
-        base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return epoch_seed(base, trainer.current_epoch, trainer.global_rank)
-
-    def _seed_data(self, trainer: pl.Trainer) -> None:
-        seed = self._epoch_seed(trainer)
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            return
-        if isinstance(loader.sampler, RandomSampler):  # drawn lazily, at the epoch's first batch
-            loader.sampler.generator = torch.Generator().manual_seed(seed)
-        if loader.num_workers == 0:
-            dataset = _dataset_with_reseed(loader.dataset)
-            if dataset is not None:
-                dataset.reseed(seed)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._seed_data(trainer)  # a run resumed on an epoch's last batch skips that epoch's start hook
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._seed_data(trainer)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if batch_idx == 0:
-            seed = self._epoch_seed(trainer)
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)  # CPU and every CUDA device
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``<path>.tmp`` in the target folder, fsync, then ``os.replace`` onto ``path``.
-
-    Lightning's own writer serialises into memory and moves a file from the system temp folder into place:
-    atomic only when both live on one file system. On clusters the temp folder is often node-local while
-    checkpoints go to a shared file system; the move then copies, and a kill during the copy leaves a
-    truncated checkpoint. Here the rename never crosses file systems, the data is on disk before it becomes
-    visible, and a failed write leaves the previous file untouched. Remote (``scheme://``) paths fall back
-    to Lightning's writer.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        if "://" in str(path):
-            super().save_checkpoint(checkpoint, path)
-            return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_folder(target.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Persist a rename: fsync the folder entry (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
