@@ -3,6 +3,7 @@ classifier API, and the list of the names the families registered."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from timm import list_models
@@ -32,7 +33,7 @@ def build_encoder(
     ``forward_intermediates``, each through its stage's output norm (built for feature models only, see
     :class:`~seg.backbones._staged.StagedEncoder`), and ``pretrained=True`` loads ``pretrained_cfg_overlay['file']``
     via ``filter_fn``."""
-    if kwargs.get("features_only"):
+    if kwargs.get("features_only") and "feature_norms" in inspect.signature(model_cls).parameters:
         kwargs.setdefault("feature_norms", True)
     return build_model_with_cfg(
         model_cls,
@@ -77,7 +78,7 @@ class ClassifierBackbone(nn.Module):
     num_features: int
     head_hidden_size: int
     num_classes: int
-    global_pool: str
+    global_pool: str = "avg"
     output_fmt: str = "NCHW"
     num_prefix_tokens: int = 0
 

@@ -79,8 +79,9 @@ class StagedEncoder(ClassifierBackbone):
         """What :meth:`forward_features` returns, or the last computed stage's output when stopped early."""
         raise NotImplementedError
 
-    def _prune(self, max_index: int, prune_norm: bool) -> None:
-        """Remove the modules of stages after ``max_index``, and the final norm when ``prune_norm``."""
+    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
+        """Remove the modules of stages after ``max_index`` and the final norm when ``prune_norm`` (the output
+        norms of stages not in ``take_indices`` are already gone)."""
         raise NotImplementedError
 
     def _feature(self, i: int, x: Tensor, final_norm: bool) -> Tensor:
@@ -154,7 +155,7 @@ class StagedEncoder(ClassifierBackbone):
             if i not in take_indices:
                 delattr(self, name)
                 del self._output_norms[i]
-        self._prune(max_index, prune_norm)
+        self._prune(max_index, list(take_indices), prune_norm)
         self._num_stages = max_index + 1
         if prune_head:
             self.reset_classifier(0, "")

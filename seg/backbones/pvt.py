@@ -237,7 +237,7 @@ class FLattenPVT(StagedEncoder):
         """The trunk map of the last stage run (B, C, H/32, W/32 when complete)."""
         return state
 
-    def _prune(self, max_index: int, prune_norm: bool) -> None:
+    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         for i in range(max_index + 1, self._num_stages):
             for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}", f"pos_embed{i + 1}"):
                 if hasattr(self, name):

@@ -221,7 +221,7 @@ class SOFT(StagedEncoder):
         trunk_map, tokens = state
         return self.norm(tokens) if complete else trunk_map
 
-    def _prune(self, max_index: int, prune_norm: bool) -> None:
+    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         for i in range(max_index + 1, self._num_stages):
             for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"pos_embed{i + 1}"):
                 delattr(self, name)

@@ -255,7 +255,7 @@ class FLattenSwin(StagedEncoder):
             x = self.norm(x)
         return x.transpose(1, 2).reshape(x.shape[0], -1, *size)
 
-    def _prune(self, max_index: int, prune_norm: bool) -> None:
+    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         self.layers = self.layers[: max_index + 1]
         self.layers[-1].downsample = None  # its output would feed no stage
         if prune_norm or max_index < self._num_stages - 1:  # the final norm only fits the last stage
