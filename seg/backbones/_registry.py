@@ -95,7 +95,7 @@ class ClassifierBackbone(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def pool(self, x: Tensor) -> Tensor:
+    def pool_features(self, x: Tensor) -> Tensor:
         """:meth:`forward_features`' output -> pre-logits (B, C), or ``x`` itself when ``global_pool`` is ''."""
         if self.global_pool == "token":
             return x[:, 0]  # (B, N, C) -> the class token (B, C)
@@ -104,7 +104,7 @@ class ClassifierBackbone(nn.Module):
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.pool(x)
+        x = self.pool_features(x)
         if pre_logits or self.num_classes == 0:
             return x
         if not self.global_pool and self.output_fmt == "NCHW":  # logits at every position: (B, classes, H, W)
