@@ -70,8 +70,12 @@ def test_published_names_and_shapes_load_exactly(name: str, tmp_path: Path) -> N
     for key, value in sd.items():
         if key in own:
             assert own[key].equal(value), key
-    if name == "flatten_pvt_tiny":  # the unused final norm is dropped; output norms start as identity
-        assert "norm.weight" not in own and own["norm1.weight"].eq(1).all()
+    if name == "flatten_pvt_tiny":  # the unused final norm is dropped; output norms only in feature models
+        assert "norm.weight" not in own and "norm1.weight" not in own
+        features = timm.create_model(name, features_only=True, pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=str(path)))
+        assert features.model.norm1.weight.eq(1).all() and features.model.norm4.bias.eq(0).all()
+        assert features.model.block4[0].mlp.fc1.weight.equal(sd["block4.0.mlp.fc1.weight"])
 
 
 def test_round_trip_published_format_reproduces_logits(tmp_path: Path) -> None:

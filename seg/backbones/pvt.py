@@ -12,10 +12,11 @@ models take any input of at least 32 x 32. Parameter names equal the published c
 
 Features: ``features_only=True`` gives 4 NCHW maps at strides 4/8/16/32, each through a per-stage
 LayerNorm: v2's published ``norm1..4`` (inside the trunk, as published), and for v1 new output norms
-``norm1..4`` applied to the returned maps only. The classifier is the published one: mean of the
-stage-4 tokens, then ``head`` (v1 published checkpoints hold a final ``norm`` their forward never
-uses; it is dropped on load). Original PVT v1 checkpoints (class token in stage 4) load into
-``attn_type='SSSS'``: the class token and its position entry are dropped.
+``norm1..4`` applied to the returned maps only (built for feature models only: the classifier never uses
+them). The classifier is the published one: mean of the stage-4 tokens (``global_pool='avg'``), then
+``head`` (v1 published checkpoints hold a final ``norm`` their forward never uses; it is dropped on load).
+Original PVT v1 checkpoints (class token in stage 4) load into ``attn_type='SSSS'``: the class token and its
+position entry are dropped.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ class FLattenPVT(StagedEncoder):
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         focusing_factor: power p of the focusing function.
         kernel_size: kernel of the rank-restoring depthwise conv.
+        global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
+        feature_norms: build v1's per-stage output norms (``features_only=True`` sets it).
     """
 
     def __init__(
@@ -160,8 +163,10 @@ class FLattenPVT(StagedEncoder):
         drop_path_rate: float = 0.0,
         focusing_factor: float = 3.0,
         kernel_size: int = 5,
+        global_pool: str = "avg",
+        feature_norms: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(feature_norms)
         if len(attn_type) != 4:
             raise ValueError(f"attn_type {attn_type!r} must be 4 letters of L (focused linear) / S (softmax) / "
                              "G (SOFT)")
@@ -197,10 +202,14 @@ class FLattenPVT(StagedEncoder):
                 for j in range(depths[i])
             ]
             self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
-            self.add_module(f"norm{i + 1}", LayerNorm6(embed_dims[i]))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f"norm{i + 1}"))
+            if version == 2:  # inside the trunk
+                self.add_module(f"norm{i + 1}", LayerNorm6(embed_dims[i]))
+                module = f"norm{i + 1}"
+            else:
+                module = self._add_output_norm(i, f"norm{i + 1}", LayerNorm6(embed_dims[i])) or f"block{i + 1}"
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=module))
         self.pos_drop = nn.Dropout(drop_rate)
-        self.reset_classifier(num_classes)
+        self.reset_classifier(num_classes, global_pool)
         self._num_stages = 4
         self.apply(_init_weights)
         if version == 1:
@@ -213,25 +222,20 @@ class FLattenPVT(StagedEncoder):
         return {f"pos_embed{i + 1}" for i in range(4)}
 
     def _stage(self, i: int, x: Tensor, feature: bool) -> tuple[Tensor, Tensor | None]:
-        """Stage i on an NCHW map: (trunk map for the next stage, normalised feature map)."""
+        """Stage i on an NCHW map: (trunk map for the next stage, feature map: the same map)."""
         B = x.shape[0]
         x, size = getattr(self, f"patch_embed{i + 1}")(x)  # (B, N, C)
         if self.version == 1:
             x = self.pos_drop(x + resize_token_grid(getattr(self, f"pos_embed{i + 1}"), size))
         x = self.run_blocks(getattr(self, f"block{i + 1}"), x, size)
-        to_map = lambda t: t.view(B, *size, -1).permute(0, 3, 1, 2)  # (B, N, C) -> (B, C, H, W), channels-last
-        norm = getattr(self, f"norm{i + 1}")
         if self.version == 2:
-            x = norm(x)  # v2 normalises inside the trunk
-            return to_map(x), to_map(x) if feature else None
-        return to_map(x), to_map(norm(x)) if feature else None
+            x = getattr(self, f"norm{i + 1}")(x)  # v2 normalises inside the trunk
+        x = x.view(B, *size, -1).permute(0, 3, 1, 2)  # (B, N, C) -> (B, C, H, W), channels-last
+        return x, x if feature else None
 
     def _end(self, state: Tensor, complete: bool) -> Tensor:
         """The trunk map of the last stage run (B, C, H/32, W/32 when complete)."""
         return state
-
-    def _pool(self, x: Tensor) -> Tensor:
-        return x.mean(dim=(2, 3))  # mean of the stage-4 tokens
 
     def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         for i in range(max_index + 1, self._num_stages):

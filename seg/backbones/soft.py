@@ -15,10 +15,12 @@ Every position table is stored at the 224 x 224 training grid (``pos_embed4`` wi
 first) and resized bilinearly to the current grid, so the models take any input of at least 32 x 32.
 
 Features: ``features_only=True`` gives 4 NCHW maps at strides 4/8/16/32, each through a new per-stage
-LayerNorm ``norm1..norm4`` (not in the ImageNet checkpoints; they keep their initial values on load); the
-stage-4 map leaves out the class token. The classifier is the published one: final ``norm``, class token,
-``head``. Parameter counts with the 1000-class head: Tiny 13.07M, Small 38.86M, Medium 45.81M (the published
-README lists SOFT-Small as 24M, but its model definition builds 38.86M; this follows the definition).
+LayerNorm ``norm1..norm4`` (built for feature models only, not in the ImageNet checkpoints; they keep their
+initial values on load); the stage-4 map leaves out the class token. The classifier is the published one:
+final ``norm``, class token (``global_pool='token'``), ``head``; like timm's ViTs, :meth:`SOFT.forward_features`
+returns tokens (``output_fmt='NLC'``): the class token, then the 7 x 7 stage-4 grid at 224 x 224. Parameter
+counts with the 1000-class head: Tiny 13.07M, Small 38.86M, Medium 45.81M (the published README lists
+SOFT-Small as 24M, but its model definition builds 38.86M; this follows the definition).
 """
 
 from __future__ import annotations
@@ -112,7 +114,12 @@ class SOFT(StagedEncoder):
         attn_layers: one attention factory per stage, ``(dim, num_heads, grid_size, sr_ratio) -> module``,
             replacing SOFT (stages 1-3) and softmax (stage 4) attention.
         attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
+        global_pool: ``token`` (class token), ``avg`` (mean of the stage-4 grid tokens) or ``''`` (no pooling).
+        feature_norms: build the per-stage output norms ``norm1..4`` (``features_only=True`` sets it).
     """
+
+    output_fmt = "NLC"
+    num_prefix_tokens = 1
 
     def __init__(
         self,
@@ -132,8 +139,10 @@ class SOFT(StagedEncoder):
         drop_path_rate: float = 0.0,
         attn_layers: Sequence[AttentionFactory] | None = None,
         attn_backend: str = "auto",
+        global_pool: str = "token",
+        feature_norms: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(feature_norms)
         if attn_layers is not None and len(attn_layers) != 4:
             raise ValueError(f"attn_layers needs one factory per stage (4), got {len(attn_layers)}")
         if len(embed_dims) != 4 or len(num_heads) != 4 or len(depths) != 4:
@@ -168,11 +177,11 @@ class SOFT(StagedEncoder):
                 blocks = [SoftmaxBlock(embed_dims[i], mlp_ratio, attn_layer, drop=drop_rate, drop_path=p)
                           for p in drops]
             self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
-            self.add_module(f"norm{i + 1}", LayerNorm6(embed_dims[i]))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f"norm{i + 1}"))
+            module = self._add_output_norm(i, f"norm{i + 1}", LayerNorm6(embed_dims[i])) or f"block{i + 1}"
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=module))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[3]))
         self.norm = LayerNorm6(embed_dims[3])
-        self.reset_classifier(num_classes)
+        self.reset_classifier(num_classes, global_pool)
         self._num_stages = 4
         for i in range(4):
             trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
@@ -188,7 +197,7 @@ class SOFT(StagedEncoder):
         self, i: int, state: tuple[Tensor, Tensor | None], feature: bool
     ) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
         """Stage i on (NCHW map, _): ((trunk map for the next stage, the stage's tokens, class token first in
-        stage 4), normalised feature map)."""
+        stage 4), feature map: the trunk map)."""
         x = state[0]
         B = x.shape[0]
         x, size = getattr(self, f"patch_embed{i + 1}")(x)  # (B, N, C)
@@ -200,9 +209,8 @@ class SOFT(StagedEncoder):
             x = x + resize_token_grid(pos, size)
         tokens = self.run_blocks(getattr(self, f"block{i + 1}"), self.pos_drop(x), size)
         grid_tokens = tokens[:, 1:] if i == 3 else tokens
-        to_map = lambda t: t.transpose(1, 2).reshape(B, -1, *size)  # (B, N, C) -> (B, C, H, W)
-        feat = to_map(getattr(self, f"norm{i + 1}")(grid_tokens)) if feature else None
-        return (to_map(grid_tokens), tokens), feat
+        trunk_map = grid_tokens.transpose(1, 2).reshape(B, -1, *size)  # (B, N, C) -> (B, C, H, W)
+        return (trunk_map, tokens), trunk_map if feature else None
 
     def _begin(self, x: Tensor) -> tuple[Tensor, None]:
         """The image as the first stage's input map (no tokens yet)."""
@@ -213,16 +221,10 @@ class SOFT(StagedEncoder):
         trunk_map, tokens = state
         return self.norm(tokens) if complete else trunk_map
 
-    def _pool(self, x: Tensor) -> Tensor:
-        return x[:, 0]  # class token
-
     def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         for i in range(max_index + 1, self._num_stages):
             for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"pos_embed{i + 1}"):
                 delattr(self, name)
-        for i in range(self._num_stages):
-            if i not in take_indices and hasattr(self, f"norm{i + 1}"):
-                setattr(self, f"norm{i + 1}", nn.Identity())
         if max_index < 3:
             del self.cls_token
         if prune_norm or max_index < 3:  # the final norm only serves the classifier

@@ -12,9 +12,11 @@ maps smaller than a window), and ``L`` stages resize their positional encoding (
 stage grid). Stage i then has ceil(H / 2^(i+2)) x ceil(W / 2^(i+2)) tokens.
 
 Features: ``features_only=True`` gives 4 NCHW maps at strides 4/8/16/32, each through a new output
-LayerNorm ``norm0..norm3`` (the names of the Swin segmentation backbone); they are not in ImageNet
-checkpoints and keep their initial values on load. The classifier is the published one: final ``norm``,
-mean over the stage-4 tokens, ``head``. Parameter names equal the published checkpoints'.
+LayerNorm ``norm0..norm3`` (the names of the Swin segmentation backbone), built for feature models only (the
+classifier never uses them); they are not in ImageNet checkpoints and keep their initial values on load. The
+classifier is the published one: final ``norm``, mean over the stage-4 tokens (``global_pool='avg'``),
+``head``; :meth:`FLattenSwin.forward_features` returns the normalised stage-4 map (B, C, H/32, W/32).
+Parameter names equal the published checkpoints'.
 """
 
 from __future__ import annotations
@@ -167,6 +169,8 @@ class FLattenSwin(StagedEncoder):
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         focusing_factor: power p of the focusing function.
         kernel_size: kernel of the rank-restoring depthwise conv.
+        global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
+        feature_norms: build the per-stage output norms ``norm0..3`` (``features_only=True`` sets it).
     """
 
     def __init__(
@@ -189,8 +193,10 @@ class FLattenSwin(StagedEncoder):
         drop_path_rate: float = 0.0,
         focusing_factor: float = 3.0,
         kernel_size: int = 5,
+        global_pool: str = "avg",
+        feature_norms: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(feature_norms)
         if len(attn_type) != len(depths):
             raise ValueError(f"attn_type {attn_type!r} must be {len(depths)} letters of L (focused linear) / "
                              "S (softmax)")
@@ -216,10 +222,10 @@ class FLattenSwin(StagedEncoder):
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
                 attn_layer=partial(factories[i], dims[i], num_heads[i], grid), mlp_ratio=mlp_ratio, drop=drop_rate,
             ))
-            self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
-            self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"norm{i}"))
+            module = self._add_output_norm(i, f"norm{i}", nn.LayerNorm(dims[i])) or f"layers.{i}"
+            self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=module))
         self.norm = nn.LayerNorm(self.num_features)
-        self.reset_classifier(num_classes)
+        self.reset_classifier(num_classes, global_pool)
         self.apply(init_transformer_weights)
         self.set_attn_backend(attn_backend)
 
@@ -238,9 +244,7 @@ class FLattenSwin(StagedEncoder):
         x, size = state
         stage = self.layers[i]
         out = self.run_blocks(stage.blocks, x, size)
-        feat = None
-        if feature:
-            feat = getattr(self, f"norm{i}")(out).reshape(out.shape[0], *size, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
+        feat = out.reshape(out.shape[0], *size, -1).permute(0, 3, 1, 2) if feature else None  # (B, C, H, W)
         if stage.downsample is None:
             return (out, size), feat
         return stage.downsample(out, size), feat
@@ -252,15 +256,9 @@ class FLattenSwin(StagedEncoder):
             x = self.norm(x)
         return x.transpose(1, 2).reshape(x.shape[0], -1, *size)
 
-    def _pool(self, x: Tensor) -> Tensor:
-        return x.mean(dim=(2, 3))  # average pool over the stage-4 tokens
-
     def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         self.layers = self.layers[: max_index + 1]
         self.layers[-1].downsample = None  # its output would feed no stage
-        for i in range(self._num_stages):
-            if i not in take_indices and hasattr(self, f"norm{i}"):
-                delattr(self, f"norm{i}")
         if prune_norm or max_index < self._num_stages - 1:  # the final norm only fits the last stage
             self.norm = nn.Identity()
 
