@@ -99,7 +99,7 @@ def preprocessing(predictor: Predictor) -> str:
     mean = ", ".join(f"{v:g}" for v in predictor.mean)
     std = ", ".join(f"{v:g}" for v in predictor.std)
     return (f"input: an RGB photo rescaled to fit {long} x {short} (long x short side, keeping its aspect ratio), "
-            f"then (x - mean) / std per channel on the 0-255 scale, mean ({mean}), std ({std})")
+            f"then (x - mean) / std per channel on the 8-bit pixel scale, mean ({mean}), std ({std})")
 
 
 def export_supported() -> bool:
