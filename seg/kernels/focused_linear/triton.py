@@ -24,6 +24,7 @@ from torch import Tensor
 
 from seg.kernels.focused_linear import triton_ops
 from seg.kernels.focused_linear.reference import focused_linear_attention_tokens as reference_tokens
+from seg.kernels.focused_linear.triton_fallback import reference_with_grads
 
 __all__ = ["configuration", "focused_linear_attention", "interpreted", "verdict"]
 
@@ -66,14 +67,6 @@ def _relative_error(got: Tensor, want: Tensor) -> float:
     return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-def _reference_grads(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, num_heads: int,
-                     p: float) -> tuple[Tensor, ...]:
-    """The reference's output and gradients with respect to q, k, v and scale (torch.func: usable inside the
-    operator, where autograd does not record)."""
-    out, vjp = torch.func.vjp(lambda *xs: reference_tokens(*xs, num_heads, p), q, k, v, scale)
-    return (out, *vjp(grad_out.to(out.dtype)))
-
-
 def _probe(config: Config, p: float) -> str | None:
     """Kernels' forward and backward against the float64 reference on a small problem of ``config``;
     None when every result agrees within the dtype's tolerance, else the reason not to use them."""
@@ -91,7 +84,7 @@ def _probe(config: Config, p: float) -> str | None:
         got = (out, *grads[:3], _scale_grad(grads[3], scale))
     except Exception as err:  # a kernel that fails to compile or launch
         return f"the Triton kernels failed for {_describe(config)}: {type(err).__name__}: {err}"
-    want = _reference_grads(grad_out.double(), q.double(), k.double(), v.double(), scale, h, p)
+    want = reference_with_grads(grad_out.double(), q.double(), k.double(), v.double(), scale, h, p)
     for name, a, b in zip(("output", "dq", "dk", "dv", "dscale"), got, want, strict=True):
         err = _relative_error(a, b)
         if not err <= TOLERANCE[dtype]:
@@ -168,7 +161,7 @@ def _backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: Ten
             return [*grads[:3], _scale_grad(grads[3], scale)]
         except Exception as err:
             _warn_once(f"attn_backend 'triton': {_distrust(q, k, num_heads, err)}; using the reference")
-    return list(_reference_grads(grad_out, q, k, v, scale, num_heads, p)[1:])
+    return list(reference_with_grads(grad_out, q, k, v, scale, num_heads, p)[1:])
 
 
 from seg.kernels.focused_linear.triton_op import register  # noqa: E402  (needs the implementations above)
