@@ -34,6 +34,7 @@ _TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 # pointer arguments holding token tensors in the input dtype; every other pointer is float32
 _TOKEN_POINTERS = {"x_ptr", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "other_ptr", "grad_x_ptr",
                    "grad_v_ptr"}
+_ROW_STATS_TILES = Tiles(16, 256, 4, 1, 0)  # BLOCK_R, BLOCK_C of row_stats_kernel (see triton_ops._Plan)
 KERNELS = ("row_stats_kernel", "summary_kernel", "apply_kernel", "query_grad_summary_kernel", "key_grad_kernel",
            "input_grad_kernel[queries]", "input_grad_kernel[keys]")
 
@@ -81,8 +82,11 @@ def launches(archs: list[int], head_dims: list[int], dtypes: list[str], kernels:
             for dtype in dtypes:
                 chosen = tiles or choose_tiles(d_pad, DTYPES[dtype], ARCH_SHARED_LIMIT[arch])
                 for kernel in kernels or KERNELS:
-                    out.append(Launch(arch, kernel, d_pad, dtype, chosen))
-    return out
+                    if kernel == "row_stats_kernel":  # tiled over tokens and all C channels: one launch per dtype
+                        out.append(Launch(arch, kernel, 0, dtype, _ROW_STATS_TILES))
+                    else:
+                        out.append(Launch(arch, kernel, d_pad, dtype, chosen))
+    return list(dict.fromkeys(out))
 
 
 def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
@@ -175,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter defines no kernels to compile")
     todo = launches(args.arch, args.head_dims, args.dtypes, args.kernels, args.tiles)
-    todo = list(dict.fromkeys(todo))  # row_stats_kernel does not depend on the head dim
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(compile_launch, todo))
     print("\n".join(table(results)))
