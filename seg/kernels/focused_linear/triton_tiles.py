@@ -74,7 +74,7 @@ _FLOAT32: dict[int, tuple[Tiles, ...]] = {
     128: (Tiles(32, 64, 8, 1, 96 * KiB), Tiles(16, 32, 4, 1, 64 * KiB)),
 }
 # Triton's interpreter runs every program in Python: small tiles; chunks below d_pad exercise the split
-INTERPRETER_TILES = Tiles(16, 16, 4, 1, 0)
+INTERPRETER_TILES = Tiles(32, 32, 4, 1, 0)
 
 
 def pad_head_dim(d: int) -> int:
