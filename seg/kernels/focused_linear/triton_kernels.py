@@ -3,15 +3,20 @@
 Kernels (``bh`` = one (image, head) pair; "split" = a contiguous range of token blocks):
 
 forward
-    ``row_stats_kernel``    grid (token blocks,)        1 / |y| and s per token, two sweeps over the C channels
-    ``summary_kernel``      grid (B * h, splits over n)  KV and k_mean partial sums, phi(k) on the fly, tl.dot
-    ``apply_kernel``        grid (B * h, blocks of N)    g_q on the fly, numerator (tl.dot), normaliser, division
+    ``row_stats_kernel``    grid (token blocks,)                 1 / |y| and s per token, two sweeps over C
+    ``summary_kernel``      grid (B * h, splits over n, chunks)  KV[:, chunk] and k_mean partial sums, tl.dot
+    ``apply_kernel``        grid (B * h, blocks of N)            g_q on the fly, numerator by column chunks,
+                                                                 normaliser, division
 backward
-    ``query_grad_summary_kernel``   grid (B * h, splits over N)  dL/dKV, dL/dk_mean partial sums, plus per head
-                                    and query token dL/dg_q . g_q and dL/ds_q
+    ``query_grad_summary_kernel``   grid (B * h, splits over N, chunks)  dL/dKV[:, chunk], dL/dk_mean partial
+                                    sums, plus per head and query token dL/dg_q . g_q and dL/ds_q
     ``key_grad_kernel``             grid (B * h, blocks of n)    dL/dv, and per head and key token dL/dphi_k . g_k
     ``input_grad_kernel``           grid (B * h, token blocks)   dL/dq or dL/dk through the power and the norms,
                                     plus per-block partial sums of dL/d(1 / T)
+
+A "chunk" is DC columns of a (D_PAD, D_PAD) summary: with DC < D_PAD no kernel holds a whole (D_PAD, D_PAD)
+operand, which keeps the shared memory of head dim 128 within consumer GPUs (see ``triton_tiles``). Token
+tensors are read and written through their (image, token) strides, channel stride 1.
 
 Torch glue only sums the small partial results (over splits, heads of a token, blocks) and applies softplus.
 The backward of the power, with G = dL/dg and S = dL/ds of one token
