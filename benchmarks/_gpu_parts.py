@@ -63,12 +63,24 @@ def kernel_resources_table(device: torch.device) -> list[str]:
         fn = getattr(triton_kernels, name)
         for cache in getattr(fn, "device_caches", {}).values():
             for compiled in cache[0].values():
-                compiled._init_handles()
-                consts = {k: v for k, v in getattr(compiled, "constants", {}).items() if isinstance(v, (int, str))}
-                config = ", ".join(f"{k} {v}" for k, v in sorted(consts.items(), key=str)) or "-"
+                compiled._init_handles()  # loads the binary: registers and spills as the driver reports them
+                config = _configuration(fn, compiled)
                 rows.append(f"| {name} | {config} | {compiled.metadata.shared} | {limit} | {compiled.n_regs} "
                             f"| {compiled.n_spills} |")
     return rows
+
+
+def _configuration(fn, compiled) -> str:
+    """The tile parameters a compiled kernel was specialised for, plus its warps and stages."""
+    shown = {"BLOCK", "D_PAD", "DC", "BLOCK_R", "BLOCK_C", "IS_QUERY", "DOT_PRECISION"}
+    constants = getattr(getattr(compiled, "src", None), "constants", None) or {}
+    parts = []
+    for key, value in constants.items():
+        name = fn.arg_names[key[0]] if isinstance(key, tuple) else key
+        if name in shown:
+            parts.append(f"{name} {value}")
+    meta = compiled.metadata
+    return ", ".join(sorted(parts) + [f"{meta.num_warps} warps, {meta.num_stages} stages"])
 
 
 class SoftmaxAttention(nn.Module):
