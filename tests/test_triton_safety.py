@@ -222,3 +222,18 @@ def test_unsupported_inputs_fall_back_to_reference(worker: Worker) -> None:
 @pytest.mark.slow  # about 90 s: dynamo and inductor compile the layer, the interpreter runs the kernels
 def test_compiled_layer_runs_the_kernels(worker: Worker) -> None:
     worker("check_compiled_module")
+
+
+@pytest.mark.parametrize(("B", "h", "chunks", "tokens"), [(2, 1, 1, 128 * 128), (8, 5, 2, 32 * 32), (1, 1, 1, 100)])
+def test_splits_sum_at_least_eight_blocks(B: int, h: int, chunks: int, tokens: int) -> None:
+    """Reductions over tokens split into at most about ``programs`` programs of >= 8 blocks each (one split when
+    there are fewer blocks), covering every block exactly once."""
+    from seg.kernels.focused_linear import triton_ops
+
+    plan = triton_ops._Plan.__new__(triton_ops._Plan)
+    plan.B, plan.h, plan.chunks, plan.block, plan.programs = B, h, chunks, 64, 4 * 132  # an H100's 132 SMs
+    splits, per_split = plan.splits(tokens)
+    blocks = -(-tokens // 64)
+    assert per_split >= min(triton_ops.MIN_BLOCKS_PER_SPLIT, blocks)
+    assert (splits - 1) * per_split < blocks <= splits * per_split
+    assert splits == 1 or B * h * chunks * splits <= 2 * plan.programs
