@@ -33,8 +33,8 @@ def test_gpu_check_runs_on_cpu_and_backends_agree() -> None:
     bf16 = next(line for line in out.splitlines() if line.startswith("| bfloat16 |"))
     assert "non-finite" not in bf16.split("|")[2], bf16  # the reference stays finite under bf16 autocast
     steps = re.findall(r"^\| test_flatten_\w+ \+ \w+ \| [LS]+ \| (reference|triton) \| (\d+) \|", out, flags=re.M)
-    assert [backend for backend, _ in steps].count("triton") == (2 if triton else 0), out
-    assert len(steps) == (6 if triton else 4), out
+    assert [backend for backend, _ in steps].count("triton") == (1 if triton else 0), out  # one under the interpreter
+    assert len(steps) == (5 if triton else 4), out
     if triton:  # the kernels' bf16 / fp16 output and gradients at two small shapes, against float64
         grads = re.findall(r"^\| tiny \| \d \| .* \| (bfloat16|float16) \|(.*)\|$", out, flags=re.M)
         assert len(grads) == 4, out
