@@ -1,5 +1,5 @@
 """``python -m seg.kernels.compile_check``: the Triton launches the plan chooses compile for real GPU targets on CPU
-and fit their shared memory (compiles run under ``-m slow``: a few seconds to a minute each on two cores)."""
+and fit their shared memory (one compile in the default run; the paper head dims under ``-m slow``)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,6 @@ def test_check_fails_over_the_target_limit_or_the_stated_bound() -> None:
     assert "| sm_89 | summary_kernel |" in compile_check.table([compile_check.Result(launch, 90_000, 100, 0)])[2]
 
 
-@pytest.mark.slow
 @needs_compiler
 def test_too_large_tiles_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     """A deliberately large tile (256 tokens, 3 stages) needs more than sm_89's 99 KB: the command exits 1."""

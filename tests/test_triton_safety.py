@@ -219,7 +219,6 @@ def test_unsupported_inputs_fall_back_to_reference(worker: Worker) -> None:
     worker("check_unsupported_inputs_fall_back")
 
 
-@pytest.mark.slow  # about 90 s: dynamo and inductor compile the layer, the interpreter runs the kernels
 def test_compiled_layer_runs_the_kernels(worker: Worker) -> None:
     worker("check_compiled_module")
 
