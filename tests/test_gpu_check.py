@@ -20,7 +20,8 @@ def test_gpu_check_runs_on_cpu_and_backends_agree() -> None:
                          text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
-    for title in ("## Backends equal", "## Attention forward + backward", "## Training step"):
+    for title in ("## Backends equal", "## Attention forward + backward", "## Training step",
+                  "## Compiled Triton kernels", "## cli.py fit"):
         assert title in out, out
     header = next(line for line in out.splitlines() if line.startswith("| dtype |"))
     triton = importlib.util.find_spec("triton") is not None
@@ -31,5 +32,12 @@ def test_gpu_check_runs_on_cpu_and_backends_agree() -> None:
     assert len(errors) == len(expected) and max(errors) < 1e-5, float32  # every backend agrees with float64
     bf16 = next(line for line in out.splitlines() if line.startswith("| bfloat16 |"))
     assert "non-finite" not in bf16.split("|")[2], bf16  # the reference stays finite under bf16 autocast
-    steps = re.findall(r"^\| test_flatten_\w+ \+ \w+ \| [LS]+ \| (\d+) \|", out, flags=re.M)
-    assert len(steps) == 4, out
+    steps = re.findall(r"^\| test_flatten_\w+ \+ \w+ \| [LS]+ \| (reference|triton) \| (\d+) \|", out, flags=re.M)
+    assert [backend for backend, _ in steps].count("triton") == (1 if triton else 0), out  # one under the interpreter
+    assert len(steps) == (5 if triton else 4), out
+    if triton:  # the kernels' bf16 / fp16 output and gradients at two small shapes, against float64
+        grads = re.findall(r"^\| tiny \| \d \| .* \| (bfloat16|float16) \|(.*)\|$", out, flags=re.M)
+        assert len(grads) == 4, out
+        assert all(float(e) < 3e-2 for _, cells in grads for e in cells.split("|")), grads
+    attention = next(line for line in out.splitlines() if line.startswith("| tokens |"))
+    assert "sdpa softmax fwd+bwd (ms)" in attention, attention

@@ -1,76 +1,26 @@
 """Triton focused linear attention kernels, run on CPU through Triton's interpreter.
 
-Triton reads ``TRITON_INTERPRET`` when a kernel is defined, and its own library functions are defined when triton is
-first imported, which in a pytest process may happen long before this file runs. So the checks below run in one
-child Python process started with ``TRITON_INTERPRET=1`` (:class:`_Worker`); each test asks it to run one check and
-fails with the child's traceback. The test process itself never switches triton to the interpreter.
+The checks below run in one child Python process started with ``TRITON_INTERPRET=1`` (see ``_triton_worker``); each
+test asks it to run one check and fails with the child's traceback.
 """
 
 import itertools
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _triton_worker import Worker
 
 from seg.kernels.focused_linear.cpu import focused_linear_attention as focused_linear_attention_tokens
 from seg.kernels.focused_linear.reference import focused_linear_attention
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-REPO = Path(__file__).resolve().parents[1]
-REPLY = "@@check-reply "
-WORKER_LOOP = f"""
-import json, sys, traceback
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-import {Path(__file__).stem} as checks
-for line in sys.stdin:
-    request = json.loads(line)
-    try:
-        getattr(checks, request["check"])(*request["args"])
-        reply = {{"ok": True}}
-    except BaseException:
-        reply = {{"ok": False, "error": traceback.format_exc()}}
-    sys.stdout.write({REPLY!r} + json.dumps(reply) + "\\n")
-    sys.stdout.flush()
-"""
-
-
-class _Worker:
-    """A child Python process with ``TRITON_INTERPRET=1`` from its start that runs the checks of this file."""
-
-    def __init__(self) -> None:
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", WORKER_LOOP], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    def __call__(self, check: str, *args: object) -> None:
-        """Run ``check(*args)`` in the child; fail the calling test with the child's traceback if it raises."""
-        self.process.stdin.write(json.dumps({"check": check, "args": args}) + "\n")
-        self.process.stdin.flush()
-        for line in self.process.stdout:  # anything else the child prints is skipped
-            if line.startswith(REPLY):
-                reply = json.loads(line[len(REPLY):])
-                if not reply["ok"]:
-                    pytest.fail(f"{check}{args} failed in the interpreter process:\n{reply['error']}", pytrace=False)
-                return
-        pytest.fail(f"the interpreter process exited with code {self.process.wait()}", pytrace=False)
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
-
 
 @pytest.fixture(scope="module")
 def worker():
     """One interpreter process for the whole file (importing torch and triton once)."""
-    child = _Worker()
+    child = Worker(Path(__file__).stem)
     yield child
     child.close()
 
@@ -179,12 +129,11 @@ def check_module_backend(sr: int) -> None:
     parameter gradient, with and without spatial reduction."""
     import copy
 
+    import seg.kernels.focused_linear.triton as triton_safe
     from seg.kernels import set_backend
-    from seg.kernels.focused_linear.triton import _probe as _triton_probe
     from seg.layers import FocusedLinearAttention
 
     _kernels()
-    assert _triton_probe("cpu") is None, _triton_probe("cpu")  # the kernels run, not the fallback
     torch.manual_seed(0)
     ref = FocusedLinearAttention(32, 2, grid_size=(8, 8), sr_ratio=sr)
     with torch.no_grad():
@@ -200,6 +149,8 @@ def check_module_backend(sr: int) -> None:
     assert _rel_err(outs[1], outs[0]) < 1e-5
     for (name, a), b in zip(fast.named_parameters(), ref.parameters(), strict=True):
         assert _rel_err(a.grad, b.grad) < 1e-4, (name, _rel_err(a.grad, b.grad))
+    config = ("cpu", torch.float32, 16, sr == 1)
+    assert config in triton_safe._verdicts and triton_safe._verdicts[config] is None, triton_safe._verdicts
 
 
 def check_probe_inside_inference_mode() -> None:
@@ -213,7 +164,7 @@ def check_probe_inside_inference_mode() -> None:
     from seg.layers import FocusedLinearAttention
 
     _kernels()
-    triton_safe._probe.cache_clear()
+    triton_safe._verdicts.clear()
     torch.manual_seed(0)
     attn = FocusedLinearAttention(32, 2, grid_size=(8, 8))
     reference = set_backend(copy.deepcopy(attn), "reference")
@@ -223,7 +174,7 @@ def check_probe_inside_inference_mode() -> None:
         warnings.simplefilter("error")
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = fast(x, (6, 10))
-        assert triton_safe._probe("cpu") is None, triton_safe._probe("cpu")
+        assert triton_safe._verdicts == {("cpu", torch.bfloat16, 16, True): None}, triton_safe._verdicts
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = reference(x, (6, 10))
     assert _rel_err(out.float(), want.float()) < 2e-2
@@ -241,31 +192,31 @@ SLOW_CASES = [
 
 
 @pytest.mark.parametrize(("B", "h", "d", "N", "n"), FAST_CASES)
-def test_float32_matches_reference(worker: _Worker, B: int, h: int, d: int, N: int, n: int) -> None:
+def test_float32_matches_reference(worker: Worker, B: int, h: int, d: int, N: int, n: int) -> None:
     worker("check_float32", B, h, d, N, n)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("B", "h", "d", "N", "n"), SLOW_CASES)
-def test_float32_matches_reference_all_shapes(worker: _Worker, B: int, h: int, d: int, N: int, n: int) -> None:
+def test_float32_matches_reference_all_shapes(worker: Worker, B: int, h: int, d: int, N: int, n: int) -> None:
     worker("check_float32", B, h, d, N, n)
 
 
-def test_non_integer_focusing_factor(worker: _Worker) -> None:
+def test_non_integer_focusing_factor(worker: Worker) -> None:
     worker("check_non_integer_power")
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
-def test_half_precision_large_activations(worker: _Worker, dtype_name: str) -> None:
+def test_half_precision_large_activations(worker: Worker, dtype_name: str) -> None:
     worker("check_half_precision", dtype_name)
 
 
 @pytest.mark.parametrize("sr", [1, 2])
-def test_module_triton_backend_equals_reference(worker: _Worker, sr: int) -> None:
+def test_module_triton_backend_equals_reference(worker: Worker, sr: int) -> None:
     worker("check_module_backend", sr)
 
 
-def test_probe_from_inference_mode_uses_the_kernels(worker: _Worker) -> None:
+def test_probe_from_inference_mode_uses_the_kernels(worker: Worker) -> None:
     worker("check_probe_inside_inference_mode")
 
 
@@ -279,7 +230,7 @@ def test_backend_falls_back_to_reference_with_a_warning(monkeypatch: pytest.Monk
     monkeypatch.setattr(triton_safe, "interpreted", lambda: True)  # as if the tensors could run there
     monkeypatch.setattr(triton_focused, "triton_available", lambda: False)
     monkeypatch.setattr(triton_safe, "_warned", set())
-    triton_safe._probe.cache_clear()
+    monkeypatch.setattr(triton_safe, "_verdicts", {})
     ref = FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval()
     fast = set_backend(FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval(), "triton")
     fast.load_state_dict(ref.state_dict())
@@ -287,10 +238,9 @@ def test_backend_falls_back_to_reference_with_a_warning(monkeypatch: pytest.Monk
     with pytest.warns(UserWarning, match="Triton is missing or cannot run"):
         out = fast(x, (4, 5))
     torch.testing.assert_close(out, ref(x, (4, 5)))
-    triton_safe._probe.cache_clear()
 
 
-def test_invalid_inputs(worker: _Worker) -> None:
+def test_invalid_inputs(worker: Worker) -> None:
     worker("check_invalid_inputs")
 
 

@@ -3,15 +3,20 @@
 Kernels (``bh`` = one (image, head) pair; "split" = a contiguous range of token blocks):
 
 forward
-    ``row_stats_kernel``    grid (token blocks,)        1 / |y| and s per token, two sweeps over the C channels
-    ``summary_kernel``      grid (B * h, splits over n)  KV and k_mean partial sums, phi(k) on the fly, tl.dot
-    ``apply_kernel``        grid (B * h, blocks of N)    g_q on the fly, numerator (tl.dot), normaliser, division
+    ``row_stats_kernel``    grid (token blocks,)                 1 / |y| and s per token, two sweeps over C
+    ``summary_kernel``      grid (B * h, splits over n, chunks)  KV[:, chunk] and k_mean partial sums, tl.dot
+    ``apply_kernel``        grid (B * h, blocks of N)            g_q on the fly, numerator by column chunks,
+                                                                 normaliser, division
 backward
-    ``query_grad_summary_kernel``   grid (B * h, splits over N)  dL/dKV, dL/dk_mean partial sums, plus per head
-                                    and query token dL/dg_q . g_q and dL/ds_q
+    ``query_grad_summary_kernel``   grid (B * h, splits over N, chunks)  dL/dKV[:, chunk], dL/dk_mean partial
+                                    sums, plus per head and query token dL/dg_q . g_q and dL/ds_q
     ``key_grad_kernel``             grid (B * h, blocks of n)    dL/dv, and per head and key token dL/dphi_k . g_k
     ``input_grad_kernel``           grid (B * h, token blocks)   dL/dq or dL/dk through the power and the norms,
                                     plus per-block partial sums of dL/d(1 / T)
+
+A "chunk" is DC columns of a (D_PAD, D_PAD) summary: with DC < D_PAD no kernel holds a whole (D_PAD, D_PAD)
+operand, which keeps the shared memory of head dim 128 within consumer GPUs (see ``triton_tiles``). Token
+tensors are read and written through their (image, token) strides, channel stride 1.
 
 Torch glue only sums the small partial results (over splits, heads of a token, blocks) and applies softplus.
 The backward of the power, with G = dL/dg and S = dL/ds of one token
@@ -80,21 +85,42 @@ def _power(u, P: tl.constexpr, P_INT: tl.constexpr):
 
 
 @_jit
+def _tile(b, head, t0, T, d, stride_b, stride_t, c0, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+    # offsets and mask of channels [c0, c0 + WIDTH) of one head for BLOCK tokens from t0 of image b, in a
+    # (B, T, C) tensor with strides (stride_b, stride_t, 1); plus the token indices
+    rows = t0 + tl.arange(0, BLOCK)
+    cols = c0 + tl.arange(0, WIDTH)
+    mask = (rows < T)[:, None] & (cols < d)[None, :]
+    offs = b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_t + (head * d + cols)[None, :]
+    return offs, mask, rows
+
+
+@_jit
+def _load_tile(ptr, b, head, t0, T, d, stride_b, stride_t, c0, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+    # (BLOCK, WIDTH) float32 tile of one head's channels from c0, zero outside
+    offs, mask, _ = _tile(b, head, t0, T, d, stride_b, stride_t, c0, BLOCK, WIDTH)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@_jit
+def _store_tile(ptr, value, b, head, t0, T, d, stride_b, stride_t, c0, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+    # store a (BLOCK, WIDTH) tile into one head's channels from c0, cast to the buffer's dtype
+    offs, mask, _ = _tile(b, head, t0, T, d, stride_b, stride_t, c0, BLOCK, WIDTH)
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
 def _kernel_tile(
-    x_ptr, r_ptr, inv_ny_ptr, b, head, t0, T, C, d,
+    x_ptr, r_ptr, inv_ny_ptr, b, head, t0, T, d, stride_b, stride_t,
     BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
 ):
     # one head's channels of BLOCK tokens from t0 of image b: x (raw, fp32), ReLU(x), u, u^(p-1), g = u^p,
     # each (BLOCK, D_PAD) and zero outside the valid tokens / channels, plus the tile's mask and token indices
-    rows = t0 + tl.arange(0, BLOCK)
+    offs, mask, rows = _tile(b, head, t0, T, d, stride_b, stride_t, 0, BLOCK, D_PAD)
     cols = tl.arange(0, D_PAD)
-    row_ok = rows < T
-    col_ok = cols < d
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = (b * T + rows).to(tl.int64)[:, None] * C + (head * d + cols)[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + head * d + cols, mask=col_ok, other=0.0)
-    inv_ny = tl.load(inv_ny_ptr + b * T + rows, mask=row_ok, other=0.0)
+    r = tl.load(r_ptr + head * d + cols, mask=cols < d, other=0.0)
+    inv_ny = tl.load(inv_ny_ptr + b * T + rows, mask=rows < T, other=0.0)
     relu = tl.maximum(x, 0.0)
     u = tl.where(mask, (relu + _KERNEL_EPS) * r[None, :] * inv_ny[:, None], 0.0)
     u_pm1, g = _power(u, P, P_INT)
@@ -104,30 +130,19 @@ def _kernel_tile(
 
 
 @_jit
-def _load_tile(ptr, b, head, t0, T, C, d, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
-    # one head's channels of BLOCK tokens as float32 (BLOCK, D_PAD), zero outside
-    rows = t0 + tl.arange(0, BLOCK)
-    cols = tl.arange(0, D_PAD)
-    mask = (rows < T)[:, None] & (cols < d)[None, :]
-    offs = (b * T + rows).to(tl.int64)[:, None] * C + (head * d + cols)[None, :]
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@_jit
-def _store_tile(ptr, value, b, head, t0, T, C, d, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
-    # store a (BLOCK, D_PAD) tile into one head's channels, cast to the buffer's dtype
-    rows = t0 + tl.arange(0, BLOCK)
-    cols = tl.arange(0, D_PAD)
-    mask = (rows < T)[:, None] & (cols < d)[None, :]
-    offs = (b * T + rows).to(tl.int64)[:, None] * C + (head * d + cols)[None, :]
-    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@_jit
-def _load_square(ptr, bh, D_PAD: tl.constexpr):
-    # the (D_PAD, D_PAD) float32 matrix of one (image, head) pair
+def _load_columns(ptr, bh, c0, D_PAD: tl.constexpr, WIDTH: tl.constexpr):
+    # columns [c0, c0 + WIDTH) of the (D_PAD, D_PAD) float32 matrix of one (image, head) pair: (D_PAD, WIDTH)
     i = tl.arange(0, D_PAD)
-    return tl.load(ptr + bh * D_PAD * D_PAD + i[:, None] * D_PAD + i[None, :])
+    j = c0 + tl.arange(0, WIDTH)
+    return tl.load(ptr + bh * D_PAD * D_PAD + i[:, None] * D_PAD + j[None, :])
+
+
+@_jit
+def _load_columns_transposed(ptr, bh, c0, D_PAD: tl.constexpr, WIDTH: tl.constexpr):
+    # the same columns, transposed on load: (WIDTH, D_PAD)
+    i = tl.arange(0, D_PAD)
+    j = c0 + tl.arange(0, WIDTH)
+    return tl.load(ptr + bh * D_PAD * D_PAD + i[None, :] * D_PAD + j[:, None])
 
 
 @_jit
@@ -143,13 +158,13 @@ def _kernel_input_chunk(x_ptr, r_ptr, base, row_ok, c0, C, BLOCK_C: tl.constexpr
 
 @_jit
 def row_stats_kernel(
-    x_ptr, r_ptr, inv_ny_ptr, s_ptr, R, C,
+    x_ptr, r_ptr, inv_ny_ptr, s_ptr, R, T, C, stride_b, stride_t,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
 ):
-    # per token of x (R, C): 1 / |y| and s = |y| / |g|
+    # per token of x (B, T, C) (R = B * T rows): 1 / |y| and s = |y| / |g|
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
-    base = rows.to(tl.int64)[:, None] * C
+    base = (rows // T).to(tl.int64)[:, None] * stride_b + (rows % T).to(tl.int64)[:, None] * stride_t
     sum_y2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         y, _ = _kernel_input_chunk(x_ptr, r_ptr, base, row_ok, c0, C, BLOCK_C)
@@ -167,131 +182,162 @@ def row_stats_kernel(
 
 
 @_jit
-def _store_partials(square_ptr, vector_ptr, out, acc_square, acc_vector, D_PAD: tl.constexpr):
-    # one split's partial sums: a (D_PAD, D_PAD) matrix and a (D_PAD,) vector at slot `out` of (B * h, splits)
+def _store_partials(square_ptr, vector_ptr, out, c0, acc_columns, acc_vector, D_PAD: tl.constexpr, DC: tl.constexpr):
+    # one split's partial sums: columns [c0, c0 + DC) of a (D_PAD, D_PAD) matrix and the (D_PAD,) vector, at
+    # slot `out` of (B * h, splits); every column chunk of a split writes the same vector
     i = tl.arange(0, D_PAD)
-    tl.store(square_ptr + out * D_PAD * D_PAD + i[:, None] * D_PAD + i[None, :], acc_square)
+    j = c0 + tl.arange(0, DC)
+    tl.store(square_ptr + out * D_PAD * D_PAD + i[:, None] * D_PAD + j[None, :], acc_columns)
     tl.store(vector_ptr + out * D_PAD + i, acc_vector)
+
+
+@_jit
+def _split_range(blocks_per_split, T, BLOCK: tl.constexpr):
+    # the token blocks [first, last) of the split on grid axis 1
+    first = tl.program_id(1) * blocks_per_split
+    return first, tl.minimum(first + blocks_per_split, tl.cdiv(T, BLOCK))
 
 
 @_jit
 def summary_kernel(
     k_ptr, v_ptr, r_ptr, inv_ny_ptr, s_ptr, kv_ptr, km_ptr,
-    n, C, d, H, blocks_per_split, inv_n,
-    BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    n, d, H, blocks_per_split, inv_n, k_sb, k_st, v_sb, v_st,
+    BLOCK: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    # partial KV = sum_j phi(k_j) v_j^T / n and k_mean = sum_j phi(k_j) / n over one split of the keys
+    # partial KV[:, chunk] = sum_j phi(k_j) v_j[chunk]^T / n and k_mean = sum_j phi(k_j) / n over one split of
+    # the keys; grid (B * h, splits, D_PAD / DC)
     bh, b, head = _image_and_head(H)
-    split = tl.program_id(1)
-    acc_kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
+    c0 = tl.program_id(2) * DC
+    acc_kv = tl.zeros((D_PAD, DC), dtype=tl.float32)
     acc_km = tl.zeros((D_PAD,), dtype=tl.float32)
-    first = split * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, tl.cdiv(n, BLOCK))
+    first, last = _split_range(blocks_per_split, n, BLOCK)
     for blk in range(first, last):
         t0 = blk * BLOCK
-        _, _, _, _, g, _, rows = _kernel_tile(k_ptr, r_ptr, inv_ny_ptr, b, head, t0, n, C, d, BLOCK, D_PAD, P, P_INT)
+        _, _, _, _, g, _, rows = _kernel_tile(k_ptr, r_ptr, inv_ny_ptr, b, head, t0, n, d, k_sb, k_st,
+                                              BLOCK, D_PAD, P, P_INT)
         a = tl.load(s_ptr + b * n + rows, mask=rows < n, other=0.0) * inv_n  # phi(k) / n = a g
         phi = g * a[:, None]
-        v = _load_tile(v_ptr, b, head, t0, n, C, d, BLOCK, D_PAD)
+        v = _load_tile(v_ptr, b, head, t0, n, d, v_sb, v_st, c0, BLOCK, DC)
         acc_kv = tl.dot(tl.trans(phi), v, acc_kv, input_precision=DOT_PRECISION)
         acc_km += tl.sum(phi, axis=0)
-    _store_partials(kv_ptr, km_ptr, bh * tl.num_programs(1) + split, acc_kv, acc_km, D_PAD)
+    _store_partials(kv_ptr, km_ptr, bh * tl.num_programs(1) + tl.program_id(1), c0, acc_kv, acc_km, D_PAD, DC)
 
 
 @_jit
-def _attend_tile(g, s_q, kv, km, DOT_PRECISION: tl.constexpr):
-    # numerator g KV (BLOCK, D_PAD) and 1 / (g . k_mean + eps / s_q) (BLOCK,)
-    num = tl.dot(g, kv, input_precision=DOT_PRECISION)
-    rden = 1.0 / (tl.sum(g * km[None, :], axis=1) + _DENOM_EPS / s_q)
-    return num, rden
+def _numerator_dot(g, kv_ptr, bh, grad_out_ptr, b, head, t0, T, d, go_sb, go_st,
+                   BLOCK: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # sum over channels of dL/dout * (g KV) for a query tile (BLOCK,), one column chunk of KV at a time
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, D_PAD, DC):
+        num = tl.dot(g, _load_columns(kv_ptr, bh, c0, D_PAD, DC), input_precision=DOT_PRECISION)
+        grad_out = _load_tile(grad_out_ptr, b, head, t0, T, d, go_sb, go_st, c0, BLOCK, DC)
+        total += tl.sum(grad_out * num, axis=1)
+    return total
 
 
 @_jit
 def apply_kernel(
     q_ptr, r_ptr, inv_ny_ptr, s_ptr, kv_ptr, km_ptr, out_ptr,
-    N, C, d, H,
-    BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    N, d, H, q_sb, q_st, o_sb, o_st,
+    BLOCK: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # out = (g_q . KV) / (g_q . k_mean + eps / s_q) for one block of queries of one (image, head)
     bh, b, head = _image_and_head(H)
     t0 = tl.program_id(1) * BLOCK
-    _, _, _, _, g, _, rows = _kernel_tile(q_ptr, r_ptr, inv_ny_ptr, b, head, t0, N, C, d, BLOCK, D_PAD, P, P_INT)
+    _, _, _, _, g, _, rows = _kernel_tile(q_ptr, r_ptr, inv_ny_ptr, b, head, t0, N, d, q_sb, q_st,
+                                          BLOCK, D_PAD, P, P_INT)
     s_q = tl.load(s_ptr + b * N + rows, mask=rows < N, other=1.0)
-    kv = _load_square(kv_ptr, bh, D_PAD)
     km = tl.load(km_ptr + bh * D_PAD + tl.arange(0, D_PAD))
-    num, rden = _attend_tile(g, s_q, kv, km, DOT_PRECISION)
-    _store_tile(out_ptr, num * rden[:, None], b, head, t0, N, C, d, BLOCK, D_PAD)
-
-
-@_jit
-def _query_grads(g, s_q, grad_out, kv, km, DOT_PRECISION: tl.constexpr):
-    # dL/dnum (BLOCK, D_PAD), dL/dden (BLOCK,) and dL/dg_q (BLOCK, D_PAD) of one query tile
-    num, rden = _attend_tile(g, s_q, kv, km, DOT_PRECISION)
-    grad_num = grad_out * rden[:, None]
-    grad_den = -tl.sum(grad_out * num, axis=1) * rden * rden
-    grad_g = tl.dot(grad_num, tl.trans(kv), input_precision=DOT_PRECISION) + grad_den[:, None] * km[None, :]
-    return grad_num, grad_den, grad_g
+    rden = 1.0 / (tl.sum(g * km[None, :], axis=1) + _DENOM_EPS / s_q)
+    for c0 in range(0, D_PAD, DC):
+        num = tl.dot(g, _load_columns(kv_ptr, bh, c0, D_PAD, DC), input_precision=DOT_PRECISION)
+        _store_tile(out_ptr, num * rden[:, None], b, head, t0, N, d, o_sb, o_st, c0, BLOCK, DC)
 
 
 @_jit
 def query_grad_summary_kernel(
     q_ptr, r_ptr, inv_ny_ptr, s_ptr, kv_ptr, km_ptr, grad_out_ptr,
     grad_kv_ptr, grad_km_ptr, dot_ptr, grad_s_ptr,
-    N, C, d, H, blocks_per_split,
-    BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    N, d, H, blocks_per_split, q_sb, q_st, go_sb, go_st,
+    BLOCK: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    # partial dL/dKV = sum_i g_qi^T dL/dnum_i and dL/dk_mean = sum_i dL/dden_i g_qi over one split of the queries;
-    # per (token, head): dL/dg_q . g_q and dL/ds_q = -dL/dden eps / s_q^2, summed over heads by the caller
+    # partial dL/dKV[:, chunk] = sum_i g_qi^T dL/dnum_i[chunk] and dL/dk_mean = sum_i dL/dden_i g_qi over one
+    # split of the queries; grid (B * h, splits, D_PAD / DC). Chunk 0 also stores per (token, head)
+    # dL/dg_q . g_q = rden S + dL/dden (g_q . k_mean) with S = dL/dout . num, and dL/ds_q = -dL/dden eps / s_q^2
     bh, b, head = _image_and_head(H)
-    split = tl.program_id(1)
-    kv = _load_square(kv_ptr, bh, D_PAD)
+    chunk = tl.program_id(2)
+    c0 = chunk * DC
     km = tl.load(km_ptr + bh * D_PAD + tl.arange(0, D_PAD))
-    acc_kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
+    acc_kv = tl.zeros((D_PAD, DC), dtype=tl.float32)
     acc_km = tl.zeros((D_PAD,), dtype=tl.float32)
-    first = split * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, tl.cdiv(N, BLOCK))
+    first, last = _split_range(blocks_per_split, N, BLOCK)
     for blk in range(first, last):
         t0 = blk * BLOCK
-        _, _, _, _, g, _, rows = _kernel_tile(q_ptr, r_ptr, inv_ny_ptr, b, head, t0, N, C, d, BLOCK, D_PAD, P, P_INT)
+        _, _, _, _, g, _, rows = _kernel_tile(q_ptr, r_ptr, inv_ny_ptr, b, head, t0, N, d, q_sb, q_st,
+                                              BLOCK, D_PAD, P, P_INT)
         row_ok = rows < N
         s_q = tl.load(s_ptr + b * N + rows, mask=row_ok, other=1.0)
-        grad_out = _load_tile(grad_out_ptr, b, head, t0, N, C, d, BLOCK, D_PAD)
-        grad_num, grad_den, grad_g = _query_grads(g, s_q, grad_out, kv, km, DOT_PRECISION)
+        g_km = tl.sum(g * km[None, :], axis=1)
+        rden = 1.0 / (g_km + _DENOM_EPS / s_q)
+        total = _numerator_dot(g, kv_ptr, bh, grad_out_ptr, b, head, t0, N, d, go_sb, go_st,
+                               BLOCK, D_PAD, DC, DOT_PRECISION)
+        grad_den = -total * rden * rden
+        grad_num = _load_tile(grad_out_ptr, b, head, t0, N, d, go_sb, go_st, c0, BLOCK, DC) * rden[:, None]
         acc_kv = tl.dot(tl.trans(g), grad_num, acc_kv, input_precision=DOT_PRECISION)
         acc_km += tl.sum(g * grad_den[:, None], axis=0)
         per_head = (b * N + rows) * H + head  # (B, N, h) layout
-        tl.store(dot_ptr + per_head, tl.sum(grad_g * g, axis=1), mask=row_ok)
-        tl.store(grad_s_ptr + per_head, -grad_den * _DENOM_EPS / (s_q * s_q), mask=row_ok)
-    _store_partials(grad_kv_ptr, grad_km_ptr, bh * tl.num_programs(1) + split, acc_kv, acc_km, D_PAD)
+        first_chunk = row_ok & (chunk == 0)
+        tl.store(dot_ptr + per_head, total * rden + grad_den * g_km, mask=first_chunk)
+        tl.store(grad_s_ptr + per_head, -grad_den * _DENOM_EPS / (s_q * s_q), mask=first_chunk)
+    _store_partials(grad_kv_ptr, grad_km_ptr, bh * tl.num_programs(1) + tl.program_id(1), c0, acc_kv, acc_km,
+                    D_PAD, DC)
 
 
 @_jit
 def key_grad_kernel(
     k_ptr, v_ptr, r_ptr, inv_ny_ptr, s_ptr, grad_kv_ptr, grad_km_ptr, grad_v_ptr, dot_ptr,
-    n, C, d, H, inv_n,
-    BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    n, d, H, inv_n, k_sb, k_st, v_sb, v_st, gv_sb, gv_st,
+    BLOCK: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    # dL/dv = phi(k) / n . dL/dKV, and per (token, head) dL/dphi . g_k with dL/dphi = v dL/dKV^T + dL/dk_mean
+    # dL/dv = a g_k dL/dKV (phi(k) / n = a g_k), and per (token, head)
+    # dL/dphi . g_k = v . (g_k dL/dKV) + g_k . dL/dk_mean (dL/dphi = v dL/dKV^T + dL/dk_mean)
     bh, b, head = _image_and_head(H)
     t0 = tl.program_id(1) * BLOCK
-    _, _, _, _, g, _, rows = _kernel_tile(k_ptr, r_ptr, inv_ny_ptr, b, head, t0, n, C, d, BLOCK, D_PAD, P, P_INT)
+    _, _, _, _, g, _, rows = _kernel_tile(k_ptr, r_ptr, inv_ny_ptr, b, head, t0, n, d, k_sb, k_st,
+                                          BLOCK, D_PAD, P, P_INT)
     row_ok = rows < n
     a = tl.load(s_ptr + b * n + rows, mask=row_ok, other=0.0) * inv_n
-    grad_kv = _load_square(grad_kv_ptr, bh, D_PAD)
     grad_km = tl.load(grad_km_ptr + bh * D_PAD + tl.arange(0, D_PAD))
-    grad_v = tl.dot(g * a[:, None], grad_kv, input_precision=DOT_PRECISION)
-    _store_tile(grad_v_ptr, grad_v, b, head, t0, n, C, d, BLOCK, D_PAD)
-    v = _load_tile(v_ptr, b, head, t0, n, C, d, BLOCK, D_PAD)
-    grad_phi = tl.dot(v, tl.trans(grad_kv), input_precision=DOT_PRECISION) + grad_km[None, :]
-    tl.store(dot_ptr + (b * n + rows) * H + head, tl.sum(grad_phi * g, axis=1), mask=row_ok)
+    dot = tl.sum(g * grad_km[None, :], axis=1)
+    for c0 in range(0, D_PAD, DC):
+        gm = tl.dot(g, _load_columns(grad_kv_ptr, bh, c0, D_PAD, DC), input_precision=DOT_PRECISION)
+        _store_tile(grad_v_ptr, gm * a[:, None], b, head, t0, n, d, gv_sb, gv_st, c0, BLOCK, DC)
+        dot += tl.sum(_load_tile(v_ptr, b, head, t0, n, d, v_sb, v_st, c0, BLOCK, DC) * gm, axis=1)
+    tl.store(dot_ptr + (b * n + rows) * H + head, dot, mask=row_ok)
+
+
+@_jit
+def _times_transposed(x_ptr, b, head, t0, T, d, x_sb, x_st, m_ptr, bh,
+                      BLOCK: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # x M^T for a token tile x and the (D_PAD, D_PAD) matrix M of one (image, head): (BLOCK, D_PAD), by chunks
+    acc = tl.zeros((BLOCK, D_PAD), dtype=tl.float32)
+    for c0 in range(0, D_PAD, DC):
+        x = _load_tile(x_ptr, b, head, t0, T, d, x_sb, x_st, c0, BLOCK, DC)
+        acc = tl.dot(x, _load_columns_transposed(m_ptr, bh, c0, D_PAD, DC), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @_jit
 def input_grad_kernel(
     x_ptr, r_ptr, inv_ny_ptr, s_ptr, kv_ptr, km_ptr, other_ptr, dot_ptr, grad_s_ptr, grad_x_ptr, grad_r_ptr,
-    T, C, d, H, inv_n,
+    T, d, H, inv_n, x_sb, x_st, ot_sb, ot_st, gx_sb, gx_st,
     IS_QUERY: tl.constexpr,
-    BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # dL/dx through the power and the norms for one token block of one head, and the block's dL/d(1 / T).
     # queries: kv / km hold KV / k_mean, other = dL/dout, dot = dL/dg . g (all heads), grad_s = dL/ds;
@@ -300,24 +346,27 @@ def input_grad_kernel(
     blk = tl.program_id(1)
     t0 = blk * BLOCK
     x, relu, u, u_pm1, g, mask, rows = _kernel_tile(
-        x_ptr, r_ptr, inv_ny_ptr, b, head, t0, T, C, d, BLOCK, D_PAD, P, P_INT
+        x_ptr, r_ptr, inv_ny_ptr, b, head, t0, T, d, x_sb, x_st, BLOCK, D_PAD, P, P_INT
     )
     row_ok = rows < T
     inv_ny = tl.load(inv_ny_ptr + b * T + rows, mask=row_ok, other=0.0)
     s = tl.load(s_ptr + b * T + rows, mask=row_ok, other=1.0)
-    kv = _load_square(kv_ptr, bh, D_PAD)
     km = tl.load(km_ptr + bh * D_PAD + tl.arange(0, D_PAD))
-    other = _load_tile(other_ptr, b, head, t0, T, C, d, BLOCK, D_PAD)
     dot = tl.load(dot_ptr + b * T + rows, mask=row_ok, other=0.0)
+    other_kv_t = _times_transposed(other_ptr, b, head, t0, T, d, ot_sb, ot_st, kv_ptr, bh, BLOCK, D_PAD, DC,
+                                   DOT_PRECISION)
     if IS_QUERY:
-        _, _, grad_g = _query_grads(g, s, other, kv, km, DOT_PRECISION)
+        # dL/dg = dL/dout KV^T rden + dL/dden k_mean
+        rden = 1.0 / (tl.sum(g * km[None, :], axis=1) + _DENOM_EPS / s)
+        total = _numerator_dot(g, kv_ptr, bh, other_ptr, b, head, t0, T, d, ot_sb, ot_st,
+                               BLOCK, D_PAD, DC, DOT_PRECISION)
+        grad_g = other_kv_t * rden[:, None] - (total * rden * rden)[:, None] * km[None, :]
         grad_s = tl.load(grad_s_ptr + b * T + rows, mask=row_ok, other=0.0)
         grad_g_dot_g = dot
     else:
         # phi(k) / n = a g with a = s / n: dL/dg = a dL/dphi, dL/ds = dL/dphi . g / n
         a = s * inv_n
-        grad_phi = tl.dot(other, tl.trans(kv), input_precision=DOT_PRECISION) + km[None, :]
-        grad_g = grad_phi * a[:, None]
+        grad_g = (other_kv_t + km[None, :]) * a[:, None]
         grad_s = dot * inv_n
         grad_g_dot_g = dot * a
     ss = grad_s * s
@@ -327,6 +376,7 @@ def input_grad_kernel(
     grad_y = tl.where(mask, grad_y, 0.0)
     cols = tl.arange(0, D_PAD)
     r = tl.load(r_ptr + head * d + cols, mask=cols < d, other=0.0)
-    _store_tile(grad_x_ptr, tl.where(x > 0.0, grad_y * r[None, :], 0.0), b, head, t0, T, C, d, BLOCK, D_PAD)
+    _store_tile(grad_x_ptr, tl.where(x > 0.0, grad_y * r[None, :], 0.0), b, head, t0, T, d, gx_sb, gx_st, 0,
+                BLOCK, D_PAD)
     grad_r = tl.sum(grad_y * (relu + _KERNEL_EPS), axis=0)
     tl.store(grad_r_ptr + (bh * tl.num_programs(1) + blk) * D_PAD + cols, grad_r)

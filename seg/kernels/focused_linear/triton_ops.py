@@ -1,4 +1,4 @@
-"""Focused linear attention (FLatten) as fused Triton kernels, forward and backward.
+"""Focused linear attention (FLatten) as fused Triton kernels: the launch plan and the raw forward / backward.
 
 The maths is that of :func:`seg.kernels.focused_linear.cpu.focused_linear_attention` (without the DWC term),
 on token-layout tensors q (B, N, C), k and v (B, n, C), heads as contiguous channel blocks (C = h * d):
@@ -11,14 +11,20 @@ on token-layout tensors q (B, N, C), k and v (B, n, C), heads as contiguous chan
 
 The per-token factor s_q of phi(q) cancels except at the eps, and the mean (divide by n) keeps the published
 fp16-safe normalisation. Powering the unit vector u keeps every value of g in (0, 1], whatever the input scale.
-Everything runs in float32 inside the kernels; inputs may be float32, float16 or bfloat16.
+Everything runs in float32 inside the kernels; inputs may be float32, float16 or bfloat16, with any strides
+whose channel stride is 1 (q / k / v as chunks of one fused projection are read in place).
 
-The kernels themselves live in :mod:`seg.kernels.focused_linear.triton_kernels`; this module plans the launches, sums
-the small partial results and wraps forward and backward in one autograd function.
+The kernels live in :mod:`seg.kernels.focused_linear.triton_kernels`, their tile configurations in
+:mod:`seg.kernels.focused_linear.triton_tiles`; this module plans the launches, sums the small partial results
+(:func:`forward`, :func:`backward`: no autograd) and wraps them in one autograd function
+(:func:`focused_linear_attention_triton`, which raises on what it cannot run; the checked entry is
+:mod:`seg.kernels.focused_linear.triton`).
 
 Triton reads ``TRITON_INTERPRET`` when the kernels are defined, i.e. when this module is imported: set it to 1
 before the import to run the kernels on CPU tensors through Triton's interpreter (slow; for tests).
 """
+
+from __future__ import annotations
 
 import contextlib
 
@@ -37,11 +43,15 @@ from seg.kernels.focused_linear.triton_kernels import (
     summary_kernel,
     triton,
 )
+from seg.kernels.focused_linear.triton_tiles import INTERPRETER_TILES, Tiles, choose_tiles, device_shared_limit
+from seg.kernels.focused_linear.triton_tiles import pad_head_dim as pad_head_dim
 
-__all__ = ["focused_linear_attention_triton", "triton_available"]
+__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "backward", "check_inputs", "focused_linear_attention_triton",
+           "forward", "pad_head_dim", "triton_available"]
 
 MAX_HEAD_DIM = 128
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_BLOCKS_PER_SPLIT = 8  # token blocks a reduction program sums before its partial result is written
 _INTERPRETED = INTERPRETED  # a module attribute of its own: tests switch it off to check the device guard
 
 
@@ -54,45 +64,53 @@ def triton_available() -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# launchers
-
-
 def _device_of(x: Tensor) -> contextlib.AbstractContextManager:
     """Make x's CUDA device the current one while kernels are launched (triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-class _Plan:
-    """Block sizes and launch shapes for one call: B images, h heads of d channels, N queries, n keys."""
+def _strides(x: Tensor) -> tuple[int, int]:
+    """(image, token) strides of a (B, T, C) tensor whose channel stride is 1."""
+    return x.stride(0), x.stride(1)
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, num_heads: int, p: float) -> None:
+
+def plan_tiles(device: torch.device, d_pad: int, dtype: torch.dtype) -> Tiles:
+    """The tile configuration of a call: chosen per device from its shared memory per block."""
+    if _INTERPRETED:
+        return INTERPRETER_TILES
+    return choose_tiles(d_pad, dtype, device_shared_limit(device))
+
+
+class _Plan:
+    """Tiles and launch shapes for one call: B images, h heads of d channels, N queries, n keys."""
+
+    def __init__(self, q: Tensor, k: Tensor, num_heads: int, p: float) -> None:
         B, N, C = q.shape
         self.B, self.N, self.n, self.C, self.h = B, N, k.shape[1], C, num_heads
         self.d = C // num_heads
-        self.d_pad = max(16, triton.next_power_of_2(self.d))
+        self.d_pad = pad_head_dim(self.d)
         self.p = float(p)
         self.p_int = int(p) if float(p).is_integer() and 1 <= p <= 8 else 0
-        fp32 = all(t.dtype == torch.float32 for t in (q, k, v))
-        self.dot_precision = "ieee" if fp32 else "tf32"
-        if _INTERPRETED:  # every program runs in Python: small tiles, few programs
-            self.block, self.block_r, self.num_warps, self.programs = 16, 16, 4, 2
-        else:
-            self.block = 64 if self.d_pad <= 64 else 32
-            self.block_r = 16
-            self.num_warps = 4 if self.d_pad <= 64 else 8
-            self.programs = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
+        self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.tiles = plan_tiles(q.device, self.d_pad, q.dtype)
+        self.block = self.tiles.block
+        self.chunks = self.d_pad // min(self.tiles.chunk, self.d_pad)
+        self.programs = 2 if _INTERPRETED else 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
+        self.block_r = 16
         self.block_c = min(triton.next_power_of_2(C), 256 if not _INTERPRETED else 64)
 
     def meta(self) -> dict:
         """Compile-time parameters shared by the attention kernels."""
-        return dict(BLOCK=self.block, D_PAD=self.d_pad, P=self.p, P_INT=self.p_int,
-                    DOT_PRECISION=self.dot_precision, num_warps=self.num_warps)
+        return dict(BLOCK=self.block, D_PAD=self.d_pad, DC=self.d_pad // self.chunks, P=self.p, P_INT=self.p_int,
+                    DOT_PRECISION=self.dot_precision, num_warps=self.tiles.num_warps,
+                    num_stages=self.tiles.num_stages)
 
     def splits(self, tokens: int) -> tuple[int, int]:
-        """(splits, token blocks per split) for a reduction over `tokens` spread over about ``programs`` programs."""
+        """(splits, token blocks per split) of a reduction over ``tokens``: about ``programs`` programs in all,
+        each summing at least ``MIN_BLOCKS_PER_SPLIT`` blocks (one split when there are fewer)."""
         blocks = triton.cdiv(tokens, self.block)
-        splits = max(1, min(blocks, triton.cdiv(self.programs, self.B * self.h)))
+        wanted = triton.cdiv(self.programs, self.B * self.h * self.chunks)
+        splits = max(1, min(wanted, blocks // MIN_BLOCKS_PER_SPLIT))
         per_split = triton.cdiv(blocks, splits)
         return triton.cdiv(blocks, per_split), per_split
 
@@ -102,9 +120,10 @@ def _row_stats(x: Tensor, inv_temp: Tensor, plan: _Plan) -> tuple[Tensor, Tensor
     rows = x.shape[0] * x.shape[1]
     inv_ny = torch.empty(rows, device=x.device, dtype=torch.float32)
     s = torch.empty_like(inv_ny)
-    grid = (triton.cdiv(rows, plan.block_r),)
-    row_stats_kernel[grid](x, inv_temp, inv_ny, s, rows, plan.C, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-                            P=plan.p, P_INT=plan.p_int, num_warps=plan.num_warps)
+    row_stats_kernel[(triton.cdiv(rows, plan.block_r),)](
+        x, inv_temp, inv_ny, s, rows, x.shape[1], plan.C, *_strides(x), BLOCK_R=plan.block_r,
+        BLOCK_C=plan.block_c, P=plan.p, P_INT=plan.p_int, num_warps=4,
+    )
     return inv_ny, s
 
 
@@ -121,101 +140,108 @@ def _block_grad_r(grad_r_blocks: Tensor, plan: _Plan) -> Tensor:
     return per_head.sum(dim=(0, 2)).reshape(plan.C)
 
 
-class _FocusedAttention(torch.autograd.Function):
-    """Focused linear attention on token-layout tensors; forward and backward are Triton kernels."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, num_heads: int, p: float) -> Tensor:
-        plan = _Plan(q, k, v, num_heads, p)
-        B, N, n, C, h = plan.B, plan.N, plan.n, plan.C, plan.h
+def forward(q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, num_heads: int, p: float) -> tuple[Tensor, ...]:
+    """Kernels' forward: out (B, N, C) in v's dtype, then what :func:`backward` needs: 1 / |y| and s of q and
+    k ((B * N,), (B * n,)), KV (B * h, D, D) and k_mean (B * h, D), float32."""
+    plan = _Plan(q, k, num_heads, p)
+    B, N, n, C, h = plan.B, plan.N, plan.n, plan.C, plan.h
+    with _device_of(q):
         inv_ny_q, s_q = _row_stats(q, inv_temp, plan)
         inv_ny_k, s_k = _row_stats(k, inv_temp, plan)
         splits, per_split = plan.splits(n)
         kv, km = _partial_buffers(plan, splits, q.device)
-        summary_kernel[(B * h, splits)](k, v, inv_temp, inv_ny_k, s_k, kv, km, n, C, plan.d, h, per_split,
-                                         1.0 / n, **plan.meta())
+        summary_kernel[(B * h, splits, plan.chunks)](
+            k, v, inv_temp, inv_ny_k, s_k, kv, km, n, plan.d, h, per_split, 1.0 / n, *_strides(k), *_strides(v),
+            **plan.meta(),
+        )
         kv, km = kv.sum(dim=1), km.sum(dim=1)  # (B * h, D, D), (B * h, D)
         out = torch.empty(B, N, C, device=q.device, dtype=v.dtype)
-        apply_kernel[(B * h, triton.cdiv(N, plan.block))](q, inv_temp, inv_ny_q, s_q, kv, km, out, N, C, plan.d, h,
-                                                          **plan.meta())
-        ctx.save_for_backward(q, k, v, inv_temp, inv_ny_q, s_q, inv_ny_k, s_k, kv, km)
-        ctx.plan = plan
-        return out
+        apply_kernel[(B * h, triton.cdiv(N, plan.block))](
+            q, inv_temp, inv_ny_q, s_q, kv, km, out, N, plan.d, h, *_strides(q), *_strides(out), **plan.meta(),
+        )
+    return out, inv_ny_q, s_q, inv_ny_k, s_k, kv, km
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        with _device_of(grad_out):
-            return _FocusedAttention._backward(ctx, grad_out)
 
-    @staticmethod
-    def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, inv_temp, inv_ny_q, s_q, inv_ny_k, s_k, kv, km = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        B, N, n, C, h, d = plan.B, plan.N, plan.n, plan.C, plan.h, plan.d
-        device, f32 = q.device, torch.float32
+def backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, saved: tuple[Tensor, ...],
+    num_heads: int, p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Kernels' backward from dL/dout (B, N, C) and :func:`forward`'s saved results: dL/dq, dL/dk, dL/dv in
+    their inputs' dtypes and dL/d(1 / T) (C,) float32."""
+    inv_ny_q, s_q, inv_ny_k, s_k, kv, km = saved
+    plan = _Plan(q, k, num_heads, p)
+    B, N, n, h = plan.B, plan.N, plan.n, plan.h
+    device, f32 = q.device, torch.float32
+    if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
+    with _device_of(q):
         # queries: dL/dKV, dL/dk_mean and the per-token scalars of the power's backward
         splits, per_split = plan.splits(N)
         grad_kv, grad_km = _partial_buffers(plan, splits, device)
         dot_q = torch.empty(B, N, h, device=device, dtype=f32)
         grad_s_q = torch.empty(B, N, h, device=device, dtype=f32)
-        query_grad_summary_kernel[(B * h, splits)](
+        query_grad_summary_kernel[(B * h, splits, plan.chunks)](
             q, inv_temp, inv_ny_q, s_q, kv, km, grad_out, grad_kv, grad_km, dot_q, grad_s_q,
-            N, C, d, h, per_split, **plan.meta(),
+            N, plan.d, h, per_split, *_strides(q), *_strides(grad_out), **plan.meta(),
         )
         grad_kv, grad_km = grad_kv.sum(dim=1), grad_km.sum(dim=1)  # (B * h, D, D), (B * h, D)
         # keys: dL/dv and the per-token scalar dL/dphi . g_k
         key_blocks = triton.cdiv(n, plan.block)
-        grad_v = torch.empty_like(v)
+        grad_v = torch.empty(v.shape, device=device, dtype=v.dtype)
         dot_k = torch.empty(B, n, h, device=device, dtype=f32)
-        key_grad_kernel[(B * h, key_blocks)](k, v, inv_temp, inv_ny_k, s_k, grad_kv, grad_km, grad_v, dot_k,
-                                              n, C, d, h, 1.0 / n, **plan.meta())
+        key_grad_kernel[(B * h, key_blocks)](
+            k, v, inv_temp, inv_ny_k, s_k, grad_kv, grad_km, grad_v, dot_k, n, plan.d, h, 1.0 / n,
+            *_strides(k), *_strides(v), *_strides(grad_v), **plan.meta(),
+        )
         # inputs through the power and the norms; per-token scalars summed over heads first
         query_blocks = triton.cdiv(N, plan.block)
-        grad_q = torch.empty_like(q)
+        grad_q = torch.empty(q.shape, device=device, dtype=q.dtype)
         grad_r_q = torch.empty(B * h, query_blocks, plan.d_pad, device=device, dtype=f32)
         input_grad_kernel[(B * h, query_blocks)](
             q, inv_temp, inv_ny_q, s_q, kv, km, grad_out, dot_q.sum(-1), grad_s_q.sum(-1), grad_q, grad_r_q,
-            N, C, d, h, 1.0, IS_QUERY=True, **plan.meta(),
+            N, plan.d, h, 1.0, *_strides(q), *_strides(grad_out), *_strides(grad_q), IS_QUERY=True, **plan.meta(),
         )
-        grad_k = torch.empty_like(k)
+        grad_k = torch.empty(k.shape, device=device, dtype=k.dtype)
         grad_r_k = torch.empty(B * h, key_blocks, plan.d_pad, device=device, dtype=f32)
         dot_k = dot_k.sum(-1)  # (B, n)
         input_grad_kernel[(B * h, key_blocks)](
             k, inv_temp, inv_ny_k, s_k, grad_kv, grad_km, v, dot_k, dot_k, grad_k, grad_r_k,
-            n, C, d, h, 1.0 / n, IS_QUERY=False, **plan.meta(),
+            n, plan.d, h, 1.0 / n, *_strides(k), *_strides(v), *_strides(grad_k), IS_QUERY=False, **plan.meta(),
         )
-        grad_r = _block_grad_r(grad_r_q, plan) + _block_grad_r(grad_r_k, plan)
-        needs = ctx.needs_input_grad
-        return (grad_q if needs[0] else None, grad_k if needs[1] else None, grad_v if needs[2] else None,
-                grad_r if needs[3] else None, None, None)
+    return grad_q, grad_k, grad_v, _block_grad_r(grad_r_q, plan) + _block_grad_r(grad_r_k, plan)
 
 
-def focused_linear_attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, scale: Tensor, num_heads: int, focusing_factor: float = 3.0
-) -> Tensor:
-    """Focused linear attention without the DWC term, through the Triton kernels of this module.
+def inverse_temperature(scale: Tensor, channels: int, device: torch.device) -> Tensor:
+    """1 / softplus(scale) as a (C,) float32 vector on ``device``."""
+    return F.softplus(scale.to(device=device, dtype=torch.float32)).reciprocal().reshape(channels)
 
-    Same maths as :func:`seg.kernels.focused_linear.cpu.focused_linear_attention`, differentiable with
-    respect to q, k, v and scale.
 
-    Args:
-        q: raw query projections (B, N, C), float32 / float16 / bfloat16.
-        k: raw key projections with the positional encoding added (B, n, C); n may differ from N.
-        v: values (B, n, C).
-        scale: the learnable temperature (1, 1, C); T = softplus(scale), taken in float32.
-        num_heads: heads h, contiguous channel blocks (C = h * d, d <= 128).
-        focusing_factor: the power p of the focusing function (p >= 1).
+def channels_last_stride(x: Tensor) -> Tensor:
+    """x itself when its channel stride is 1 (any other strides are passed to the kernels), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
-    Returns:
-        (B, N, C) in v's dtype.
-    """
-    if not triton_available():
-        raise RuntimeError(
-            "focused_linear_attention_triton needs triton and a CUDA device, or TRITON_INTERPRET=1 set before "
-            "seg.kernels.triton_focused is imported (Triton's CPU interpreter)"
-        )
+
+class _FocusedAttention(torch.autograd.Function):
+    """Focused linear attention on token-layout tensors; forward and backward are Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, num_heads: int, p: float) -> Tensor:
+        out, *saved = forward(q, k, v, inv_temp, num_heads, p)
+        ctx.save_for_backward(q, k, v, inv_temp, *saved)
+        ctx.num_heads, ctx.p = num_heads, p
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, inv_temp, *saved = ctx.saved_tensors
+        grads = backward(grad_out, q, k, v, inv_temp, tuple(saved), ctx.num_heads, ctx.p)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4], strict=True)) + (
+            None, None)
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, num_heads: int, focusing_factor: float) -> None:
+    """Raise a ValueError / TypeError naming what the kernels do not take."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"expected (B, N, C) tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     B, N, C = q.shape
@@ -233,14 +259,41 @@ def focused_linear_attention_triton(
     if focusing_factor < 1:
         raise ValueError(f"focusing_factor must be >= 1, got {focusing_factor}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in _SUPPORTED_DTYPES:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} is {t.dtype}; supported: float32, float16, bfloat16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k and v must be on one device")
     if not _INTERPRETED and q.device.type != "cuda":
         raise ValueError(f"the compiled kernels take CUDA tensors, got {q.device}")
-    with torch.autocast(device_type=q.device.type, enabled=False), _device_of(q):
-        inv_temp = F.softplus(scale.to(device=q.device, dtype=torch.float32)).reciprocal().reshape(C)  # (C,)
-        return _FocusedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), inv_temp.contiguous(),
-                                       num_heads, float(focusing_factor))
 
+
+def focused_linear_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, scale: Tensor, num_heads: int, focusing_factor: float = 3.0
+) -> Tensor:
+    """Focused linear attention without the DWC term through the kernels, differentiable with respect to q, k,
+    v and scale; raises on what they cannot run (no checks against the reference: see
+    :func:`seg.kernels.focused_linear.triton.focused_linear_attention`).
+
+    Args:
+        q: raw query projections (B, N, C), float32 / float16 / bfloat16, channel stride 1 for no copy.
+        k: raw key projections with the positional encoding added (B, n, C); n may differ from N.
+        v: values (B, n, C), q's dtype.
+        scale: the learnable temperature (1, 1, C); T = softplus(scale), taken in float32.
+        num_heads: heads h, contiguous channel blocks (C = h * d, d <= 128).
+        focusing_factor: the power p of the focusing function (p >= 1).
+
+    Returns:
+        (B, N, C) in v's dtype.
+    """
+    if not triton_available():
+        raise RuntimeError(
+            "focused_linear_attention_triton needs triton and a CUDA device, or TRITON_INTERPRET=1 set before "
+            "seg.kernels.focused_linear.triton_ops is imported (Triton's CPU interpreter)"
+        )
+    check_inputs(q, k, v, scale, num_heads, focusing_factor)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        inv_temp = inverse_temperature(scale, q.shape[2], q.device)
+        q, k, v = (channels_last_stride(t) for t in (q, k, v))
+        return _FocusedAttention.apply(q, k, v, inv_temp, num_heads, float(focusing_factor))

@@ -1,0 +1,238 @@
+"""The checked Triton path (``seg.kernels.focused_linear.triton``): half-precision kernels against float64, the
+fallback to the reference on failing launches, disagreements and unsupported inputs, and the registered operator
+under ``torch.compile``; run through Triton's interpreter in a child process (see ``_triton_worker``)."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from _triton_worker import Worker
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+# largest absolute error over the largest reference magnitude, against float64 on the same rounded inputs
+HALF_TOLERANCE = {"bfloat16": 2e-2, "float16": 4e-3}
+
+
+@pytest.fixture(scope="module")
+def worker():
+    child = Worker(Path(__file__).stem)
+    yield child
+    child.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks, run inside the interpreter process
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def _problem(h: int, d: int, N: int, n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """q (1, N, C) as a chunk of a fused (1, N, 3C) projection, k and v (1, n, C) chunks of a (1, n, 2C) one (strided,
+    as the layer passes them), scale (1, 1, C) float32 and an upstream gradient (1, N, C), all leaves."""
+    gen = torch.Generator().manual_seed(seed)
+    C = h * d
+    qkv = torch.randn(1, N, 3 * C, generator=gen).to(dtype)
+    kv = torch.randn(1, n, 2 * C, generator=gen).to(dtype)
+    scale = torch.randn(1, 1, C, generator=gen) * 0.5
+    grad = torch.randn(1, N, C, generator=gen).to(dtype)
+    return [qkv[..., :C], kv[..., :C], kv[..., C:], scale, grad]
+
+
+def _run(fn, q, k, v, scale, grad, h: int) -> list[torch.Tensor]:
+    """Output and gradients (q, k, v, scale) of ``fn(q, k, v, scale, h, 3.0)``."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, scale)]
+    out = fn(*leaves, h, 3.0)
+    out.backward(grad.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _reference64(q, k, v, scale, grad, h: int) -> list[torch.Tensor]:
+    from seg.kernels.focused_linear.reference import focused_linear_attention_tokens
+
+    return _run(focused_linear_attention_tokens, *(t.double() for t in (q, k, v, scale, grad)), h)
+
+
+def check_half_matches_float64(dtype_name: str, h: int, d: int, N: int, n: int) -> None:
+    """Kernels in bf16 / fp16 (strided inputs), forward and all four gradients, against float64."""
+    from seg.kernels.focused_linear.triton_ops import focused_linear_attention_triton
+
+    dtype = getattr(torch, dtype_name)
+    problem = _problem(h, d, N, n, dtype)
+    assert not problem[0].is_contiguous()
+    actual = _run(focused_linear_attention_triton, *problem, h)
+    expected = _reference64(*problem, h)
+    for name, a, e in zip(("out", "q", "k", "v", "scale"), actual, expected, strict=True):
+        assert a.dtype == (torch.float32 if name == "scale" else dtype), (name, a.dtype)
+        assert _rel_err(a, e) < HALF_TOLERANCE[dtype_name], (name, _rel_err(a, e))
+
+
+def _fresh_safe_entry():
+    import seg.kernels.focused_linear.triton as triton_safe
+
+    triton_safe._verdicts.clear()
+    triton_safe._warned.clear()
+    return triton_safe
+
+
+def _assert_reference_with_warning(match: str, h: int, problem: list[torch.Tensor]) -> None:
+    """The checked entry warns once (message matching ``match``) and returns the reference's output and gradients."""
+    import seg.kernels.focused_linear.triton as triton_safe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = _run(triton_safe.focused_linear_attention, *problem, h)
+    messages = [str(w.message) for w in caught if "attn_backend 'triton'" in str(w.message)]
+    assert len(messages) == 1 and match in messages[0], messages
+    expected = _reference64(*problem, h)
+    for name, a, e in zip(("out", "q", "k", "v", "scale"), actual, expected, strict=True):
+        assert _rel_err(a, e) < 1e-5, (name, _rel_err(a, e))
+
+
+def check_failing_launch_falls_back() -> None:
+    """A launch error after the probe passed (forward, then backward): one warning each, the reference's results."""
+    import seg.kernels.focused_linear.triton_ops as triton_ops
+
+    triton_safe = _fresh_safe_entry()
+    problem = _problem(2, 16, 24, 24, torch.float32)
+    _run(triton_safe.focused_linear_attention, *problem, 2)  # probes: the kernels are trusted
+    assert list(triton_safe._verdicts.values()) == [None], triton_safe._verdicts
+    original = triton_ops.forward, triton_ops.backward
+
+    def out_of_resources(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory, Required: 116224, Hardware limit: 101376")
+
+    try:
+        triton_ops.forward = out_of_resources
+        _assert_reference_with_warning("out of resource", 2, problem)
+        assert "RuntimeError" in triton_safe._verdicts[("cpu", torch.float32, 16, True)]
+        triton_safe = _fresh_safe_entry()
+        triton_ops.forward, triton_ops.backward = original[0], out_of_resources
+        _assert_reference_with_warning("out of resource", 2, problem)  # the forward ran the kernels
+    finally:
+        triton_ops.forward, triton_ops.backward = original
+        _fresh_safe_entry()
+
+
+def check_disagreement_falls_back() -> None:
+    """Kernels that compute a wrong gradient fail the probe: the reference runs, with the reason."""
+    import seg.kernels.focused_linear.triton_ops as triton_ops
+
+    _fresh_safe_entry()
+    original = triton_ops.backward
+
+    def wrong_backward(*args, **kwargs):
+        grad_q, grad_k, grad_v, grad_r = original(*args, **kwargs)
+        return grad_q, grad_k * 1.01, grad_v, grad_r
+
+    try:
+        triton_ops.backward = wrong_backward
+        _assert_reference_with_warning("dk: relative error", 2, _problem(2, 16, 24, 9, torch.float32))
+    finally:
+        triton_ops.backward = original
+        _fresh_safe_entry()
+
+
+def check_unsupported_inputs_fall_back() -> None:
+    """float64 and head dims over 128 run the reference, with a warning naming the reason; never an error."""
+    _fresh_safe_entry()
+    _assert_reference_with_warning("float64", 2, _problem(2, 16, 12, 12, torch.float64))
+    _assert_reference_with_warning("head dim 160 exceeds 128", 1, _problem(1, 160, 6, 6, torch.float32))
+    _fresh_safe_entry()
+
+
+def check_compiled_module() -> None:
+    """``torch.compile`` (one graph) of a layer with attn_backend 'triton' runs the kernels' forward and backward
+    and equals the reference layer."""
+    import copy
+
+    import seg.kernels.focused_linear.triton_ops as triton_ops
+    from seg.kernels import set_backend
+    from seg.layers import FocusedLinearAttention
+
+    _fresh_safe_entry()
+    calls = {"forward": 0, "backward": 0}
+    original = triton_ops.forward, triton_ops.backward
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    torch.manual_seed(0)
+    ref = FocusedLinearAttention(32, 2, grid_size=(8, 8), sr_ratio=2)
+    with torch.no_grad():
+        ref.scale.normal_(0, 0.5)
+    fast = set_backend(copy.deepcopy(ref), "triton")
+    compiled = torch.compile(fast, fullgraph=True)
+    x = torch.randn(2, 6 * 8, 32)
+    try:
+        triton_ops.forward, triton_ops.backward = counted("forward", original[0]), counted("backward", original[1])
+        out = compiled(x, (6, 8))
+        out.square().mean().backward()
+    finally:
+        triton_ops.forward, triton_ops.backward = original
+    want = ref(x, (6, 8))
+    want.square().mean().backward()
+    assert calls["forward"] >= 2 and calls["backward"] >= 2, calls  # the probe's call and the layer's
+    assert _rel_err(out.detach(), want.detach()) < 1e-5
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        assert _rel_err(a.grad, b.grad) < 1e-4, (name, _rel_err(a.grad, b.grad))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tests
+
+# (dtype, h, d, N, n): the paper models' head dims 32 and 64, h = 1, 2, 3, 5, n == N and n < N (spatial reduction)
+HALF_CASES = [("bfloat16", 2, 32, 24, 24), ("float16", 3, 64, 24, 8)]
+HALF_SLOW = [(dt, h, d, 24, n) for dt, h, d, n in itertools.product(("bfloat16", "float16"), (1, 2, 3, 5), (32, 64),
+                                                                     (24, 8)) if (dt, h, d, 24, n) not in HALF_CASES]
+
+
+@pytest.mark.parametrize(("dtype_name", "h", "d", "N", "n"), HALF_CASES)
+def test_half_precision_matches_float64(worker: Worker, dtype_name: str, h: int, d: int, N: int, n: int) -> None:
+    worker("check_half_matches_float64", dtype_name, h, d, N, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype_name", "h", "d", "N", "n"), HALF_SLOW)
+def test_half_precision_matches_float64_all(worker: Worker, dtype_name: str, h: int, d: int, N: int, n: int) -> None:
+    worker("check_half_matches_float64", dtype_name, h, d, N, n)
+
+
+def test_failing_launch_falls_back_to_reference(worker: Worker) -> None:
+    worker("check_failing_launch_falls_back")
+
+
+def test_disagreeing_kernels_fall_back_to_reference(worker: Worker) -> None:
+    worker("check_disagreement_falls_back")
+
+
+def test_unsupported_inputs_fall_back_to_reference(worker: Worker) -> None:
+    worker("check_unsupported_inputs_fall_back")
+
+
+def test_compiled_layer_runs_the_kernels(worker: Worker) -> None:
+    worker("check_compiled_module")
+
+
+@pytest.mark.parametrize(("B", "h", "chunks", "tokens"), [(2, 1, 1, 128 * 128), (8, 5, 2, 32 * 32), (1, 1, 1, 100)])
+def test_splits_sum_at_least_eight_blocks(B: int, h: int, chunks: int, tokens: int) -> None:
+    """Reductions over tokens split into at most about ``programs`` programs of >= 8 blocks each (one split when
+    there are fewer blocks), covering every block exactly once."""
+    from seg.kernels.focused_linear import triton_ops
+
+    plan = triton_ops._Plan.__new__(triton_ops._Plan)
+    plan.B, plan.h, plan.chunks, plan.block, plan.programs = B, h, chunks, 64, 4 * 132  # an H100's 132 SMs
+    splits, per_split = plan.splits(tokens)
+    blocks = -(-tokens // 64)
+    assert per_split >= min(triton_ops.MIN_BLOCKS_PER_SPLIT, blocks)
+    assert (splits - 1) * per_split < blocks <= splits * per_split
+    assert splits == 1 or B * h * chunks * splits <= 2 * plan.programs
