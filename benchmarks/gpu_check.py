@@ -40,9 +40,9 @@ from _measure import machine  # noqa: E402
 from published_flatten import published_like  # noqa: E402
 
 import seg  # noqa: E402,F401  (registers the encoders)
+from seg.data.spec import ADE20K  # noqa: E402
 from seg.kernels import set_backend  # noqa: E402
 from seg.layers import FocusedLinearAttention  # noqa: E402
-from seg.data.spec import ADE20K  # noqa: E402
 from seg.models import Segmentor  # noqa: E402
 from seg.weight_decay import param_groups, plan_weight_decay  # noqa: E402
 
