@@ -15,7 +15,8 @@ from seg.backbones._weights import CheckpointMismatchError
 from seg.backbones.agent_swin import stage_types
 from seg.layers import AgentAttention, agent_attention, agent_position_biases
 from seg.layers.window import WindowAttention
-from seg.models import Segmentor, no_decay_names
+from seg.models import Segmentor
+from seg.weight_decay import no_decay_names
 
 torch.manual_seed(0)
 

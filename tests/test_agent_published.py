@@ -69,37 +69,23 @@ def test_logits_equal_the_published_classifiers(name: str, tmp_path: Path) -> No
     assert diff <= TOLERANCE
 
 
-def _stage_maps(model: torch.nn.Module, x: Tensor, raw: bool) -> list[Tensor]:
-    """The 4 stage maps (B, C, H, W): normalised features, or (``raw``) the inputs of the output norms."""
-    if not raw:
-        return model.forward_intermediates(x, intermediates_only=True)
-    seen: list[Tensor] = []
-    hooks = [getattr(model, f"norm{i + 1}").register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-             for i in range(4)]
-    maps = model.forward_intermediates(x, intermediates_only=True)
-    for hook in hooks:
-        hook.remove()
-    # (B, N, C) -> (B, C, H, W)
-    return [t.reshape(f.shape[0], f.shape[2], f.shape[3], -1).permute(0, 3, 1, 2) for t, f in zip(seen, maps,
-                                                                                                   strict=True)]
-
-
 @pytest.mark.parametrize("name", ["agent_pvt_tiny_seg", "agent_swin_tiny_seg"])
 def test_features_equal_the_published_segmentation_backbones(name: str) -> None:
     """Non-square input, the ADE20K configs' agent grids (Agent-PVT pools stage 4's 4 x 6 map up to 28 x 28)."""
     entry = META["models"][name]
     encoder = name.removesuffix("_seg")
-    model = timm.create_model(encoder, agent_shapes=SEG_AGENT_SHAPES[name], depths=META["seg_depths"][name]).eval()
+    # Agent-Swin's backbone has the output norms norm0..3; Agent-PVT's returns the raw trunk maps: a model without
+    # output norms (a classifier's trunk)
+    model = timm.create_model(encoder, agent_shapes=SEG_AGENT_SHAPES[name], depths=META["seg_depths"][name],
+                              feature_norms="swin" in name).eval()
     state = {k: v for k, v in _state_dict(name).items() if not k.endswith(SKIPPED_SUFFIXES)}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # the published backbones have no classifier; Agent-Swin's has its final norm, Agent-PVT none and no output norms
-    extra = {"head.weight", "head.bias"} | (
-        {"norm.weight", "norm.bias"} if "swin" in name else {f"norm{i}.{p}" for i in range(1, 5) for p in ("weight",
-                                                                                                           "bias")})
+    # the published backbones have no classifier; Agent-Swin's has its final norm
+    extra = {"head.weight", "head.bias"} | ({"norm.weight", "norm.bias"} if "swin" in name else set())
     assert set(missing) == extra and unexpected == []
     h, w = entry["size"]
     with torch.no_grad():
-        maps = _stage_maps(model, make_input(META["batch"]["seg"], h, w), raw="pvt" in name)
+        maps = model.forward_intermediates(make_input(META["batch"]["seg"], h, w), intermediates_only=True)
     diffs = []
     for i, (f, s) in enumerate(zip(maps, META["subsample"], strict=True)):
         assert list(f.shape) == entry["shapes"][i]

@@ -221,7 +221,7 @@ def test_parameter_counts(name: str, millions: float, depth3: int) -> None:
 
 def test_recipe_decay_rule_exempts_exactly_the_published_norm_names() -> None:
     """MLLA-B's mmseg config exempts names containing 'norm': here the LayerNorms and BatchNorms, nothing else."""
-    from seg.models import no_decay_names
+    from seg.weight_decay import no_decay_names
 
     model = timm.create_model("test_mlla")
     published = {n for n, _ in model.named_parameters() if "norm" in n}

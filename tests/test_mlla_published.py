@@ -56,10 +56,23 @@ def test_weight_and_input_rule_reproduces_the_fixture() -> None:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("mlla") / "mlla_tiny.pth"
     torch.save({"model": _state_dict()}, path)
-    return timm.create_model("mlla_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint: str) -> torch.nn.Module:
+    return timm.create_model("mlla_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint)).eval()
+
+
+@pytest.fixture(scope="module")
+def feature_model(checkpoint: str) -> torch.nn.Module:
+    """The classifier's weights with the output norms ``norm0..3`` of a feature model (at their init, as in the
+    published segmentation backbone)."""
+    return timm.create_model("mlla_tiny", pretrained=True, feature_norms=True,
+                             pretrained_cfg_overlay=dict(file=checkpoint)).eval()
 
 
 def _relative_diff(got: Tensor, expected: Tensor) -> float:
@@ -77,12 +90,12 @@ def test_logits_equal_the_published_classifier(model: torch.nn.Module) -> None:
     assert max(diffs.values()) <= TOLERANCE, diffs
 
 
-def test_features_equal_the_published_segmentation_backbone(model: torch.nn.Module) -> None:
+def test_features_equal_the_published_segmentation_backbone(feature_model: torch.nn.Module) -> None:
     """Non-square, no side a multiple of 4: the stem's and patch merging's padding and RoPE on the live grid."""
     diffs = {}
     with torch.no_grad():
         for h, w in ENTRY["feature_sizes"]:
-            features = model.forward_intermediates(make_input(META["batch"], h, w), intermediates_only=True)
+            features = feature_model.forward_intermediates(make_input(META["batch"], h, w), intermediates_only=True)
             assert len(features) == 4
             for i, feature in enumerate(features):
                 key = f"mlla_tiny@{h}x{w}/features{i}"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from seg.cli import SegmentationCLI, cli_main
+from seg.data.spec import as_spec
 from seg.schedules import WarmupPolyLR
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -92,7 +93,7 @@ def test_config_matches_published_recipe(name: str, monkeypatch: pytest.MonkeyPa
     assert cfg.effective_batch.expected == BATCH
     assert trainer.max_steps == expected["max_steps"]
     assert cfg.data.crop_size == CROP
-    assert tuple(cfg.data.train_scale) == tuple(cfg.data.test_scale) == (2048, 512)
+    assert tuple(cfg.data.train_scale) == as_spec(cfg.data.spec).test_scale == (2048, 512)  # ADE20K's spec
     model = cfg.model.model.init_args
     assert model.encoder_kwargs["drop_path_rate"] == expected["drop_path"]
     assert list(model.encoder_kwargs.get("agent_shapes", [])) == expected.get("agent_shapes", [])

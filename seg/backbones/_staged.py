@@ -63,7 +63,8 @@ class StagedEncoder(ClassifierBackbone):
         """Register ``norm`` as stage i's output norm ``name`` when ``feature_norms``; returns the name or None."""
         if not self.feature_norms:
             return None
-        self.add_module(name, norm)
+        parent, _, leaf = name.rpartition(".")  # a dotted name registers inside an existing container
+        (self.get_submodule(parent) if parent else self).add_module(leaf, norm)
         self._output_norms[i] = name
         return name
 
@@ -86,7 +87,7 @@ class StagedEncoder(ClassifierBackbone):
 
     def _feature(self, i: int, x: Tensor, final_norm: bool) -> Tensor:
         """Stage i's feature map (B, C, H, W) through its output norm, if built, then the final ``norm``."""
-        norms = [getattr(self, self._output_norms[i])] if i in self._output_norms else []
+        norms = [self.get_submodule(self._output_norms[i])] if i in self._output_norms else []
         if final_norm and isinstance(getattr(self, "norm", None), nn.Module):
             norms.append(self.norm)
         for norm in norms:  # LayerNorms over C: (B, C, H, W) -> (B, H, W, C) -> (B, C, H, W)
@@ -155,7 +156,8 @@ class StagedEncoder(ClassifierBackbone):
         take_indices, max_index = feature_take_indices(self._num_stages, indices)
         for i, name in list(self._output_norms.items()):
             if i not in take_indices:
-                delattr(self, name)
+                parent, _, leaf = name.rpartition(".")
+                delattr(self.get_submodule(parent) if parent else self, leaf)
                 del self._output_norms[i]
         self._prune(max_index, list(take_indices), prune_norm)
         self._num_stages = max_index + 1

@@ -8,9 +8,9 @@ agents (9, 16, 49, 49: 3 x 3 ... 7 x 7) for classification, or to the grid ``age
 segmentation models use 12, 16, 28, 28; at 512 x 512 stage 4's 16 x 16 map is pooled *up* to 28 x 28); the
 bias tables keep their published shapes and are resized to the map and the agent grid on the fly.
 
-Features: as FLatten-PVT, 4 NCHW maps at strides 4/8/16/32 through new output norms ``norm1..4`` (the published
-segmentation backbone returns the trunk maps unnormalised); published checkpoints load unchanged (names and
-shapes equal) with ``pretrained_cfg_overlay=dict(file=...)``.
+Features: as FLatten-PVT, 4 NCHW maps at strides 4/8/16/32 through new output norms ``norm1..4`` (built for feature
+models only; the published segmentation backbone returns the trunk maps unnormalised); published checkpoints load
+unchanged (names and shapes equal) with ``pretrained_cfg_overlay=dict(file=...)``.
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ class AgentPVT(FLattenPVT):
         drop_rate: dropout after attention and MLP projections.
         attn_drop_rate: dropout on the attention weights.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
+        global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
+        feature_norms: build the per-stage output norms ``norm1..4`` (``features_only=True`` sets it).
     """
 
     def __init__(
@@ -112,6 +114,8 @@ class AgentPVT(FLattenPVT):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+        feature_norms: bool = False,
     ) -> None:
         if len(attn_type) != 4:
             raise ValueError(f"attn_type {attn_type!r} must be 4 letters of A (agent) / B (softmax)")
@@ -119,7 +123,8 @@ class AgentPVT(FLattenPVT):
         super().__init__(img_size=img_size, in_chans=in_chans, num_classes=num_classes, embed_dims=embed_dims,
                          num_heads=num_heads, mlp_ratios=mlp_ratios, depths=depths, sr_ratios=sr_ratios,
                          attn_type=attn_type, attn_layers=factories, attn_backend=attn_backend, version=1,
-                         qkv_bias=qkv_bias, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+                         qkv_bias=qkv_bias, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                         global_pool=global_pool, feature_norms=feature_norms)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -14,7 +14,8 @@ is one window without shift, as the published classifier does at 224 (its segmen
 maps; both agree whenever the ``B`` stages' maps exceed 7 x 7, e.g. for every input of 225 x 225 or more).
 
 Features: 4 NCHW maps at strides 4/8/16/32 through the output norms ``norm0..3`` (new, as in the published
-segmentation backbone); published ImageNet checkpoints load with ``pretrained_cfg_overlay=dict(file=...)``.
+segmentation backbone; built for feature models only); published ImageNet checkpoints load with
+``pretrained_cfg_overlay=dict(file=...)``.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class AgentSwin(FLattenSwin):
         drop_rate: dropout after the patch embedding, attention and MLP projections.
         attn_drop_rate: dropout on the attention weights.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
+        global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
+        feature_norms: build the per-stage output norms ``norm0..3`` (``features_only=True`` sets it).
     """
 
     def __init__(
@@ -100,6 +103,8 @@ class AgentSwin(FLattenSwin):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+        feature_norms: bool = False,
     ) -> None:
         kinds = stage_types(attn_type, len(depths))
         shapes = list(agent_shapes) if agent_shapes is not None else [None] * len(depths)
@@ -114,7 +119,8 @@ class AgentSwin(FLattenSwin):
                          embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
                          mlp_ratio=mlp_ratio, attn_type="".join(kind[0] for kind in kinds), attn_layers=factories,
                          attn_backend=attn_backend, qkv_bias=qkv_bias, drop_rate=drop_rate,
-                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, global_pool=global_pool,
+                         feature_norms=feature_norms)
         self.attn_type = attn_type
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         for i, kind in enumerate(kinds):  # M stages: the first k blocks built as B become agent blocks

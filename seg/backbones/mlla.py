@@ -148,6 +148,8 @@ class MLLA(StagedEncoder):
             taking ((B, N, C), (H, W)), called with sr_ratio 1; replaces MLLA's linear attention inside the
             same blocks (None: MLLA attention everywhere).
         attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
+        global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
+        feature_norms: build the per-stage output norms ``norm0..3`` (``features_only=True`` sets it).
     """
 
     def __init__(
@@ -164,8 +166,10 @@ class MLLA(StagedEncoder):
         img_size: int = 224,
         attn_layers: Sequence[AttentionFactory] | None = None,
         attn_backend: str = "auto",
+        global_pool: str = "avg",
+        feature_norms: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(feature_norms)
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} need one entry per stage")
         if attn_layers is not None and len(attn_layers) != len(depths):
@@ -187,10 +191,10 @@ class MLLA(StagedEncoder):
                 drop=drop_rate, attn_layer=None if attn_layers is None else partial(
                     attn_layers[i], dims[i], num_heads[i], (img_size // (PATCH * 2**i),) * 2, 1),
             ))
-            self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
-            self.feature_info.append(dict(num_chs=dims[i], reduction=PATCH * 2**i, module=f"norm{i}"))
+            module = self._add_output_norm(i, f"norm{i}", nn.LayerNorm(dims[i])) or f"layers.{i}"
+            self.feature_info.append(dict(num_chs=dims[i], reduction=PATCH * 2**i, module=module))
         self.norm = nn.LayerNorm(self.num_features)
-        self.reset_classifier(num_classes)
+        self.reset_classifier(num_classes, global_pool)
         self.apply(init_transformer_weights)
         self.set_attn_backend(attn_backend)
 
@@ -208,9 +212,7 @@ class MLLA(StagedEncoder):
         x, size = state
         stage = self.layers[i]
         out = self.run_blocks(stage.blocks, x, size)
-        feat = None
-        if feature:
-            feat = getattr(self, f"norm{i}")(out).reshape(out.shape[0], *size, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
+        feat = out.reshape(out.shape[0], *size, -1).permute(0, 3, 1, 2) if feature else None  # (B, C, H, W)
         if stage.downsample is None:
             return (out, size), feat
         return stage.downsample(out, size), feat
@@ -222,15 +224,9 @@ class MLLA(StagedEncoder):
             x = self.norm(x)
         return x.transpose(1, 2).reshape(x.shape[0], -1, *size)
 
-    def _pool(self, x: Tensor) -> Tensor:
-        return x.mean(dim=(2, 3))  # average pool over the stage-4 tokens
-
     def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         self.layers = self.layers[: max_index + 1]
         self.layers[-1].downsample = None  # its output would feed no stage
-        for i in range(self._num_stages):
-            if i not in take_indices and hasattr(self, f"norm{i}"):
-                delattr(self, f"norm{i}")
         if prune_norm or max_index < self._num_stages - 1:  # the final norm only fits the last stage
             self.norm = nn.Identity()
 
@@ -239,16 +235,19 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: MLLA) -> dict[str
     """A published MLLA checkpoint (classification, names as released) -> this model's state dict.
 
     Ignored: the ``attn.rope.rotations`` buffers (angles of the 224 x 224 grid; RoPE is recomputed for the
-    live grid). The output norms ``norm0..3`` load when the file has them (a segmentation backbone's) and keep
-    their init otherwise. Anything else missing, unexpected or mis-shaped raises, listing the names.
+    live grid). The output norms ``norm0..3`` of a feature model load when the file has them (a segmentation
+    backbone's; a classifier, which has none, ignores them) and keep their init otherwise. Anything else
+    missing, unexpected or mis-shaped raises, listing the names.
     """
     state_dict = unwrap_checkpoint(state_dict)
+    norms, target = {f"norm{i}" for i in range(4)}, model.state_dict()
+    unused = {name for name in state_dict if name.split(".")[0] in norms and name not in target}  # classifier
     return adapt_state_dict(
         state_dict,
         model,
         position_tables=lambda name: False,
-        dropped={name for name in state_dict if name.endswith("attn.rope.rotations")},
-        fresh=lambda name: name.split(".")[0] in {f"norm{i}" for i in range(4)},
+        dropped={name for name in state_dict if name.endswith("attn.rope.rotations")} | unused,
+        fresh=lambda name: name.split(".")[0] in norms,
     )
 
 

@@ -11,11 +11,14 @@ live map, and every conv pads, so any input of at least 32 x 32 works: stage i h
 ceil(H / 2^(i+2)) x ceil(W / 2^(i+2)) tokens.
 
 Features: ``features_only=True`` gives 4 NCHW maps at strides 4/8/16/32, each through a per-stage LayerNorm
-``extra_norms.{i}.norm`` (the names of the published segmentation backbone); they are not in the ImageNet
-checkpoints and keep their initial values on load. The classifier is the published one: 1x1 conv ``proj`` to
-1024 channels, BatchNorm ``norm``, Swish, average pool, ``head`` (stored as a 1x1 conv in the published
-files, a Linear here). Parameter names equal the published checkpoints'. Parameter counts with the
-1000-class head: Tiny 14.90M, Small 25.59M, Base 48.24M, Large 95.24M (published 15 / 26 / 48 / 95M).
+``extra_norms.{i}.norm`` (the names of the published segmentation backbone; built for feature models only); they
+are not in the ImageNet checkpoints and keep their initial values on load. The classifier is the published one: 1x1
+conv ``proj`` to 1024 channels, BatchNorm ``norm``, Swish, average pool (``global_pool='avg'``), ``head`` (stored
+as a 1x1 conv in the published files, a Linear here). As in timm's EfficientNets, the layers before the pool belong
+to :meth:`RAVLT.forward_features`, which returns the projected map (B, 1024, H/32, W/32): ``num_features`` and
+``head_hidden_size`` are the projection's channels, the pre-logits its mean. Parameter names equal the published
+checkpoints'. Parameter counts with the 1000-class head: Tiny 14.90M, Small 25.59M, Base 48.24M, Large 95.24M
+(published 15 / 26 / 48 / 95M).
 """
 
 from __future__ import annotations
@@ -48,6 +51,18 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the last axis of a channels-last (B, H, W, C) map; the inner ``norm`` keeps the published
+    names of the output norms (``extra_norms.{i}.norm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x)
 
 
 class FeedForward(nn.Module):
@@ -160,6 +175,8 @@ class RAVLT(StagedEncoder):
         projection: channels of the classifier's 1x1 conv.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
+        global_pool: ``avg`` (mean of the projected stage-4 map) or ``''`` (no pooling).
+        feature_norms: build the per-stage output norms ``extra_norms`` (``features_only=True`` sets it).
     """
 
     def __init__(
@@ -175,8 +192,10 @@ class RAVLT(StagedEncoder):
         projection: int = 1024,
         drop_path_rate: float = 0.1,
         attn_backend: str = "auto",
+        global_pool: str = "avg",
+        feature_norms: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(feature_norms)
         for name, value in (("embed_dims", embed_dims), ("depths", depths), ("num_heads", num_heads),
                             ("attn_type", attn_type), ("layer_scales", layer_scales)):
             if len(value) != 4:
@@ -186,13 +205,14 @@ class RAVLT(StagedEncoder):
             raise ValueError(f"attn_type {attn_type!r}: unknown letter(s) {', '.join(sorted(unknown))}; "
                              f"valid: {', '.join(ATTENTIONS)}")
         self.num_classes = num_classes
-        self.num_features = embed_dims[-1]
-        self.head_hidden_size = projection
+        self.num_features = self.head_hidden_size = projection
         total = sum(depths)
         dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # python floats: meta-safe
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
         self.layers = nn.ModuleList()
         self.feature_info = []
+        if feature_norms:
+            self.extra_norms = nn.ModuleDict()  # stage index -> its output norm
         for i in range(4):
             drops = dpr[sum(depths[:i]):sum(depths[:i + 1])]
             hidden = int(mlp_ratio * embed_dims[i])
@@ -200,47 +220,44 @@ class RAVLT(StagedEncoder):
                            layer_scale=layer_scales[i])
             downsample = PatchMerging(embed_dims[i], embed_dims[i + 1]) if i < 3 else None
             self.layers.append(Stage([make(drop_path=p) for p in drops], embed_dims[i] // num_heads[i], downsample))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"extra_norms.{i}"))
-        self.extra_norms = nn.ModuleList([LayerNorm2d(c) for c in embed_dims])
+            norm = self._add_output_norm(i, f"extra_norms.{i}", ChannelNorm(embed_dims[i]))
+            module = f"{norm}.norm" if norm else f"layers.{i}"  # the LayerNorm itself, or the stage
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=module))
         self.proj = nn.Conv2d(embed_dims[-1], projection, 1)
         self.norm = nn.BatchNorm2d(projection)
         self.act = nn.SiLU()  # Swish
-        self.reset_classifier(num_classes)
+        self.reset_classifier(num_classes, global_pool)
         self._num_stages = 4
         self.apply(_init_weights)
         self.set_attn_backend(attn_backend)
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def _begin(self, x: Tensor) -> Tensor:
         return self.patch_embed(x)  # (B, C, H/4, W/4)
 
     def _stage(self, i: int, state: Tensor, feature: bool) -> tuple[Tensor, Tensor | None]:
-        """Stage i on a (B, C, H, W) map: (the merged map for the next stage, the normalised feature map)."""
+        """Stage i on a (B, C, H, W) map: (the merged map for the next stage, feature map: the stage's output)."""
         stage = self.layers[i]
         rope = stage.RoPE((state.shape[2], state.shape[3]))
         x = self.run_blocks(stage.blocks, state, rope)
-        feat = self.extra_norms[i](x) if feature else None
-        return (x if stage.downsample is None else stage.downsample(x)), feat
+        return (x if stage.downsample is None else stage.downsample(x)), x if feature else None
 
     def _end(self, state: Tensor, complete: bool) -> Tensor:
-        """The stage-4 map (B, C, H, W) (the classifier's own layers run in :meth:`_pool`)."""
-        return state
+        """The classifier's projection of the stage-4 map, Swish(BN(conv 1x1)): (B, projection, H, W); when
+        stopped early, the last merged map."""
+        return self.act(self.norm(self.proj(state))) if complete else state
 
-    def _pool(self, x: Tensor) -> Tensor:
-        return self.act(self.norm(self.proj(x))).mean(dim=(2, 3))  # (B, projection)
+    def _feature(self, i: int, x: Tensor, final_norm: bool) -> Tensor:
+        """Stage maps through their output norms only: the BatchNorm ``norm`` belongs to the 1x1 projection, so
+        ``forward_intermediates(norm=True)`` has no final norm to apply to a stage map."""
+        return super()._feature(i, x, final_norm=False)
 
     def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
         self.layers = self.layers[: max_index + 1]
         self.layers[-1].downsample = None  # its output would feed no stage
-        for i in range(len(self.extra_norms)):
-            if i not in take_indices:
-                self.extra_norms[i] = nn.Identity()
         if prune_norm or max_index < self._num_stages - 1:  # the classifier's conv and norm fit stage 4 only
             self.proj = nn.Identity()
             self.norm = nn.Identity()
+            self.act = nn.Identity()
 
 
 def _init_weights(m: nn.Module) -> None:
