@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from _specs import DEMO_SMALL, spec_arg
 from PIL import Image
 
 from seg.cli import cli_main
@@ -57,7 +58,7 @@ def demo_args(root: Path) -> list[str]:
     return [
         "--config", str(CONFIGS / "demo.yaml"), "--model.model.init_args.encoder=test_flatten_pvt_v2",
         f"--data.root={root}", "--data.crop_size=64", "--data.batch_size=2", "--data.num_workers=0",
-        "--data.train_scale=[128, 64]", "--data.test_scale=[128, 64]",
+        "--data.train_scale=[128, 64]", spec_arg(DEMO_SMALL),
     ]  # fmt: skip
 
 
