@@ -23,9 +23,11 @@ import numpy as np
 import pytorch_lightning as pl
 from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from seg.data.ade20k import make_palette, read_rgb
+from seg.safety import check_output_location
 
 __all__ = [
     "SegmentationWriter",
@@ -216,6 +218,7 @@ class SegmentationWriter(BasePredictionWriter):
         self._base: Path | None = None
         self._class_names: list[str] = []
         self._palette = np.zeros((0, 3), dtype=np.uint8)
+        self.written = 0  # images whose files were written in this process
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = getattr(pl_module, "class_names", None)
@@ -224,10 +227,22 @@ class SegmentationWriter(BasePredictionWriter):
         if len(names) - 1 + self.id_offset > 255:
             raise ValueError(f"{len(names)} classes with id_offset={self.id_offset} do not fit a uint8 label PNG")
         self._class_names = list(names)
+        self.written = 0
         self._palette = make_palette(len(names))
         self._base = self.input_root or self._find_base(trainer)
+        root = getattr(trainer.datamodule, "predict_root", None) or self._base
         for loader in _as_list(trainer.predict_dataloaders):
-            _check_unique_outputs(getattr(loader.dataset, "files", []), self._base)
+            files = getattr(loader.dataset, "files", None) or getattr(getattr(loader.dataset, "dataset", None),
+                                                                       "files", [])
+            _check_unique_outputs(files, self._base)
+            relative = [Path(f).relative_to(self._base).as_posix() for f in files if Path(f).is_relative_to(self._base)]
+            outputs = [path for rel in relative for path in output_paths(self.output_dir, rel)]
+            check_output_location(self.output_dir, root, outputs, files)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        skipped = getattr(trainer.datamodule, "skipped_samples", {}).get("predict", [])
+        rank_zero_info(f"predictions of {self.written} images written to {self.output_dir}; "
+                       f"{len(skipped)} unreadable images skipped (named in the warnings above)")
 
     @staticmethod
     def _find_base(trainer: pl.Trainer) -> Path:
@@ -260,6 +275,7 @@ class SegmentationWriter(BasePredictionWriter):
         label_path.parent.mkdir(parents=True, exist_ok=True)
         label_image(labels, self.id_offset, relative_path).save(label_path)
         if not self.overlay:
+            self.written += 1
             return label_path, None
         source = (self._base or Path(".")) / relative_path
         image = read_rgb(source, exif_transpose=True)
@@ -268,6 +284,7 @@ class SegmentationWriter(BasePredictionWriter):
                              f"{labels.shape[1]}x{labels.shape[0]}; did the file change during prediction?")
         picture = make_overlay(image, labels, self._class_names, self._palette, self.alpha, self.legend)
         Image.fromarray(picture).save(overlay_path, quality=JPEG_QUALITY)
+        self.written += 1
         return label_path, overlay_path
 
 

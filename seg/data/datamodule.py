@@ -204,7 +204,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             fits, validates or tests (deterministic, seconds, no download; a complete copy is reused), never
             for predict.
         skip_bad_samples: pass over unusable samples with a warning naming the file, and count them (see the
-            module docstring), instead of stopping with an error.
+            module docstring), instead of stopping with an error. Prediction always skips them.
     """
 
     def __init__(
@@ -364,7 +364,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=functools.partial(seed_worker, rank=rank),
         )
-        if not self.skip_bad_samples:
+        if not self.skip_bad_samples and stage != "predict":
             return DataLoader(dataset, **kwargs)
         wrapped = SkipBadSamples(dataset, substitute=stage == "train")
         return SkippingDataLoader(wrapped, ledger=self._ledgers[stage], collate_fn=collate_skipping, **kwargs)
