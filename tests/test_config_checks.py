@@ -108,18 +108,20 @@ def test_deep_and_huge_json_refused(saved: Path, tmp_path: Path) -> None:
 
 
 def test_export_names_a_bad_checkpoint_in_one_line(tmp_path: Path) -> None:
-    """A text file and a missing file as --ckpt_path: one line naming the file, no traceback."""
+    """A text file as --ckpt_path: one line naming the file, no traceback, nothing written; a missing file named."""
+    from seg.export import main
+
     text = tmp_path / "notes.ckpt"
     text.write_text("this is not a checkpoint\n")
-    base = [sys.executable, "-c", "import runpy, sys; sys.argv[0] = 'seg.export'; "
-            "runpy.run_module('seg.export', run_name='__main__')", "--config", str(ROOT / "configs/demo.yaml"),
-            "--model.model.init_args.encoder=test_flatten_pvt", "--out", str(tmp_path / "m.onnx")]
-    for ckpt, message in ((text, f"cannot read checkpoint {text}: not a PyTorch checkpoint"),
-                          (tmp_path / "gone.ckpt", f"checkpoint {tmp_path / 'gone.ckpt'} does not exist")):
-        run = subprocess.run([*base, "--ckpt_path", str(ckpt)], capture_output=True, text=True, timeout=120,
-                             cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
-        assert run.returncode == 1
-        assert "Traceback" not in run.stderr
-        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and message in errors[0]
-        assert not (tmp_path / "m.onnx").exists()
+    args = ["--config", str(ROOT / "configs/demo.yaml"), "--model.model.init_args.encoder=test_flatten_pvt",
+            "--out", str(tmp_path / "m.onnx")]
+    run = subprocess.run([sys.executable, "-m", "seg.export", *args, "--ckpt_path", str(text)], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"cannot read checkpoint {text}: not a PyTorch checkpoint" in errors[0]
+    gone = tmp_path / "gone.ckpt"
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {gone} does not exist"):
+        main([*args, "--ckpt_path", str(gone)])
+    assert not (tmp_path / "m.onnx").exists()
