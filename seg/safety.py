@@ -1,4 +1,5 @@
-"""Predictions never touch their inputs: where the prediction files may go, checked before anything is written."""
+"""Predictions never touch their inputs (where the prediction files may go, checked before anything is written),
+and photos above a pixel limit are refused before they are decoded."""
 
 from __future__ import annotations
 
@@ -6,7 +7,20 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["UnsafeOutputError", "check_output_location"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageTooLargeError", "UnsafeOutputError", "check_output_location", "check_pixels"]
+
+DEFAULT_MAX_PIXELS = 40_000_000  # a 6000 x 4000 photo (24 MP) passes, 9400 x 9400 (88 MP) does not
+
+
+class ImageTooLargeError(ValueError):
+    """An image above the configured pixel limit."""
+
+
+def check_pixels(height: int, width: int, max_pixels: int | None = DEFAULT_MAX_PIXELS, what: str = "image") -> None:
+    """Raise :class:`ImageTooLargeError` when ``height x width`` exceeds ``max_pixels`` (None: no limit)."""
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageTooLargeError(f"{what} is {width} x {height} = {height * width / 1e6:.1f} MP, above the limit of "
+                                 f"{max_pixels / 1e6:.1f} MP (max_pixels); scale it down first")
 
 
 class UnsafeOutputError(ValueError):

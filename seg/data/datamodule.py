@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 from seg.data.ade20k import ADE20K_CLASSES, ImageFolder, SegmentationFolder, load_class_names
 from seg.data.synthetic import DEMO_CLASS_NAMES, ensure_demo_dataset
 from seg.data.transforms import eval_transform, train_transform
+from seg.safety import DEFAULT_MAX_PIXELS
 
 __all__ = ["SegmentationDataModule", "SkipBadSamples", "SkipLedger", "SkippingDataLoader", "seed_worker"]
 
@@ -205,6 +206,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             for predict.
         skip_bad_samples: pass over unusable samples with a warning naming the file, and count them (see the
             module docstring), instead of stopping with an error. Prediction always skips them.
+        max_pixels: prediction skips (with a warning naming the file, counted) images with more pixels than
+            this, before decoding them; None: no limit.
     """
 
     def __init__(
@@ -224,6 +227,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         predict_root: str | None = None,
         demo: bool = False,
         skip_bad_samples: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         if crop_size < 1 or batch_size < 1 or num_workers < 0:
@@ -249,6 +253,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.predict_set: ImageFolder | None = None
         self._class_names: list[str] | None = None
         self.skip_bad_samples = skip_bad_samples
+        self.max_pixels = max_pixels
         self._ledgers = {stage: SkipLedger(stage, self._log_metric) for stage in ("train", "val", "test")}
         self._ledgers["predict"] = SkipLedger("predict")
 
@@ -340,7 +345,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             if not self.predict_root:
                 raise ValueError("predict needs `predict_root`: a folder of images or one image file")
             if self.predict_set is None:
-                self.predict_set = ImageFolder(self.predict_root, transform=eval_transform(self.test_scale))
+                self.predict_set = ImageFolder(self.predict_root, eval_transform(self.test_scale), self.max_pixels)
 
     def teardown(self, stage: str) -> None:
         """At the end of a run: one warning summing up the samples skipped so far, if any."""
