@@ -40,7 +40,7 @@ from seg.app_guards import RequestGuard, is_loopback
 from seg.data.ade20k import read_rgb
 from seg.predictor import Predictor
 from seg.pretrained import from_checkpoint
-from seg.safety import ImageTooLargeError, check_pixels
+from seg.safety import DEFAULT_MAX_PIXELS, ImageTooLargeError, check_pixels
 from seg.writers import JPEG_QUALITY, blend_labels, classes_by_area, label_image, make_overlay
 
 __all__ = ["MAX_UPLOAD_BYTES", "create_app", "main", "segment_upload", "serve_in_background"]
@@ -219,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger photos (413)")
+    parser.add_argument("--workers", type=int, default=1, help="photos segmented at once; others wait "
+                        f"{BUSY_WAIT_S:g} s, then get 'busy' (503)")
     args, cli_args = parser.parse_known_args(argv)
     if bool(args.pretrained) == bool(args.ckpt_path):
         parser.error("give either --pretrained DIR or --config <experiment>.yaml --ckpt_path FILE")
@@ -239,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         hosts = ["*"] if args.host in ("0.0.0.0", "::") else [args.host]
         print(f"warning: listening on {args.host}, beyond this machine: anyone who can reach port {args.port} can "
               "upload photos and use this computer's CPU / GPU; the demo has no login", file=sys.stderr)
-    uvicorn.run(create_app(predictor, allowed_hosts=hosts), host=args.host, port=args.port)
+    predictor.max_pixels = args.max_pixels
+    uvicorn.run(create_app(predictor, workers=args.workers, allowed_hosts=hosts), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

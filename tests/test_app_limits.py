@@ -132,10 +132,13 @@ def test_warning_when_listening_beyond_loopback(
     predictor: Predictor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     folder = predictor.save_pretrained(tmp_path / "tiny")
-    served = []
-    monkeypatch.setattr(seg.app.uvicorn, "run", lambda app, host, port: served.append(host))
+    served, apps = [], []
+    monkeypatch.setattr(seg.app.uvicorn, "run", lambda app, host, port: served.append(host) or apps.append(app))
     main(["--pretrained", str(folder)])
     assert "warning" not in capsys.readouterr().err
-    main(["--pretrained", str(folder), "--host", "0.0.0.0"])
+    main(["--pretrained", str(folder), "--host", "0.0.0.0", "--max_pixels", "1000"])
     assert "warning: listening on 0.0.0.0, beyond this machine" in capsys.readouterr().err
     assert served == ["127.0.0.1", "0.0.0.0"]
+    reply = TestClient(apps[1], base_url="http://192.0.2.7:8000").post(  # any Host when bound to all addresses
+        "/api/segment", files={"image": ("a.png", png(40, 60), "image/png")})
+    assert reply.status_code == 413 and "above the limit of 0.0 MP" in reply.json()["detail"]
