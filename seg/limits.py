@@ -53,8 +53,12 @@ def labels_at(logits: Tensor, out_size: tuple[int, int], max_elements: int = STR
             stripe = logits[:, :, span.start:span.stop]  # (B, K, r, w)
         else:
             low, high, weight = _row_weights(h, H, span, logits.device)
-            weight = weight.to(logits.dtype)[None, None, :, None]
-            stripe = logits[:, :, low] * (1 - weight) + logits[:, :, high] * weight  # (B, K, r, w)
+            first, last = int(low[0]), int(high[-1]) + 1  # the source rows this stripe reads
+            blend = logits.new_zeros((len(span), last - first))  # (r, n): two weights per output row
+            rows_out = torch.arange(len(span), device=logits.device)
+            blend.index_put_((rows_out, low - first), 1 - weight.to(logits.dtype), accumulate=True)
+            blend.index_put_((rows_out, high - first), weight.to(logits.dtype), accumulate=True)
+            stripe = torch.matmul(blend, logits[:, :, first:last])  # (r, n) @ (B, K, n, w) -> (B, K, r, w)
         if w != W:
             stripe = F.interpolate(stripe, size=(len(span), W), mode="bilinear", align_corners=False)  # (B, K, r, W)
         labels[:, span.start:span.stop] = stripe.argmax(dim=1)
