@@ -11,7 +11,8 @@ stored as k + 1) and the overlay with its legend, plus the bare overlay and the 
 
 Endpoints: ``GET /`` the page (``seg/static/index.html``), ``GET /api/info`` the model and its classes,
 ``POST /api/segment`` (multipart field ``image``) the results as JSON with images as data URLs; a file that is
-not an image gets 415, an empty one 400, one over the size limit 413, each with a ``detail`` message.
+not an image gets 415, an empty one 400, one over the size or pixel limit 413, a request when every worker is
+busy 503, a foreign Host 421, a cross-origin POST 403, each with a ``detail`` message.
 """
 
 from __future__ import annotations
@@ -31,19 +32,23 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import uvicorn
-from fastapi import FastAPI, File, HTTPException, UploadFile
-from fastapi.responses import HTMLResponse
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
+from seg.app_guards import RequestGuard, is_loopback
 from seg.data.ade20k import read_rgb
 from seg.predictor import Predictor
 from seg.pretrained import from_checkpoint
+from seg.safety import DEFAULT_MAX_PIXELS, ImageTooLargeError, check_pixels
 from seg.writers import JPEG_QUALITY, blend_labels, classes_by_area, label_image, make_overlay
 
 __all__ = ["MAX_UPLOAD_BYTES", "create_app", "main", "segment_upload", "serve_in_background"]
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and headers around the photo
+BUSY_WAIT_S = 2.0  # how long a request waits for a free worker before it is told the server is busy
 
 
 class _Upload(io.BytesIO):
@@ -85,6 +90,13 @@ def segment_upload(predictor: Predictor, data: bytes, filename: str, alpha: floa
     if not data:
         raise HTTPException(status_code=400, detail="the upload is empty: choose a photo (JPEG, PNG, WebP, BMP)")
     try:
+        with Image.open(_Upload(data, filename or "the upload")) as header:  # the size, before decoding
+            check_pixels(header.height, header.width, predictor.max_pixels, what=filename or "the upload")
+    except ImageTooLargeError as err:
+        raise HTTPException(status_code=413, detail=str(err)) from err
+    except Exception:  # not an image: read_rgb below names the problem
+        pass
+    try:
         image = read_rgb(_Upload(data, filename or "the upload"), exif_transpose=True)
     except ValueError as err:
         reason = err.__cause__ or err  # the decoder's own words, naming the upload
@@ -113,10 +125,26 @@ def segment_upload(predictor: Predictor, data: bytes, filename: str, alpha: floa
     }
 
 
-def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    """The demo's FastAPI application around one loaded model."""
+def create_app(
+    predictor: Predictor,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    workers: int = 1,
+    busy_wait: float = BUSY_WAIT_S,
+    allowed_hosts: Sequence[str] = (),
+) -> FastAPI:
+    """The demo's FastAPI application around one loaded model.
+
+    Predictions run in the server's thread pool, off the event loop, at most ``workers`` at a time; a request
+    that finds no free worker within ``busy_wait`` seconds gets 503 ("busy, try again") instead of queueing
+    behind long photos. Photos above ``predictor.max_pixels`` get 413 from their header, bodies above
+    ``max_upload_bytes`` get 413 while they stream in, requests for a Host other than the loopback names and
+    ``allowed_hosts`` get 421, cross-origin POSTs 403 (:class:`~seg.app_guards.RequestGuard`); any other
+    failure is a JSON ``detail`` message the page shows, never a bare 500.
+    """
     app = FastAPI(title="FLatten segmentation demo", docs_url=None, redoc_url=None)
-    lock = threading.Lock()  # one prediction at a time: requests run in a thread pool
+    app.add_middleware(RequestGuard, max_body_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES,
+                       allowed_hosts=allowed_hosts)
+    slots = threading.BoundedSemaphore(workers)  # predictions running at once
     config = predictor.model.config
     info = {
         "model": f"{config['encoder']} + {config['decoder']}",
@@ -142,8 +170,17 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -
         if len(data) > max_upload_bytes:
             raise HTTPException(status_code=413, detail=f"{image.filename} is larger than "
                                                         f"{max_upload_bytes // 2**20} MiB")
-        with lock:
+        if not slots.acquire(timeout=busy_wait):
+            raise HTTPException(status_code=503, detail="the server is busy with other photos: try again in a "
+                                                        "moment")
+        try:
             return segment_upload(predictor, data, image.filename or "")
+        finally:
+            slots.release()
+
+    @app.exception_handler(Exception)
+    async def failure(request: Request, err: Exception) -> JSONResponse:
+        return JSONResponse(status_code=500, content={"detail": f"the prediction failed: {type(err).__name__}: {err}"})
 
     return app
 
@@ -182,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger photos (413)")
+    parser.add_argument("--workers", type=int, default=1, help="photos segmented at once; others wait "
+                        f"{BUSY_WAIT_S:g} s, then get 'busy' (503)")
     args, cli_args = parser.parse_known_args(argv)
     if bool(args.pretrained) == bool(args.ckpt_path):
         parser.error("give either --pretrained DIR or --config <experiment>.yaml --ckpt_path FILE")
@@ -197,7 +237,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     config = predictor.model.config
     print(f"{config['encoder']} + {config['decoder']}: open http://{args.host}:{args.port}/ in a browser")
-    uvicorn.run(create_app(predictor), host=args.host, port=args.port)
+    hosts: list[str] = []
+    if not is_loopback(args.host):
+        hosts = ["*"] if args.host in ("0.0.0.0", "::") else [args.host]
+        print(f"warning: listening on {args.host}, beyond this machine: anyone who can reach port {args.port} can "
+              "upload photos and use this computer's CPU / GPU; the demo has no login", file=sys.stderr)
+    predictor.max_pixels = args.max_pixels
+    uvicorn.run(create_app(predictor, workers=args.workers, allowed_hosts=hosts), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

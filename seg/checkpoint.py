@@ -30,7 +30,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path} (tensors only, weights_only=True): {err}") from err
+        raise ValueError(f"cannot read checkpoint {path}: not a PyTorch checkpoint, or one holding more than tensors "
+                         f"and plain data (read with weights_only=True): {type(err).__name__}: {err}") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a checkpoint (a dict with a 'state_dict', or a state dict)")
     return checkpoint

@@ -18,7 +18,6 @@ names, palette and ``"preprocessing"`` at the top level, no model card) still lo
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,8 @@ from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
+
+from seg.config_checks import check_dataset_section, check_inference_section, check_model_arguments, load_bounded_json
 
 __all__ = [
     "CARD_FILE",
@@ -95,10 +96,7 @@ def read_config(path: Path) -> dict[str, Any]:
     Raises:
         ValueError: not JSON, not this format or version, or no Segmentor arguments (the file named).
     """
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    config = load_bounded_json(path)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} config (its 'format' entry is not {FORMAT!r})")
     version = config.get("version")
@@ -109,6 +107,9 @@ def read_config(path: Path) -> dict[str, Any]:
     model = {k: v for k, v in config.items() if k not in (*_SECTIONS, "format", "version")}
     if not isinstance(model.get("encoder"), str) or not isinstance(model.get("num_classes"), int):
         raise ValueError(f"{path}: the Segmentor arguments need a string 'encoder' and an integer 'num_classes'")
+    check_model_arguments(Path(path), model)
+    check_dataset_section(Path(path), config.get("dataset"), model["num_classes"])
+    check_inference_section(Path(path), config.get("inference"))
     return {"model": model, **{key: config.get(key) for key in _SECTIONS}}
 
 

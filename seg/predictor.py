@@ -28,7 +28,8 @@ from seg import hub
 from seg.data.ade20k import image_to_tensor
 from seg.data.spec import ADE20K, IMAGENET_MEAN, IMAGENET_STD, UINT8_MAX, make_palette
 from seg.data.transforms import eval_transform
-from seg.inference import InferenceConfig, run_inference
+from seg.inference import InferenceConfig
+from seg.limits import DEFAULT_MAX_PIXELS, check_pixels, predict_labels
 from seg.models import Segmentor
 
 __all__ = ["DEFAULT_TEST_SCALE", "Predictor"]
@@ -51,6 +52,8 @@ class Predictor:
         inference: whole-image, sliding-window or multi-scale inference.
         dataset: name of the training data set, for the model card (None: not known).
         metrics: validation scores, e.g. ``{"val/mIoU": 0.69}``, for the model card (None: not known).
+        max_pixels: :meth:`predict` refuses larger photos (:class:`~seg.limits.ImageTooLargeError`); None: no
+            limit. Not saved: a setting of the machine that runs the model.
     """
 
     model: Segmentor
@@ -62,6 +65,7 @@ class Predictor:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     dataset: str | None = None
     metrics: dict[str, float] | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         k = self.model.num_classes
@@ -138,12 +142,13 @@ class Predictor:
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class indices (H, W) of one uint8 (H, W, 3) RGB image, at its size, as ``cli.py predict`` computes
         them (same rescale, normalisation and inference mode)."""
+        check_pixels(image.shape[0], image.shape[1], self.max_pixels)
         self.model.eval()
         device = next(self.model.parameters()).device
         x = image_to_tensor(self.transform()(image=image)["image"])[None].to(device)  # (1, 3, h, w)
-        logits = run_inference(lambda t: self.model(t)["out"], x, self.inference, tuple(image.shape[:2]),
-                               self.test_scale)  # (1, K, H, W)
-        return logits.argmax(dim=1)[0].cpu().numpy()
+        labels = predict_labels(lambda t: self.model(t)["out"], x, self.inference, tuple(image.shape[:2]),
+                                self.test_scale)  # (1, H, W)
+        return labels[0].cpu().numpy()
 
 
 def _inference(entry: Mapping[str, Any] | None) -> InferenceConfig:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from seg.data.spec import DatasetSpec, as_spec
 from seg.inference import InferenceConfig, run_inference
+from seg.limits import predict_labels
 from seg.metrics import SegmentationMetric
 from seg.models import Segmentor
 from seg.schedules import WarmupPolyLR
@@ -158,7 +159,8 @@ class SegmentationTask(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Label maps (B, H0, W0) at each image's original size, with the batch's paths."""
         size = tuple(int(s) for s in batch["orig_size"][0])
-        labels = self(batch["image"], out_size=size).argmax(dim=1)
+        labels = predict_labels(lambda x: self.model(x)["out"], batch["image"], self.inference, size,
+                                self._test_scale())  # (B, H0, W0), resized in stripes
         return {"labels": labels, "path": batch["path"]}
 
     def _finish(self, metric: SegmentationMetric, stage: str) -> None:

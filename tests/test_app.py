@@ -55,7 +55,7 @@ def bundle(pretrained_dir: Path) -> Predictor:
 
 @pytest.fixture(scope="module")
 def client(bundle: Predictor) -> TestClient:
-    return TestClient(create_app(bundle, max_upload_bytes=200_000))
+    return TestClient(create_app(bundle, max_upload_bytes=200_000), base_url="http://127.0.0.1")
 
 
 def decode(data_url: str, kind: str) -> Image.Image:

@@ -211,9 +211,9 @@ def test_config_that_does_not_match_the_weights(saved: tuple[Predictor, Path], t
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda c: c["dataset"]["class_names"].pop(), "3 class names for a model of 4 classes"),
-        (lambda c: c["dataset"]["palette"].pop(), "palette must be 4 RGB triples"),
-        (lambda c: c.update(encoder="no_such_encoder"), "cannot build the segmentor"),
+        (lambda c: c["dataset"]["class_names"].pop(), "field 'dataset.class_names' must hold 4 values, got 3"),
+        (lambda c: c["dataset"]["palette"].pop(), "field 'dataset.palette' must hold 4 values, got 3"),
+        (lambda c: c.update(encoder="no_such_encoder"), "field 'encoder' 'no_such_encoder' is not a registered"),
         (lambda c: c["inference"].update(mode="sideways"), "bad 'inference' entry"),
         (lambda c: c.update(version=3), "has version 3; this code reads versions 1 and 2"),
         (lambda c: c.pop("encoder"), "need a string 'encoder'"),

@@ -241,16 +241,13 @@ def test_truncated_prediction_image_is_named_or_skipped(tmp_path: Path) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "cut.jpg")
     data = (tmp_path / "cut.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    dm = make_dm(tmp_path / "unused", predict_root=str(tmp_path))
-    dm.setup("predict")
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "cut.jpg"))):
-        list(dm.predict_dataloader())
-    dm = make_dm(tmp_path / "unused", predict_root=str(tmp_path), skip_bad_samples=True)
-    dm.setup("predict")
-    with pytest.warns(UserWarning, match="predict: skipping a bad sample: cannot decode image .*cut.jpg"):
-        batches = list(dm.predict_dataloader())
-    assert [b["path"] for b in batches] == [["ok.png"]]
-    assert len(dm.skipped_samples["predict"]) == 1
+    for skip in (False, True):  # prediction skips unreadable photos whatever skip_bad_samples says
+        dm = make_dm(tmp_path / "unused", predict_root=str(tmp_path), skip_bad_samples=skip)
+        dm.setup("predict")
+        with pytest.warns(UserWarning, match="predict: skipping a bad sample: cannot decode image .*cut.jpg"):
+            batches = list(dm.predict_dataloader())
+        assert [b["path"] for b in batches] == [["ok.png"]]
+        assert len(dm.skipped_samples["predict"]) == 1
 
 
 def test_decompression_bomb_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,9 +11,11 @@ import numpy as np
 import pytorch_lightning as pl
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from seg.data.spec import UINT8_MAX, make_palette
+from seg.safety import check_output_location
 from seg.writers import JPEG_QUALITY, label_image, make_overlay, output_paths
 
 __all__ = ["SegmentationWriter"]
@@ -56,6 +58,7 @@ class SegmentationWriter(BasePredictionWriter):
         self.legend = legend
         self._class_names: list[str] = []
         self._palette = np.zeros((0, 3), dtype=np.uint8)
+        self.written = 0  # images whose files were written in this process
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         spec = getattr(pl_module, "spec", None)
@@ -67,6 +70,27 @@ class SegmentationWriter(BasePredictionWriter):
             raise ValueError(f"{len(names)} classes with id_offset={self.id_offset} do not fit a uint8 label PNG")
         self._class_names = list(names)
         self._palette = spec.palette_array if spec is not None else make_palette(len(names))
+        self.written = 0
+        self._check_outputs(trainer)
+
+    def _check_outputs(self, trainer: pl.Trainer) -> None:
+        """Refuse, before anything is written, an output folder that is, holds or lies inside the input folder,
+        and any output file equal to an input (:func:`seg.safety.check_output_location`)."""
+        loaders = trainer.predict_dataloaders
+        for loader in loaders if isinstance(loaders, list | tuple) else [loaders] if loaders is not None else []:
+            dataset = getattr(loader.dataset, "dataset", loader.dataset)  # a skipping wrapper holds the folder
+            files, base = getattr(dataset, "files", []), getattr(dataset, "base", None)
+            if base is None:
+                continue
+            relative = [Path(f).relative_to(base).as_posix() for f in files if Path(f).is_relative_to(base)]
+            outputs = [path for rel in relative for path in output_paths(self.output_dir, rel)]
+            root = getattr(trainer.datamodule, "predict_root", None) or base
+            check_output_location(self.output_dir, root, outputs, files)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        skipped = getattr(trainer.datamodule, "skipped_samples", {}).get("predict", [])
+        rank_zero_info(f"predictions of {self.written} images written to {self.output_dir}; "
+                       f"{len(skipped)} unreadable images skipped (named in the warnings above)")
 
     def write_on_batch_end(
         self,
@@ -91,6 +115,7 @@ class SegmentationWriter(BasePredictionWriter):
         label_path.parent.mkdir(parents=True, exist_ok=True)
         label_image(labels, self.id_offset, relative_path).save(label_path)
         if not self.overlay:
+            self.written += 1
             return label_path, None
         if image is None or image.shape[:2] != labels.shape:
             got = "no photo" if image is None else f"a {image.shape[1]}x{image.shape[0]} (WxH) photo"
@@ -98,4 +123,5 @@ class SegmentationWriter(BasePredictionWriter):
                              f"{labels.shape[1]}x{labels.shape[0]}, got {got}")
         picture = make_overlay(image, labels, self._class_names, self._palette, self.alpha, self.legend)
         Image.fromarray(picture).save(overlay_path, quality=JPEG_QUALITY)
+        self.written += 1
         return label_path, overlay_path

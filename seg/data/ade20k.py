@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from seg.data.spec import ADE20K, UINT8_MAX
 from seg.data.transforms import seed_pipeline
+from seg.safety import DEFAULT_MAX_PIXELS, check_pixels
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -302,15 +303,19 @@ class ImageFolder(Dataset):
     Args:
         root: folder (searched recursively) or a single image file.
         transform: albumentations pipeline called as ``transform(image=...)``.
+        max_pixels: images with more pixels raise :class:`~seg.safety.ImageTooLargeError` (a ValueError naming
+            the file) before they are decoded; None: no limit.
     """
 
     def __init__(
         self,
         root: str | os.PathLike[str],
         transform: Callable[..., dict[str, Any]] | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
+        self.max_pixels = max_pixels
         if self.root.is_file():
             self.base, candidates = self.root.parent, [self.root]
         elif self.root.is_dir():
@@ -339,6 +344,8 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
+        with Image.open(path) as img:
+            check_pixels(img.height, img.width, self.max_pixels, what=str(path))
         image = read_rgb(path, exif_transpose=True)
         try:
             out = self.transform(image=image) if self.transform is not None else {"image": image}

@@ -38,6 +38,7 @@ from seg.data.ade20k import ImageFolder, SegmentationFolder
 from seg.data.spec import ADE20K, DatasetSpec, as_spec
 from seg.data.synthetic import ensure_demo_dataset
 from seg.data.transforms import eval_transform, train_transform
+from seg.safety import DEFAULT_MAX_PIXELS
 
 __all__ = ["SegmentationDataModule", "SkipBadSamples", "SkipLedger", "SkippingDataLoader", "seed_worker"]
 
@@ -199,7 +200,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             fits, validates or tests (deterministic, seconds, no download; a complete copy is reused), never
             for predict.
         skip_bad_samples: pass over unusable samples with a warning naming the file, and count them (see the
-            module docstring), instead of stopping with an error.
+            module docstring), instead of stopping with an error. Prediction always skips them.
+        max_pixels: prediction skips (with a warning naming the file, counted) images with more pixels than
+            this, before decoding them; None: no limit.
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         predict_root: str | None = None,
         demo: bool = False,
         skip_bad_samples: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         if crop_size < 1 or batch_size < 1 or num_workers < 0:
@@ -236,6 +240,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.val_set: SegmentationFolder | None = None
         self.predict_set: ImageFolder | None = None
         self.skip_bad_samples = skip_bad_samples
+        self.max_pixels = max_pixels
         self._ledgers = {stage: SkipLedger(stage, self._log_metric) for stage in ("train", "val", "test")}
         self._ledgers["predict"] = SkipLedger("predict")
 
@@ -318,7 +323,7 @@ class SegmentationDataModule(pl.LightningDataModule):
                 raise ValueError("predict needs `predict_root`: a folder of images or one image file")
             if self.predict_set is None:
                 transform = eval_transform(self.spec.test_scale, self.spec.mean, self.spec.std)
-                self.predict_set = ImageFolder(self.predict_root, transform=transform)
+                self.predict_set = ImageFolder(self.predict_root, transform, self.max_pixels)
 
     def teardown(self, stage: str) -> None:
         """At the end of a run: one warning summing up the samples skipped so far, if any."""
@@ -342,7 +347,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=functools.partial(seed_worker, rank=rank),
         )
-        if not self.skip_bad_samples:
+        if not self.skip_bad_samples and stage != "predict":
             return DataLoader(dataset, **kwargs)
         wrapped = SkipBadSamples(dataset, substitute=stage == "train")
         return SkippingDataLoader(wrapped, ledger=self._ledgers[stage], collate_fn=collate_skipping, **kwargs)
