@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
+
+from seg.data.spec import UINT8_MAX
 
 __all__ = [
     "LIMITS",
@@ -23,7 +25,7 @@ __all__ = [
 ]
 
 LIMITS = {
-    "config_bytes": 1 << 20,  # config.json of 150 classes with names and palette: ~10 KB
+    "config_bytes": 1 << 20,  # config.json of ADE20K's classes with names and palette: ~10 KB
     "json_depth": 16,
     "num_classes": 1024,
     "decoder_channels": 4096,
@@ -163,16 +165,15 @@ def _check_kwargs(path: Path, field: str, value: Any) -> None:
         raise _fail(path, field, f"has an unsupported value {value!r}")
 
 
-def check_model_arguments(path: Path, model: Mapping[str, Any]) -> None:
-    """The Segmentor arguments of a config.json: known keys, types and ranges, a local encoder."""
-    from seg.models import DECODERS
-
+def check_model_arguments(path: Path, model: Mapping[str, Any], decoders: Collection[str] = ()) -> None:
+    """The Segmentor arguments of a config.json: known keys, types and ranges, a local encoder, and a decoder
+    among ``decoders`` (the segmentor's registry, passed in by the caller; empty: not checked here)."""
     unknown = sorted(set(model) - _MODEL_KEYS)
     if unknown:
         raise _fail(path, unknown[0], f"is not a Segmentor argument (known: {', '.join(sorted(_MODEL_KEYS))})")
     _check_encoder_name(path, model.get("encoder"))
-    if model.get("decoder", "upernet") not in DECODERS:
-        raise _fail(path, "decoder", f"must be one of {', '.join(DECODERS)}, got {model.get('decoder')!r}")
+    if decoders and model.get("decoder", "upernet") not in decoders:
+        raise _fail(path, "decoder", f"must be one of {', '.join(decoders)}, got {model.get('decoder')!r}")
     _int(path, "num_classes", model.get("num_classes"), 1, LIMITS["num_classes"])
     if model.get("decoder_channels") is not None:
         _int(path, "decoder_channels", model["decoder_channels"], 1, LIMITS["decoder_channels"])
@@ -207,11 +208,11 @@ def check_dataset_section(path: Path, dataset: Any, num_classes: int) -> None:
         palette = _list(path, "dataset.palette", dataset["palette"], length=num_classes)
         for i, colour in enumerate(palette):
             for j, channel in enumerate(_list(path, f"dataset.palette[{i}]", colour, length=3)):
-                _int(path, f"dataset.palette[{i}][{j}]", channel, 0, 255)
+                _int(path, f"dataset.palette[{i}][{j}]", channel, 0, UINT8_MAX)
     for key, low in (("mean", 0.0), ("std", 1e-6)):
         if dataset.get(key) is not None:
             for i, value in enumerate(_list(path, f"dataset.{key}", dataset[key], length=3)):
-                _number(path, f"dataset.{key}[{i}]", value, low, 255.0)
+                _number(path, f"dataset.{key}[{i}]", value, low, float(UINT8_MAX))
     if dataset.get("test_scale") is not None:
         scale = _list(path, "dataset.test_scale", dataset["test_scale"], length=2)
         for i, side in enumerate(scale):

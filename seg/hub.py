@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ def resolve_file(source: str | os.PathLike[str], filename: str, **hub_kwargs: An
                                 f"({type(err).__name__}: {err})") from err
 
 
-def read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path, decoders: Collection[str] = ()) -> dict[str, Any]:
     """Parse ``config.json`` (version 2, or version 1) into ``{"model": Segmentor arguments, "dataset": ...,
     "inference": ..., "metrics": ...}`` (sections absent from the file are None).
 
@@ -107,7 +107,7 @@ def read_config(path: Path) -> dict[str, Any]:
     model = {k: v for k, v in config.items() if k not in (*_SECTIONS, "format", "version")}
     if not isinstance(model.get("encoder"), str) or not isinstance(model.get("num_classes"), int):
         raise ValueError(f"{path}: the Segmentor arguments need a string 'encoder' and an integer 'num_classes'")
-    check_model_arguments(Path(path), model)
+    check_model_arguments(Path(path), model, decoders)
     check_dataset_section(Path(path), config.get("dataset"), model["num_classes"])
     check_inference_section(Path(path), config.get("inference"))
     return {"model": model, **{key: config.get(key) for key in _SECTIONS}}

@@ -1,7 +1,7 @@
 """Bounded inference on photos: a pixel limit, and the full-resolution resize + argmax done in row stripes so that
 memory grows with H x W, not with classes x H x W.
 
-A 150-class model's logits for a 6000 x 4000 photo are 150 x 24e6 x 4 bytes = 13.4 GiB at full resolution;
+The logits of a model of ADE20K's classes for a 6000 x 4000 photo take 13.4 GiB of float32 at full resolution;
 :func:`labels_at` never holds more than ``max_elements`` of them at once (64 MiB of float32 by default).
 """
 

@@ -300,7 +300,7 @@ class Segmentor(
                      local_files_only=local_files_only, revision=revision)
         config_path = hub.resolve_file(pretrained_model_name_or_path, hub.CONFIG_FILE, **where)
         weights_path = hub.resolve_file(pretrained_model_name_or_path, hub.WEIGHTS_FILE, **where)
-        arguments = {**hub.read_config(config_path)["model"], **model_kwargs}
+        arguments = {**hub.read_config(config_path, DECODERS)["model"], **model_kwargs}
         try:
             model = cls(**arguments)
         except Exception as err:

@@ -30,7 +30,7 @@ from seg.data.spec import ADE20K, IMAGENET_MEAN, IMAGENET_STD, UINT8_MAX, make_p
 from seg.data.transforms import eval_transform
 from seg.inference import InferenceConfig
 from seg.limits import DEFAULT_MAX_PIXELS, check_pixels, predict_labels
-from seg.models import Segmentor
+from seg.models import DECODERS, Segmentor
 
 __all__ = ["DEFAULT_TEST_SCALE", "Predictor"]
 
@@ -94,7 +94,7 @@ class Predictor:
             ValueError: an unreadable file, a bad entry, or weights that do not match the config (named).
         """
         config_path = hub.resolve_file(source, hub.CONFIG_FILE, **hub_kwargs)
-        config = hub.read_config(config_path)
+        config = hub.read_config(config_path, DECODERS)
         dataset = config["dataset"] or {}
         if not isinstance(dataset, dict):
             raise ValueError(f"{config_path}: 'dataset' must be a mapping")
