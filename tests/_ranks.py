@@ -84,6 +84,8 @@ def run_commands(runs: list[tuple[list[str], Path, dict[str, str]]], timeout: fl
             started[i].wait(timeout=GRACE)
         except subprocess.TimeoutExpired:
             pass
+    if stalled:  # a launcher may abort before its children have printed their stacks: give them a moment
+        time.sleep(2.0)
     for process in started:
         _signal_group(process.pid, signal.SIGKILL)  # processes a launcher left behind, if any
         process.wait()

@@ -153,7 +153,7 @@ def test_a_stalled_launcher_fails_with_the_stacks_of_its_children(tmp_path: Path
     launcher = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(3600)"
     start = time.monotonic()
     with pytest.raises(pytest.fail.Exception) as failure:
-        run_commands([([sys.executable, "-c", launcher], tmp_path, clean_env())], 3)
-    assert time.monotonic() - start < 30
+        run_commands([([sys.executable, "-c", launcher], tmp_path, clean_env())], 10)  # both interpreters up
+    assert time.monotonic() - start < 40
     message = str(failure.value)
-    assert "did not finish within 3 s" in message and "in child_rank_waits" in message
+    assert "did not finish within 10 s" in message and "in child_rank_waits" in message

@@ -122,13 +122,14 @@ def test_saved_model_with_its_preprocessing(tmp_path):
     reference = _segmentor("test_flatten_pvt_v2", "semantic_fpn")
     Predictor(reference, test_scale=(640, 160), mean=(100, 110, 120)).save_pretrained(tmp_path / "saved")
     predictor = load_predictor(pretrained=str(tmp_path / "saved"))
-    assert all(m.fast_path is None for m in predictor.model.modules() if isinstance(m, FocusedLinearAttention))
+    layers = [m for m in predictor.model.modules() if isinstance(m, FocusedLinearAttention)]
+    assert all(m.attn_backend == "reference" for m in layers)
     image = torch.randn(1, 3, 40, 56)
     with torch.no_grad():
         torch.testing.assert_close(WholeImage(predictor.model)(image), reference(image)["out"], rtol=0, atol=0)
     assert preprocessing(predictor) == (
         "input: an RGB photo rescaled to fit 640 x 160 (long x short side, keeping its aspect ratio), then "
-        "(x - mean) / std per channel on the 0-255 scale, mean (100, 110, 120), std (58.395, 57.12, 57.375)")
+        "(x - mean) / std per channel on the 8-bit pixel scale, mean (100, 110, 120), std (58.395, 57.12, 57.375)")
     with pytest.raises(ValueError, match="not both"):
         load_predictor(["configs/demo.yaml"], pretrained=str(tmp_path / "saved"))
 

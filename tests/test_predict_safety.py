@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _specs import DEMO_SMALL, spec_arg
 from PIL import Image
 
 from seg.cli import cli_main
@@ -42,8 +43,9 @@ def run_predict(tmp_path: Path, inputs: Path, output: Path) -> None:
     cli_main([
         "predict", "--config", str(CONFIGS / "demo.yaml"),
         "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={root}", "--data.demo=false",
-        "--data.num_workers=0", "--data.test_scale=[128, 64]", f"--data.predict_root={inputs}",
-        "--trainer.callbacks+=seg.writers.SegmentationWriter", f"--trainer.callbacks.output_dir={output}",
+        "--data.num_workers=0", spec_arg(DEMO_SMALL), f"--data.predict_root={inputs}",
+        "--trainer.callbacks+=seg.callbacks.prediction_writer.SegmentationWriter",
+        f"--trainer.callbacks.output_dir={output}",
         "--return_predictions=false", "--trainer.logger=false",
     ])
 

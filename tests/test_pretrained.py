@@ -262,7 +262,8 @@ def test_cli_writes_a_folder_from_a_lightning_checkpoint(tmp_path: Path, monkeyp
     assert predictor.class_names == list(DEMO_CLASS_NAMES)  # from the data set spec
     np.testing.assert_array_equal(predictor.palette, DEMO_SMALL.palette_array)
     assert predictor.test_scale == (128, 64) and predictor.model.config["decoder"] == "fpn"
-    assert predictor.dataset == "demo" and "| data set | demo |" in (folder / CARD_FILE).read_text()
+    card = (folder / CARD_FILE).read_text()
+    assert predictor.dataset == DEMO_SMALL.name and f"| data set | {DEMO_SMALL.name} |" in card
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for name, tensor in predictor.model.state_dict().items():
         torch.testing.assert_close(tensor, state[f"model.{name}"], rtol=0, atol=0)
