@@ -98,7 +98,9 @@ def check_default_cfg(model: nn.Module, unpooled: nn.Module) -> None:
 
 
 def check_forward(model: nn.Module) -> None:
-    """forward = forward_head(forward_features) under every pooling, and with gradient checkpointing."""
+    """forward = forward_head(forward_features) under every pooling, and with gradient checkpointing (eval mode, as
+    timm's forward test: a family whose drop path is on by default, RAVLT, draws other masks each call)."""
+    model.eval()
     x = _image(*FEATURE_SIZE, batch=2)
     default = model.global_pool
     with torch.no_grad():
