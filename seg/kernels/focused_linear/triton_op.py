@@ -20,6 +20,12 @@ BackwardImpl = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor], i
 SavedShapes = Callable[[Tensor, Tensor, int], list[tuple[int, ...]]]
 Attention = Callable[[Tensor, Tensor, Tensor, Tensor, int, float], Tensor]
 
+_FORWARD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor scale, int num_heads, float p) -> Tensor[]"
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor scale, Tensor[] saved, int num_heads, float p)"
+    " -> Tensor[]"
+)
+
 
 def _outside_autocast(fn: Callable) -> Callable:
     """fn run with autocast off on the device of its second argument (the first tensor for the forward)."""
@@ -39,7 +45,8 @@ def register(forward_impl: ForwardImpl, backward_impl: BackwardImpl, saved_shape
     if not hasattr(torch.library, "custom_op") or not hasattr(torch.library, "register_autograd"):
         return _autograd_function(forward_impl, backward_impl)
 
-    @torch.library.custom_op("seg::focused_linear_attention", mutates_args=())
+    # explicit schemas: torch 2.4 cannot infer one from postponed (string) annotations
+    @torch.library.custom_op("seg::focused_linear_attention", mutates_args=(), schema=_FORWARD_SCHEMA)
     def forward_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, num_heads: int, p: float) -> list[Tensor]:
         return forward_impl(q, k, v, scale, num_heads, p)
 
@@ -48,7 +55,7 @@ def register(forward_impl: ForwardImpl, backward_impl: BackwardImpl, saved_shape
         out = q.new_empty(q.shape, dtype=v.dtype)
         return [out] + [q.new_empty(shape, dtype=torch.float32) for shape in saved_shapes(q, k, num_heads)]
 
-    @torch.library.custom_op("seg::focused_linear_attention_backward", mutates_args=())
+    @torch.library.custom_op("seg::focused_linear_attention_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
     def backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, saved: list[Tensor],
                     num_heads: int, p: float) -> list[Tensor]:
         return backward_impl(grad_out, q, k, v, scale, saved, num_heads, p)
