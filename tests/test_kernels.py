@@ -33,12 +33,13 @@ def _forward_backward(module: torch.nn.Module, x: torch.Tensor, size: tuple[int,
 
 @pytest.mark.parametrize(("sr", "fused_qkv", "heads"), [(1, False, 1), (1, True, 3), (2, False, 2)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [1, 2])  # one image and one head take oneDNN's single-matrix products
 def test_cpu_backend_equals_reference_forward_and_backward(sr: int, fused_qkv: bool, heads: int,
-                                                           dtype: torch.dtype) -> None:
+                                                           dtype: torch.dtype, batch: int) -> None:
     ref = _randomised(FocusedLinearAttention(8 * heads, heads, grid_size=(8, 8), sr_ratio=sr, fused_qkv=fused_qkv))
     ref = ref.to(dtype)
     fast = set_backend(copy.deepcopy(ref), "cpu")
-    x = torch.randn(2, 6 * 10, 8 * heads, dtype=dtype)
+    x = torch.randn(batch, 6 * 10, 8 * heads, dtype=dtype)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     for got, want in zip(_forward_backward(fast, x, (6, 10)), _forward_backward(ref, x, (6, 10)), strict=True):
         torch.testing.assert_close(got, want, **tol)

@@ -4,7 +4,7 @@ Everything here computes exactly what the reference functions in :mod:`seg.kerne
 compute (tests compare them in float64); the closed-form backwards make fewer passes over memory and
 allocate fewer temporaries than autograd does through the same chain of element-wise operations, which is
 what pays on a CPU with few cores. On a GPU the reference (or the ``triton`` backend) runs instead: the
-block-diagonal C x C summary and the per-image depthwise weight gradient here are CPU trade-offs.
+single-image oneDNN products and the per-image depthwise weight gradient here are CPU trade-offs.
 All inputs are float32 or float64: callers run these outside autocast.
 """
 
@@ -82,43 +82,44 @@ def kernel_power_backward(
     return grad_x, grad_inv_temp
 
 
-def head_blocks(channels: int, num_heads: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(C, C) block-diagonal ones (one d x d block per head) and the (C, h) channel-to-head indicator."""
-    head = torch.arange(channels, device=device) // (channels // num_heads)  # (C,) head of each channel
-    onehot = F.one_hot(head, num_heads).to(dtype)  # (C, h)
-    return onehot @ onehot.T, onehot
+def heads(t: Tensor, num_heads: int) -> Tensor:
+    """(B, T, C) tokens -> (B, h, T, d) per-head view (heads are contiguous channel blocks; no copy)."""
+    B, T, C = t.shape
+    return t.view(B, T, num_heads, C // num_heads).transpose(1, 2)
 
 
-def _matmul(a: Tensor, b: Tensor, add: Tensor | None = None) -> Tensor:
-    """a @ b (+ add, one row broadcast over the rows) for (B, N, K) @ (B, K, M) -> (B, N, M).
+def tokens(t: Tensor) -> Tensor:
+    """(B, h, T, d) per-head tensor -> (B, T, C) tokens (a copy unless h = 1)."""
+    B, h, T, d = t.shape
+    return t.transpose(1, 2).reshape(B, T, h * d)
 
-    One image runs as a linear layer (oneDNN on CPU, see :mod:`seg.kernels.onednn`) with b, a small K x M
-    summary, copied to a dense weight (oneDNN's fast kernels want one); add is (B, 1, M).
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for (B, h, N, K) @ (B, h, K, M) -> (B, h, N, M).
+
+    With one image and one head, a linear layer (oneDNN on CPU, see :mod:`seg.kernels.onednn`) with b, a
+    small K x M summary, copied to a dense weight (oneDNN's fast kernels want one).
     """
-    if a.shape[0] == 1:
-        weight = b[0].transpose(0, 1).contiguous()  # (M, K)
-        return linear(a[0], weight, None if add is None else add.reshape(-1).contiguous()).unsqueeze(0)
-    return a @ b if add is None else torch.baddbmm(add, a, b)
+    if a.shape[0] * a.shape[1] == 1:
+        weight = b[0, 0].transpose(0, 1).contiguous()  # (M, K)
+        return linear(a[0, 0], weight, None)[None, None]
+    return a @ b
 
 
-def _attend(g_q: Tensor, s_q: Tensor, phi_k: Tensor, v: Tensor, h: int) -> tuple[Tensor, ...]:
+def _attend(g_q: Tensor, s_q: Tensor, phi_k: Tensor, v: Tensor, h: int) -> tuple[Tensor, Tensor, Tensor]:
     """out = (g_q . KV) / (g_q . k_mean + eps / s_q) per head, plus what the backward needs.
 
-    g_q (B, N, C), s_q (B, N, 1), phi_k = phi(k) / n (B, n, C), v (B, n, C) -> out (B, N, C), the stacked
-    summary [KV | k_mean] (B, C, C + h), 1 / denominator (B, N, h) and the head masks (None for h = 1).
+    g_q (B, N, C), s_q (B, N, 1), phi_k = phi(k) / n (B, n, C), v (B, n, C) -> out (B, N, C), the per-head
+    summary [KV | k_mean] (B, h, d, d + 1) and 1 / denominator (B, h, N, 1). Numerator and denominator come
+    out of one product per head.
     """
     B, N, C = g_q.shape
-    kv = phi_k.transpose(1, 2) @ v  # (B, C, C)
-    k_mean = phi_k.sum(dim=1).unsqueeze(-1)  # (B, C, 1)
-    blocks = onehot = None
-    if h > 1:
-        blocks, onehot = head_blocks(C, h, g_q.device, g_q.dtype)
-        kv, k_mean = kv * blocks, k_mean * onehot  # (B, C, C), (B, C, h)
-    kvm = torch.cat([kv, k_mean], dim=-1)  # (B, C, C + h)
-    num_den = _matmul(g_q, kvm)  # (B, N, C + h)
-    rden = (num_den[..., C:] + DENOM_EPS / s_q).reciprocal_()  # (B, N, h)
-    out = (num_den[..., :C].view(B, N, h, C // h) * rden.unsqueeze(-1)).view(B, N, C)
-    return out, kvm, rden, blocks, onehot
+    d = C // h
+    k4 = heads(phi_k, h)  # (B, h, n, d)
+    kvm = torch.cat([k4.transpose(-2, -1) @ heads(v, h), k4.sum(dim=2).unsqueeze(-1)], dim=-1)  # (B, h, d, d + 1)
+    num_den = _matmul(heads(g_q, h), kvm)  # (B, h, N, d + 1): numerator | denominator
+    rden = (num_den[..., d:] + (DENOM_EPS / s_q).view(B, 1, N, 1)).reciprocal_()  # (B, h, N, 1)
+    return tokens(num_den[..., :d].mul_(rden)), kvm, rden
 
 
 def focused_tokens_inference(q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, num_heads: int, p: float) -> Tensor:
@@ -134,16 +135,15 @@ def _attend_into(g_q: Tensor, eps_q: Tensor, phi_k: Tensor, v: Tensor, num_heads
 
     g_q: any positive per-token multiple of the queries' focused kernel (B, N, C), a view; eps_q: the
     normaliser's eps in that scale (B, N, 1); phi_k: phi(k) / n (B, n, C); v (B, n, C); acc (B, N, C),
-    contiguous. The summaries are per head (no block-diagonal products).
+    contiguous.
     """
     B, N, C = g_q.shape
     h, d = num_heads, C // num_heads
-    heads = lambda t: t.view(B, t.shape[1], h, d).transpose(1, 2)  # (B, T, C) -> (B, h, T, d), a view
-    q4, k4 = heads(g_q), heads(phi_k)
-    kvm = torch.cat([k4.transpose(-2, -1) @ heads(v), k4.sum(dim=2).unsqueeze(-1)], dim=-1)  # (B, h, d, d + 1)
-    num_den = _matmul(q4[0], kvm[0])[None] if B * h == 1 else q4 @ kvm  # (B, h, N, d + 1): numerator | denominator
+    q4, k4 = heads(g_q, h), heads(phi_k, h)  # (B, h, N, d), (B, h, n, d)
+    kvm = torch.cat([k4.transpose(-2, -1) @ heads(v, h), k4.sum(dim=2).unsqueeze(-1)], dim=-1)  # (B, h, d, d + 1)
+    num_den = _matmul(q4, kvm)  # (B, h, N, d + 1): numerator | denominator
     rden = (num_den[..., d:] + eps_q.view(B, 1, N, 1)).reciprocal_()  # (B, h, N, 1)
-    heads(acc).addcmul_(num_den[..., :d], rden)
+    heads(acc, h).addcmul_(num_den[..., :d], rden)
     return acc
 
 
@@ -187,8 +187,8 @@ class FocusedTokens(torch.autograd.Function):
 
     Forward, per head: out = (g_q . KV) / (g_q . k_mean + eps / s_q), with phi(k) = s_k g_k,
     KV = sum_j phi(k_j) v_j^T / n and k_mean = sum_j phi(k_j) / n. The per-token factor s_q of f_p
-    cancels except at the eps. All heads share one block-diagonal (C, C) summary and the normaliser
-    rides along as h extra columns, so numerator and denominator come out of a single matmul.
+    cancels except at the eps. The normaliser rides along as one extra column of each head's summary, so
+    numerator and denominator come out of a single product (and go back through one in the backward).
     """
 
     @staticmethod
@@ -196,8 +196,8 @@ class FocusedTokens(torch.autograd.Function):
         kq, kk = kernel_power(q, inv_temp, p), kernel_power(k, inv_temp, p)
         a = kk.s / k.shape[1]  # (B, n, 1): phi(k) / n = a * g_k
         phi_k = kk.g * a  # (B, n, C)
-        out, kvm, rden, blocks, onehot = _attend(kq.g, kq.s, phi_k, v, num_heads)
-        ctx.save_for_backward(*kq, *kk, a, phi_k, v, kvm, rden, out, inv_temp, blocks, onehot)
+        out, kvm, rden = _attend(kq.g, kq.s, phi_k, v, num_heads)
+        ctx.save_for_backward(*kq, *kk, a, phi_k, v, kvm, rden, out, inv_temp)
         ctx.num_heads, ctx.p = num_heads, p
         return out
 
@@ -206,23 +206,22 @@ class FocusedTokens(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None, None]:
         saved = ctx.saved_tensors
         kq, kk = KernelPower(*saved[:7]), KernelPower(*saved[7:14])
-        a, phi_k, v, kvm, rden, out, inv_temp, blocks, onehot = saved[14:]
+        a, phi_k, v, kvm, rden, out, inv_temp = saved[14:]
         h, p = ctx.num_heads, ctx.p
         B, N, C = out.shape
-        G = grad_out.contiguous().view(B, N, h, C // h)
-        # dL/d[num | den], written side by side so that one matmul carries both back
-        grad_nd = torch.empty(B, N, C + h, dtype=out.dtype, device=out.device)
-        torch.mul(G, rden.unsqueeze(-1), out=grad_nd[..., :C].view(B, N, h, C // h))
-        grad_den = (G * out.view(B, N, h, C // h)).sum(-1).mul_(rden).neg_()  # (B, N, h)
-        grad_nd[..., C:] = grad_den
-        grad_gq = _matmul(grad_nd, kvm.transpose(1, 2))  # (B, N, C)
-        grad_kvm = kq.g.transpose(1, 2) @ grad_nd  # (B, C, C + h)
-        grad_kv, grad_km = grad_kvm[..., :C], grad_kvm[..., C:]  # (B, C, C), (B, C, h)
-        if h > 1:
-            grad_kv, grad_km = grad_kv * blocks, (grad_km * onehot).sum(-1, keepdim=True)
-        grad_phi = _matmul(v, grad_kv.transpose(1, 2), add=grad_km.transpose(1, 2))  # (B, n, C)
-        grad_v = _matmul(phi_k, grad_kv)  # (B, n, C)
-        grad_sq = (-DENOM_EPS / kq.s.square()) * grad_den.sum(-1, keepdim=True)  # (B, N, 1)
+        d = C // h
+        G = heads(grad_out.contiguous(), h)  # (B, h, N, d)
+        # dL/d[num | den], written side by side so that one product per head carries both back
+        grad_nd = torch.empty(B, h, N, d + 1, dtype=out.dtype, device=out.device)
+        torch.mul(G, rden, out=grad_nd[..., :d])
+        grad_den = torch.linalg.vecdot(G, heads(out, h)).unsqueeze(-1).mul_(rden).neg_()  # (B, h, N, 1)
+        grad_nd[..., d:] = grad_den
+        grad_gq = tokens(_matmul(grad_nd, kvm.transpose(-2, -1)))  # (B, N, C)
+        grad_kvm = heads(kq.g, h).transpose(-2, -1) @ grad_nd  # (B, h, d, d + 1)
+        grad_kv, grad_km = grad_kvm[..., :d], grad_kvm[..., d:]  # (B, h, d, d), (B, h, d, 1)
+        grad_phi = tokens(torch.add(_matmul(heads(v, h), grad_kv.transpose(-2, -1)), grad_km.transpose(-2, -1)))
+        grad_v = tokens(_matmul(heads(phi_k, h), grad_kv))  # (B, n, C)
+        grad_sq = (-DENOM_EPS / kq.s.square()) * grad_den.sum(dim=1)  # (B, N, 1)
         dot_q = torch.linalg.vecdot(grad_gq, kq.g).unsqueeze(-1)
         grad_q, grad_it_q = kernel_power_backward(kq, grad_gq, dot_q, grad_sq, inv_temp, p)
         # phi_k = a g_k with a = s_k / n: dL/dg_k = a dL/dphi, dL/ds_k = dL/dphi . g_k / n
@@ -287,8 +286,9 @@ __all__ = [
     "focused_attention_into",
     "focused_attention_into_direct",
     "focused_tokens_inference",
-    "head_blocks",
+    "heads",
     "kernel_power",
     "kernel_power_backward",
     "kernel_power_inference",
+    "tokens",
 ]
