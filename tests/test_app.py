@@ -169,3 +169,25 @@ def test_page_in_headless_chromium(server: str, bundle: Predictor, tmp_path: Pat
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("encoder", "decoder"),
+    [("test_soft", "semantic_fpn"), ("test_flatten_swin", "upernet"), ("test_agent_pvt", "semantic_fpn"),
+     ("test_agent_swin", "upernet"), ("test_mlla", "upernet"), ("test_ravlt", "semantic_fpn")],
+)
+def test_every_attention_family_serves(encoder: str, decoder: str, tmp_path: Path) -> None:
+    """Each encoder family goes through the demo: saved, loaded from its folder, a photo of a size that is no
+    multiple of the encoder's stride segmented through the API exactly as the predictor segments it."""
+    torch.manual_seed(0)
+    model = Segmentor(encoder, decoder, num_classes=len(NAMES), decoder_channels=16, aux_head=False)
+    folder = Predictor(model, class_names=NAMES, test_scale=(128, 64)).save_pretrained(tmp_path / encoder)
+    loaded = Predictor.from_pretrained(folder)
+    client = TestClient(create_app(loaded), base_url="http://127.0.0.1")
+    assert client.get("/api/info").json()["model"] == f"{encoder} + {decoder}"
+    path = photo(tmp_path / "photo.jpg")
+    response = client.post("/api/segment", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    labels = np.asarray(decode(response.json()["labels"], "png"))
+    assert labels.shape == PHOTO_SIZE
+    np.testing.assert_array_equal(labels, loaded.predict(read_rgb(path)) + 1)

@@ -222,7 +222,9 @@ class FocusedTokens(torch.autograd.Function):
         grad_phi = tokens(torch.add(_matmul(heads(v, h), grad_kv.transpose(-2, -1)), grad_km.transpose(-2, -1)))
         grad_v = tokens(_matmul(heads(phi_k, h), grad_kv))  # (B, n, C)
         grad_sq = (-DENOM_EPS / kq.s.square()) * grad_den.sum(dim=1)  # (B, N, 1)
-        dot_q = torch.linalg.vecdot(grad_gq, kq.g).unsqueeze(-1)
+        # dL/dg_q . g_q = sum over heads of dL/d[num | den] . [num | den] = -(eps / s_q) sum_h dL/dden: g_q's
+        # scale cancels but at the eps, so this needs no pass over (B, N, C)
+        dot_q = grad_sq * kq.s  # (B, N, 1)
         grad_q, grad_it_q = kernel_power_backward(kq, grad_gq, dot_q, grad_sq, inv_temp, p)
         # phi_k = a g_k with a = s_k / n: dL/dg_k = a dL/dphi, dL/ds_k = dL/dphi . g_k / n
         dot_k = torch.linalg.vecdot(grad_phi, kk.g).unsqueeze(-1)
