@@ -36,7 +36,8 @@ def machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
+    isa = torch.backends.cpu.get_cpu_capability()  # the vector ISA torch's CPU kernels use: AVX2, AVX512, ...
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu} ({isa}), {os.cpu_count()} cores"
     import timm
 
     return (f"{dev}; python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
