@@ -13,13 +13,18 @@ from jsonargparse.typing import import_object
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from seg.backbones._weights import CheckpointMismatchError
 from seg.callbacks.effective_batch import EffectiveBatch
 from seg.data import DatasetSpec, SegmentationDataModule, as_spec
+from seg.safety import UnsafeOutputError
 from seg.task import SegmentationTask
 
 __all__ = [
-    "SegmentationArgumentParser", "SegmentationCLI", "cli_main", "spec_num_classes", "unknown_key_hint",
+    "SegmentationArgumentParser", "SegmentationCLI", "cli_main", "main", "spec_num_classes", "unknown_key_hint",
 ]
+
+# refusals whose message says everything a user needs: printed as one line, not as a traceback
+REFUSALS = (UnsafeOutputError, CheckpointMismatchError)
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULTS_FILE = Path(__file__).with_name("trainer_defaults.yaml")  # loggers and callbacks of every run
@@ -113,3 +118,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SegmentationCLI
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python cli.py``: :func:`cli_main`, with a refusal (an output folder inside the inputs, a checkpoint
+    that does not fit the model) ending the process with its message and exit status 1 instead of a traceback."""
+    try:
+        cli_main(args)
+    except REFUSALS as err:
+        raise SystemExit(f"error: {err}") from None

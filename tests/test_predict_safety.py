@@ -12,7 +12,7 @@ import pytest
 from _specs import DEMO_SMALL, spec_arg
 from PIL import Image
 
-from seg.cli import cli_main
+from seg.cli import cli_main, main
 from seg.data import make_demo_dataset
 from seg.safety import UnsafeOutputError, check_output_location
 
@@ -61,6 +61,26 @@ def test_predict_into_the_inputs_is_refused(where: str, tmp_path: Path, monkeypa
         run_predict(tmp_path, inputs, output)
     assert str(output) in str(err.value)
     assert digests(tmp_path / "work") == before  # every input byte-identical, nothing added
+
+
+def test_cli_reports_the_refusal_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python cli.py predict`` into the inputs: exit status 1 with the reason, no traceback, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    inputs = photos(tmp_path / "photos")
+    before = digests(inputs)
+    root = make_demo_dataset(tmp_path / "tiny", num_train=2, num_val=2, min_size=64, max_size=96)
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_:
+        warnings.simplefilter("ignore")
+        main([
+            "predict", "--config", str(CONFIGS / "demo.yaml"),
+            "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={root}", "--data.demo=false",
+            "--data.num_workers=0", spec_arg(DEMO_SMALL), f"--data.predict_root={inputs}",
+            "--trainer.callbacks+=seg.callbacks.prediction_writer.SegmentationWriter",
+            f"--trainer.callbacks.output_dir={inputs}", "--trainer.logger=false",
+        ])
+    message = str(exit_.value.code)
+    assert message.startswith("error: output folder") and str(inputs) in message and "\n" not in message
+    assert digests(inputs) == before
 
 
 def test_output_file_equal_to_an_input_file_is_refused(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 On the project's reference CPU (AMD EPYC, AVX-512) MKL's sgemm, which ``F.linear`` calls, takes its generic
 x86 path at about half the machine's peak, while oneDNN's matmul runs the encoders' token-by-channel
-products about 2x faster (``benchmarks/linear.py``). oneDNN's pointwise linear is a private PyTorch
+products about 2x faster (``benchmarks/linear.py``); on an AVX2-only EPYC the two are on par (0.9-1.4x on
+the encoders' shapes). oneDNN's pointwise linear is a private PyTorch
 operator, so it is used only after a one-time probe call has run it and matched ``F.linear``; a missing
 operator, an error, a wrong result or ``torch.backends.mkldnn.enabled = False`` falls back to ``F.linear``
 with one warning. Autocast, ``torch.compile``, other devices and dtypes always take ``F.linear``.
