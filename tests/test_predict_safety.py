@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,11 @@ def photos(folder: Path) -> Path:
     return folder
 
 
-def run_predict(tmp_path: Path, inputs: Path, output: Path) -> None:
+def run_predict(tmp_path: Path, inputs: Path, output: Path, entry: Callable[[list[str]], object] = cli_main) -> None:
+    """``predict`` with the demo config from ``inputs`` into ``output``, through ``entry`` (``cli_main``, or
+    ``main`` as ``python cli.py`` runs)."""
     root = make_demo_dataset(tmp_path / "tiny", num_train=2, num_val=2, min_size=64, max_size=96)
-    cli_main([
+    entry([
         "predict", "--config", str(CONFIGS / "demo.yaml"),
         "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={root}", "--data.demo=false",
         "--data.num_workers=0", spec_arg(DEMO_SMALL), f"--data.predict_root={inputs}",
@@ -68,16 +71,9 @@ def test_cli_reports_the_refusal_in_one_line(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     inputs = photos(tmp_path / "photos")
     before = digests(inputs)
-    root = make_demo_dataset(tmp_path / "tiny", num_train=2, num_val=2, min_size=64, max_size=96)
     with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_:
         warnings.simplefilter("ignore")
-        main([
-            "predict", "--config", str(CONFIGS / "demo.yaml"),
-            "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={root}", "--data.demo=false",
-            "--data.num_workers=0", spec_arg(DEMO_SMALL), f"--data.predict_root={inputs}",
-            "--trainer.callbacks+=seg.callbacks.prediction_writer.SegmentationWriter",
-            f"--trainer.callbacks.output_dir={inputs}", "--trainer.logger=false",
-        ])
+        run_predict(tmp_path, inputs, inputs, entry=main)
     message = str(exit_.value.code)
     assert message.startswith("error: output folder") and str(inputs) in message and "\n" not in message
     assert digests(inputs) == before

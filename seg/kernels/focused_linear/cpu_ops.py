@@ -106,6 +106,12 @@ def _matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
+def _summaries(phi_k: Tensor, v: Tensor, h: int) -> Tensor:
+    """Per-head [KV | k_mean] = [sum_j phi_k,j v_j^T | sum_j phi_k,j]: (B, n, C), (B, n, C) -> (B, h, d, d + 1)."""
+    k4 = heads(phi_k, h)  # (B, h, n, d)
+    return torch.cat([k4.transpose(-2, -1) @ heads(v, h), k4.sum(dim=2).unsqueeze(-1)], dim=-1)
+
+
 def _attend(g_q: Tensor, s_q: Tensor, phi_k: Tensor, v: Tensor, h: int) -> tuple[Tensor, Tensor, Tensor]:
     """out = (g_q . KV) / (g_q . k_mean + eps / s_q) per head, plus what the backward needs.
 
@@ -115,8 +121,7 @@ def _attend(g_q: Tensor, s_q: Tensor, phi_k: Tensor, v: Tensor, h: int) -> tuple
     """
     B, N, C = g_q.shape
     d = C // h
-    k4 = heads(phi_k, h)  # (B, h, n, d)
-    kvm = torch.cat([k4.transpose(-2, -1) @ heads(v, h), k4.sum(dim=2).unsqueeze(-1)], dim=-1)  # (B, h, d, d + 1)
+    kvm = _summaries(phi_k, v, h)  # (B, h, d, d + 1)
     num_den = _matmul(heads(g_q, h), kvm)  # (B, h, N, d + 1): numerator | denominator
     rden = (num_den[..., d:] + (DENOM_EPS / s_q).view(B, 1, N, 1)).reciprocal_()  # (B, h, N, 1)
     return tokens(num_den[..., :d].mul_(rden)), kvm, rden
@@ -139,9 +144,8 @@ def _attend_into(g_q: Tensor, eps_q: Tensor, phi_k: Tensor, v: Tensor, num_heads
     """
     B, N, C = g_q.shape
     h, d = num_heads, C // num_heads
-    q4, k4 = heads(g_q, h), heads(phi_k, h)  # (B, h, N, d), (B, h, n, d)
-    kvm = torch.cat([k4.transpose(-2, -1) @ heads(v, h), k4.sum(dim=2).unsqueeze(-1)], dim=-1)  # (B, h, d, d + 1)
-    num_den = _matmul(q4, kvm)  # (B, h, N, d + 1): numerator | denominator
+    kvm = _summaries(phi_k, v, h)  # (B, h, d, d + 1)
+    num_den = _matmul(heads(g_q, h), kvm)  # (B, h, N, d + 1): numerator | denominator
     rden = (num_den[..., d:] + eps_q.view(B, 1, N, 1)).reciprocal_()  # (B, h, N, 1)
     heads(acc, h).addcmul_(num_den[..., :d], rden)
     return acc
