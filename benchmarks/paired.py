@@ -1,14 +1,16 @@
-"""The two FLatten-PVT-T ratios of the CPU targets, each pair of models timed alternately in one process.
+"""The two FLatten-PVT-T ratios of the CPU targets, the models of each ratio timed alternately in one process.
 
-    python benchmarks/paired.py                       # both pairs, 8 rounds of 3 repeats
-    python benchmarks/paired.py --pairs train --rounds 12
+    python benchmarks/paired.py                       # both groups, 8 rounds of 3 repeats
+    python benchmarks/paired.py --groups train --rounds 12
 
 ``train``: forward + backward of the FLatten-PVT-T encoder at 512^2 (features only, batch 1), ours against
 its published-formulation twin (``benchmarks/published_flatten.py``: the same parameters and linear layers,
 the attention written as the published code computes it). ``inference``: the FLatten-PVT-T encoder against
-softmax PVT-T (SDPA) at 512^2 without autograd. Each round times both models back to back (who goes first
-alternates), so drift of a shared machine reaches both alike; the ratio reported is the median of the
-per-round ratios, beside each model's median time.
+softmax PVT-T (SDPA) at 512^2 without autograd, beside a bound: the same FLatten-PVT-T with its attention
+reduced to the matrix products and DWC alone (``benchmarks/products_only.py``), how low the inference ratio
+can go on this machine whatever the element-wise steps cost. Each round times every model of a group back to
+back (who goes first rotates), so drift of a shared machine reaches all alike; a ratio is the median of the
+per-round ratios against the group's last model, beside each model's median time.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine  # noqa: E402
+from products_only import products_only  # noqa: E402
 from published_flatten import published_like  # noqa: E402
 
 import seg  # noqa: E402,F401  (registers the encoders)
 from seg.layers import FocusedLinearAttention  # noqa: E402
 
 Step = Callable[[], None]
+Group = list[tuple[str, Step]]  # the models timed together; ratios are taken against the last one
 
 
 def _published_twin(model: torch.nn.Module) -> torch.nn.Module:
@@ -44,8 +48,8 @@ def _published_twin(model: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
-def train_pair(size: int) -> tuple[tuple[str, Step], tuple[str, Step]]:
-    """(published twin, ours): one forward + backward of the encoder each."""
+def train_group(size: int) -> Group:
+    """[published twin, ours]: one forward + backward of the encoder each."""
     torch.manual_seed(0)
     ours = timm.create_model("flatten_pvt_tiny", features_only=True)
     published = _published_twin(ours)
@@ -58,16 +62,16 @@ def train_pair(size: int) -> tuple[tuple[str, Step], tuple[str, Step]]:
 
         return run
 
-    return ("published formulation", step(published)), ("ours", step(ours))
+    return [("published formulation", step(published)), ("ours", step(ours))]
 
 
-def inference_pair(size: int) -> tuple[tuple[str, Step], tuple[str, Step]]:
-    """(FLatten-PVT-T, softmax PVT-T with SDPA): one encoder forward each, without autograd."""
+def inference_group(size: int) -> Group:
+    """[FLatten-PVT-T, its products-only bound, softmax PVT-T with SDPA]: one encoder forward each."""
     torch.manual_seed(0)
     image = torch.randn(1, 3, size, size)
 
-    def step(attn_type: str) -> Step:
-        model = timm.create_model("flatten_pvt_tiny", features_only=True, attn_type=attn_type).eval()
+    def step(model: torch.nn.Module) -> Step:
+        model.eval()
 
         def run() -> None:
             with torch.no_grad():
@@ -75,7 +79,12 @@ def inference_pair(size: int) -> tuple[tuple[str, Step], tuple[str, Step]]:
 
         return run
 
-    return ("FLatten-PVT-T", step("LLLL")), ("PVT-T (softmax, SDPA)", step("SSSS"))
+    flatten = lambda: timm.create_model("flatten_pvt_tiny", features_only=True)  # noqa: E731
+    return [
+        ("FLatten-PVT-T", step(flatten())),
+        ("FLatten-PVT-T, products + DWC only", step(products_only(flatten()))),
+        ("PVT-T (softmax, SDPA)", step(timm.create_model("flatten_pvt_tiny", features_only=True, attn_type="SSSS"))),
+    ]
 
 
 def _median_time(run: Step, repeats: int) -> float:
@@ -87,44 +96,45 @@ def _median_time(run: Step, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(pair: tuple[tuple[str, Step], tuple[str, Step]], rounds: int, repeats: int) -> dict[str, list[float]]:
-    """Per-round median seconds of both models, alternating which goes first."""
-    (name_a, run_a), (name_b, run_b) = pair
-    run_a(), run_b()  # warm-up: first-call allocations and probes
-    times: dict[str, list[float]] = {name_a: [], name_b: []}
+def measure(group: Group, rounds: int, repeats: int) -> dict[str, list[float]]:
+    """Per-round median seconds of every model of ``group``, rotating which goes first."""
+    for _, run in group:
+        run()  # warm-up: first-call allocations and probes
+    times: dict[str, list[float]] = {name: [] for name, _ in group}
     for round_ in range(rounds):
-        order = [(name_a, run_a), (name_b, run_b)][:: 1 if round_ % 2 == 0 else -1]
-        for name, run in order:
+        shift = round_ % len(group)
+        for name, run in group[shift:] + group[:shift]:
             times[name].append(_median_time(run, repeats))
     return times
 
 
-PAIRS = {
-    "train": ("forward + backward, published / ours", train_pair),
-    "inference": ("encoder inference, FLatten / softmax", inference_pair),
+GROUPS = {
+    "train": ("forward + backward", train_group),
+    "inference": ("encoder inference", inference_group),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per model per round")
     args = parser.parse_args(argv)
-    print(f"# FLatten-PVT-T at {args.size}^2, batch 1, float32; {args.rounds} alternating rounds of "
-          f"{args.repeats} repeats per model, one process per pair; {machine()}")
-    print("| pair | model A (ms) | model B (ms) | A / B, median of per-round ratios | range over rounds |")
+    print(f"# FLatten-PVT-T at {args.size}^2, batch 1, float32; {args.rounds} rounds of {args.repeats} repeats "
+          f"per model, models of a group rotating in one process; {machine()}")
+    print("| group | model A (ms) | model B (ms) | A / B, median of per-round ratios | range over rounds |")
     print("|---|---|---|---|---|")
-    for key in args.pairs:
-        title, build = PAIRS[key]
-        pair = build(args.size)
-        times = measure(pair, args.rounds, args.repeats)
-        (name_a, _), (name_b, _) = pair
-        ratios = [a / b for a, b in zip(times[name_a], times[name_b], strict=True)]
-        print(f"| {title} | {name_a} {statistics.median(times[name_a]) * 1e3:.1f} | "
-              f"{name_b} {statistics.median(times[name_b]) * 1e3:.1f} | **{statistics.median(ratios):.2f}x** | "
-              f"{min(ratios):.2f}-{max(ratios):.2f}x |", flush=True)
+    for key in args.groups:
+        title, build = GROUPS[key]
+        group = build(args.size)
+        times = measure(group, args.rounds, args.repeats)
+        name_b = group[-1][0]
+        for name_a, _ in group[:-1]:
+            ratios = [a / b for a, b in zip(times[name_a], times[name_b], strict=True)]
+            print(f"| {title} | {name_a} {statistics.median(times[name_a]) * 1e3:.1f} | "
+                  f"{name_b} {statistics.median(times[name_b]) * 1e3:.1f} | **{statistics.median(ratios):.2f}x** | "
+                  f"{min(ratios):.2f}-{max(ratios):.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ All inputs are float32 or float64: callers run these outside autocast.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -179,7 +180,8 @@ def focused_attention_into_direct(y_qk: Tensor, v: Tensor, num_heads: int, p: fl
     norm_y = torch.linalg.vector_norm(y_qk, dim=-1, keepdim=True)  # (B, N, 2, 1)
     yp = y_qk.pow_(p)
     norm_yp = torch.linalg.vector_norm(yp, dim=-1, keepdim=True)  # (B, N, 2, 1)
-    if not (torch.isfinite(norm_yp).all() and bool(norm_yp.min() > 0)):
+    lowest, highest = torch.aminmax(norm_yp)  # one reduction; NaN fails both comparisons
+    if not (lowest.item() > 0 and highest.item() < math.inf):
         return None
     phi_k = yp[:, :, 1].mul_(norm_y[:, :, 1] / norm_yp[:, :, 1] / N)  # phi(k) / N = |y| y^p / |y^p| / N
     eps_q = DENOM_EPS * norm_yp[:, :, 0] / norm_y[:, :, 0]  # (B, N, 1)
