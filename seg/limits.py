@@ -2,7 +2,9 @@
 memory grows with H x W, not with classes x H x W.
 
 The logits of a model of ADE20K's classes for a 6000 x 4000 photo take 13.4 GiB of float32 at full resolution;
-:func:`labels_at` never holds more than ``max_elements`` of them at once (64 MiB of float32 by default).
+:func:`labels_at` never holds more than ``max_elements`` of them at once (16 MiB of float32 by default: below
+glibc's 32 MiB mmap ceiling, so each stripe reuses the heap instead of faulting in fresh pages, which made
+64 MiB stripes 1.3-1.6x slower, ``benchmarks/labels_at.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from seg.safety import DEFAULT_MAX_PIXELS, ImageTooLargeError, check_pixels
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageTooLargeError", "check_pixels", "labels_at", "predict_labels"]
 
-STRIPE_ELEMENTS = 1 << 24  # logits held at once by labels_at: 64 MiB of float32
+STRIPE_ELEMENTS = 1 << 22  # logits held at once by labels_at: 16 MiB of float32
 
 
 def _row_weights(size_in: int, size_out: int, rows: range, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
