@@ -1,4 +1,5 @@
-"""``benchmarks/paired.py`` (the CPU target ratios and the products-only bound) runs at a tiny size."""
+"""Benchmark scripts without a test of their own run at tiny sizes, so the tables they print cannot rot:
+``paired.py`` (the CPU target ratios and the products-only bound) and ``labels_at.py`` (photo-size labels)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,16 @@ def test_paired_benchmark_prints_every_ratio() -> None:
         ("encoder inference", "FLatten-PVT-T, products + DWC only"),
     ], run.stdout
     assert all(float(ratio) > 0 for _, _, ratio in rows)
+
+
+@pytest.mark.slow
+def test_labels_at_benchmark_prints_every_path() -> None:
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "labels_at.py"), "--photos", "100x150", "2000x3000",
+                          "--logits", "32", "48", "--classes", "20", "--rounds", "1", "--max-full-gib", "0.1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = re.findall(r"^\| (\d+x\d+) \| (.+?) \| ([\d.]+) \| (\d+) \|$", run.stdout, flags=re.M)
+    assert [(photo, path) for photo, path, _, _ in rows] == [
+        ("100x150", "full size"), ("100x150", "stripes of 2^22 logits"), ("100x150", "stripes of 2^24 logits"),
+        ("2000x3000", "stripes of 2^22 logits"), ("2000x3000", "stripes of 2^24 logits"),  # full size: 0.45 GiB
+    ], run.stdout
