@@ -8,8 +8,7 @@ Logits of ``--classes`` classes at the network's resolution (``--logits`` h w) g
 of one photo are timed rotating in one process (median of ``--rounds``) under glibc's default allocator, as
 a user's process runs them (blocks >= 32 MiB are mmapped and faulted in on every use); peak memory comes from a
 separate run of this script that serves every block >= 64 KiB by mmap, so that freed tensors leave the resident
-set. The
-full-size path is skipped where its logits alone would exceed ``--max-full-gib``.
+set. The full-size path is skipped where its logits alone would exceed ``--max-full-gib``.
 """
 
 from __future__ import annotations
