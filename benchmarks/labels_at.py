@@ -53,15 +53,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     logits = torch.randn(1, args.classes, *args.logits)
-    photos = [tuple(int(v) for v in p.split("x")) for p in args.photos]
-    every = {f"{p[0]}x{p[1]} | {label}": run for p in photos
-             for label, run in cases(logits, p, args.stripes, args.max_full_gib)}
+    groups = [  # the cases of one photo, keyed "photo | path"
+        [(f"{photo} | {label}", run) for label, run in
+         cases(logits, tuple(int(v) for v in photo.split("x")), args.stripes, args.max_full_gib)]
+        for photo in args.photos
+    ]
+    every = dict(case for group in groups for case in group)
     if is_memory_phase():
         report_child({key: peak_memory_mb(run) for key, run in every.items()})
         return
     times: dict[str, list[float]] = {key: [] for key in every}
-    for photo in photos:
-        group = [(key, run) for key, run in every.items() if key.startswith(f"{photo[0]}x{photo[1]} |")]
+    for group in groups:
         for round_ in range(args.rounds):
             shift = round_ % len(group)
             for key, run in group[shift:] + group[:shift]:

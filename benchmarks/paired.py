@@ -29,10 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine  # noqa: E402
 from products_only import products_only  # noqa: E402
-from published_flatten import published_like  # noqa: E402
+from published_flatten import published_like, replace_attention  # noqa: E402
 
 import seg  # noqa: E402,F401  (registers the encoders)
-from seg.layers import FocusedLinearAttention  # noqa: E402
 
 Step = Callable[[], None]
 Group = list[tuple[str, Step]]  # the models timed together; ratios are taken against the last one
@@ -40,12 +39,7 @@ Group = list[tuple[str, Step]]  # the models timed together; ratios are taken ag
 
 def _published_twin(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` whose focused linear attention layers compute the published formulation."""
-    twin = copy.deepcopy(model)
-    for parent in list(twin.modules()):
-        for name, child in parent.named_children():
-            if type(child) is FocusedLinearAttention:
-                setattr(parent, name, published_like(child))
-    return twin
+    return replace_attention(copy.deepcopy(model), published_like)
 
 
 def train_group(size: int) -> Group:
@@ -79,11 +73,11 @@ def inference_group(size: int) -> Group:
 
         return run
 
-    flatten = lambda: timm.create_model("flatten_pvt_tiny", features_only=True)  # noqa: E731
+    encoder = lambda attn_type: timm.create_model("flatten_pvt_tiny", features_only=True, attn_type=attn_type)  # noqa: E731
     return [
-        ("FLatten-PVT-T", step(flatten())),
-        ("FLatten-PVT-T, products + DWC only", step(products_only(flatten()))),
-        ("PVT-T (softmax, SDPA)", step(timm.create_model("flatten_pvt_tiny", features_only=True, attn_type="SSSS"))),
+        ("FLatten-PVT-T", step(encoder("LLLL"))),
+        ("FLatten-PVT-T, products + DWC only", step(products_only(encoder("LLLL")))),
+        ("PVT-T (softmax, SDPA)", step(encoder("SSSS"))),
     ]
 
 

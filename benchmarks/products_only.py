@@ -10,6 +10,7 @@ is not attention; its time is what no element-wise fusion can go below with thes
 from __future__ import annotations
 
 import torch
+from published_flatten import replace_attention  # benchmarks/ is on the path of every script here
 from torch import Tensor, nn
 
 from seg.kernels.focused_linear.cpu import rank_restoration
@@ -32,7 +33,8 @@ class ProductsOnly(nn.Module):
         B, N, C = x.shape
         h = a.num_heads
         wq, bq, wk, bk, wv, bv = a.projection_weights()
-        qk = linear(x, torch.cat([wq, wk]), torch.cat([bq, bk])).view(B, N, 2, C)  # (B, N, 2, C)
+        bias = None if bq is None else torch.cat([bq, bk])
+        qk = linear(x, torch.cat([wq, wk]), bias).view(B, N, 2, C)  # (B, N, 2, C)
         v = linear(x, wv, bv)  # (B, N, C)
         summaries = heads(qk[:, :, 1], h).transpose(-2, -1) @ heads(v, h)  # (B, h, d, d)
         out = rank_restoration(v, size, size, a.dwc.weight, a.dwc.bias, h)  # (B, N, C)
@@ -42,11 +44,7 @@ class ProductsOnly(nn.Module):
 
 def products_only(model: nn.Module) -> nn.Module:
     """``model`` with every focused linear attention layer replaced by its :class:`ProductsOnly` bound."""
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) is FocusedLinearAttention:
-                setattr(parent, name, ProductsOnly(child))
-    return model
+    return replace_attention(model, ProductsOnly)
 
 
 __all__ = ["ProductsOnly", "products_only"]

@@ -8,6 +8,8 @@ state dict drives both and their outputs can be compared before timing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from seg.layers import FocusedLinearAttention, resize_token_grid
@@ -60,4 +62,13 @@ def published_like(module: FocusedLinearAttention) -> PublishedFocusedLinearAtte
     return twin.to(module.proj.weight.device, module.proj.weight.dtype)
 
 
-__all__ = ["PublishedFocusedLinearAttention", "published_like"]
+def replace_attention(model: nn.Module, make: Callable[[FocusedLinearAttention], nn.Module]) -> nn.Module:
+    """``model`` with every focused linear attention layer replaced, in place, by ``make(layer)``."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is FocusedLinearAttention:
+                setattr(parent, name, make(child))
+    return model
+
+
+__all__ = ["PublishedFocusedLinearAttention", "published_like", "replace_attention"]
