@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from seg.hub import load_weights
+from seg.legacy import upgrade_state
 
 __all__ = ["best_score", "load_checkpoint", "read_checkpoint", "segmentor_state"]
 
@@ -51,11 +52,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], built_from: 
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: an unreadable file, or weights that do not match ``model`` (the missing, unexpected and
-            mis-shaped names listed, after "<path> does not match the model built from <built_from>").
+        ValueError: an unreadable file, weights of an earlier head (:mod:`seg.legacy`), or weights that do not
+            match ``model`` (the missing, unexpected and mis-shaped names listed, after "<path> does not match the
+            model built from <built_from>").
     """
     checkpoint = read_checkpoint(path)
-    load_weights(model, segmentor_state(checkpoint), f"{path} does not match the model built from {built_from}")
+    state = upgrade_state(segmentor_state(checkpoint), getattr(model, "decoder_name", ""), str(path))
+    load_weights(model, state, f"{path} does not match the model built from {built_from}")
     return checkpoint
 
 

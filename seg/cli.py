@@ -105,6 +105,13 @@ class SegmentationCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EffectiveBatch, "effective_batch")
 
+    def before_instantiate_classes(self) -> None:
+        """``--model.weights`` replaces the recipe's ImageNet ``encoder_checkpoint``: that file is not read."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        model = config.get("model") if config is not None else None
+        if model is not None and model.get("weights") is not None and "init_args" in model.get("model", {}):
+            model.model.init_args.encoder_checkpoint = None
+
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> SegmentationCLI:
     """Entry point of ``python cli.py``; ``args`` lets tests drive it in-process."""

@@ -188,9 +188,16 @@ def size_range(program: torch.export.ExportedProgram) -> dict[str, tuple[int, fl
             ranges[name] = (dim, dim)
             continue
         bounds = program.range_constraints[dim.node.expr]
-        upper = bounds.upper
-        ranges[name] = (int(bounds.lower), float("inf") if not upper.is_finite else int(upper))
+        ranges[name] = (int(bounds.lower), _bound(bounds.upper))
     return ranges
+
+
+def _bound(value: Any) -> float:
+    """A sympy upper bound as an int, or inf (sympy's and torch's integer infinities alike)."""
+    try:
+        return int(value)
+    except (OverflowError, TypeError, ValueError, AttributeError):
+        return float("inf")
 
 
 def export_onnx(program: torch.export.ExportedProgram, path: str | Path, opset: int = MIN_OPSET) -> Path:

@@ -3,17 +3,19 @@ holds, strict weight loading that lists what does not match, and the model card.
 
 A saved segmentor is a folder (or Hub repository) of three files, the ``PyTorchModelHubMixin`` layout::
 
-    config.json         {"format": "flatten-seg", "version": 2,
+    config.json         {"format": "flatten-seg", "version": 3,
                          the Segmentor arguments at the top level (encoder, encoder_kwargs, decoder,
                          decoder_channels, aux_head, num_classes, pad_multiple, channels_last),
                          "dataset": {"name", "class_names", "palette", "mean", "std", "test_scale"},  (optional)
                          "inference": the InferenceConfig fields,                                      (optional)
-                         "metrics": {"val/mIoU": ...}}                                                 (optional)
+                         "metrics": {"val/mIoU": ...},                                                 (optional)
+                         "source": {"file", "sha256", "kind", "recipe", "published"}}  (optional: converted)
     model.safetensors   the state dict (tensors only: loading runs no pickled code)
     README.md           the model card: encoder, decoder, classes, data set and metrics when known
 
 Version 1 folders (written by ``seg.pretrained`` before this layout: the arguments under ``"model"``, the class
-names, palette and ``"preprocessing"`` at the top level, no model card) still load.
+names, palette and ``"preprocessing"`` at the top level, no model card) still load. Versions 1 and 2 predate the
+mmseg heads: :mod:`seg.legacy` says which of their heads load and which are refused.
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ __all__ = [
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
-FORMAT, VERSION = "flatten-seg", 2
+FORMAT, VERSION = "flatten-seg", 3  # 3: the mmseg heads (seg.legacy says what loads from 1 and 2)
 _LEGACY_VERSION = 1
 CARD_TAGS = ("image-segmentation", "semantic-segmentation")
-_SECTIONS = ("dataset", "inference", "metrics")  # config.json entries beside the Segmentor arguments
+_SECTIONS = ("dataset", "inference", "metrics", "source")  # config.json entries beside the Segmentor arguments
 # a Hub repository id: "name" or "namespace/name" (letters, digits, - _ .); anything else can only be a path
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
@@ -90,8 +92,8 @@ def resolve_file(source: str | os.PathLike[str], filename: str, **hub_kwargs: An
 
 
 def read_config(path: Path, decoders: Collection[str] = ()) -> dict[str, Any]:
-    """Parse ``config.json`` (version 2, or version 1) into ``{"model": Segmentor arguments, "dataset": ...,
-    "inference": ..., "metrics": ...}`` (sections absent from the file are None).
+    """Parse ``config.json`` (versions 1 to 3) into ``{"model": Segmentor arguments, "version": the file's version,
+    "dataset": ..., "inference": ..., "metrics": ...}`` (sections absent from the file are None).
 
     Raises:
         ValueError: not JSON, not this format or version, or no Segmentor arguments (the file named).
@@ -102,15 +104,17 @@ def read_config(path: Path, decoders: Collection[str] = ()) -> dict[str, Any]:
     version = config.get("version")
     if version == _LEGACY_VERSION:
         config = _from_version_1(path, config)
-    elif version != VERSION:
-        raise ValueError(f"{path} has version {version!r}; this code reads versions {_LEGACY_VERSION} and {VERSION}")
+    elif not isinstance(version, int) or not _LEGACY_VERSION < version <= VERSION:
+        raise ValueError(f"{path} has version {version!r}; this code reads versions {_LEGACY_VERSION} to {VERSION}")
     model = {k: v for k, v in config.items() if k not in (*_SECTIONS, "format", "version")}
     if not isinstance(model.get("encoder"), str) or not isinstance(model.get("num_classes"), int):
         raise ValueError(f"{path}: the Segmentor arguments need a string 'encoder' and an integer 'num_classes'")
     check_model_arguments(Path(path), model, decoders)
     check_dataset_section(Path(path), config.get("dataset"), model["num_classes"])
     check_inference_section(Path(path), config.get("inference"))
-    return {"model": model, **{key: config.get(key) for key in _SECTIONS}}
+    if config.get("source") is not None and not isinstance(config["source"], dict):
+        raise ValueError(f"{path}: 'source' must be a mapping (file, sha256, kind, recipe, published)")
+    return {"model": model, "version": version, **{key: config.get(key) for key in _SECTIONS}}
 
 
 def _from_version_1(path: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -167,9 +171,11 @@ def model_card(
     config: Mapping[str, Any],
     dataset: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
+    source: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """The model card of a segmentor: ``config`` its arguments, ``dataset`` the data-set section of config.json
-    (name, class names), ``metrics`` the validation scores; parts that are not known are left out."""
+    (name, class names), ``metrics`` the validation scores, ``source`` the checkpoint it was converted from (file,
+    sha256, recipe, published scores); parts that are not known are left out."""
     data = ModelCardData(library_name=FORMAT, tags=[*CARD_TAGS, "pytorch_model_hub_mixin", "model_hub_mixin"],
                          pipeline_tag="image-segmentation")
     encoder, decoder, k = config["encoder"], config["decoder"], config["num_classes"]
@@ -186,6 +192,16 @@ def model_card(
         rows.append(("evaluation rescale", "fit into {} x {} (long x short side)".format(*dataset["test_scale"])))
     if metrics:
         rows.append(("metrics", ", ".join(f"{key} {float(value):.4f}" for key, value in metrics.items())))
+    if source:
+        rows.append(("converted from", f"`{source.get('file')}` ({source.get('kind')} checkpoint), sha256 "
+                                       f"`{source.get('sha256')}`"))
+        if source.get("recipe"):
+            rows.append(("recipe", f"`{source['recipe']}`"))
+        published = source.get("published")
+        if published:
+            macc = f", mAcc {published['mAcc']}" if published.get("mAcc") is not None else ""
+            rows.append(("published (not measured here)",
+                         f"ADE20K val mIoU {published['mIoU']}{macc}, single scale ({published.get('source')})"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     trained = f", trained on {name}" if name else ""
     body = f"""

@@ -6,9 +6,10 @@ smp's feature list ``[x, empty, s4, s8, s16, s32]`` (strides 1, 2, 4, 8, 16, 32;
 0 channels for transformer encoders) and reports the matching ``out_channels``. Every head reads its widths
 from there.
 
-Decoders (``DECODERS``): ``upernet`` (smp decoder, 512 channels, dropout 0.1 + 1x1 classifier: the Swin
-recipe), ``semantic_fpn`` (the PVT recipe, ``seg.heads.SemanticFPNHead``), and smp's ``fpn`` and ``segformer``
-decoders at their default widths. smp's DeepLabV3+ needs an encoder that can run at output stride 16
+Decoders (``DECODERS``): ``upernet`` and ``semantic_fpn``, the recipes' heads as mmsegmentation 0.x computes
+them, parameter for parameter (:mod:`seg.heads`: published ADE20K segmenters load one to one), and smp's
+``smp_upernet`` (the ``upernet`` of saved models before version 3), ``fpn`` and ``segformer`` decoders at their
+default widths. smp's DeepLabV3+ needs an encoder that can run at output stride 16
 (dilation), which the transformer encoders here cannot, so it is not offered.
 
 UperNet's pyramid pooling has BatchNorm on 1x1 pooled maps: in training each device must hold more than one
@@ -41,11 +42,12 @@ from torch import Tensor, nn
 
 from seg import hub
 from seg.data.spec import ADE20K
-from seg.heads import AuxFCNHead, SemanticFPNHead
+from seg.heads import AuxFCNHead, SemanticFPNHead, UPerHead
+from seg.legacy import upgrade_arguments, upgrade_state
 
 __all__ = ["DECODERS", "DecoderName", "Segmentor", "SmpDecodeHead"]
 
-DecoderName = Literal["upernet", "semantic_fpn", "fpn", "segformer"]
+DecoderName = Literal["upernet", "semantic_fpn", "smp_upernet", "fpn", "segformer"]
 
 # smp feature lists hold the input and a stride-2 map before the 4 encoder stages: depth 5 = strides 1..32.
 _SMP_DEPTH = 5
@@ -77,16 +79,22 @@ class SmpDecodeHead(nn.Module):
 
 
 def _upernet(encoder_channels: Sequence[int], num_classes: int, channels: int | None) -> nn.Module:
-    """UperNet (PPM + FPN), 512 channels and dropout 0.1 by default (Swin recipe)."""
-    channels = channels or 512
-    decoder = UPerNetDecoder(encoder_channels, encoder_depth=_SMP_DEPTH, decoder_channels=channels)
-    return SmpDecodeHead(decoder, channels, num_classes, dropout=0.1)
+    """mmseg's UPerHead (PPM 1/2/3/6 + FPN), 512 channels by default: the Swin-family recipes' head."""
+    return UPerHead(encoder_channels[-4:], num_classes, channels or 512)
 
 
 def _semantic_fpn(encoder_channels: Sequence[int], num_classes: int, channels: int | None) -> nn.Module:
-    """Semantic FPN of the PVT recipe: 256-channel pyramid, 128-channel scale heads by default."""
+    """mmseg's FPN neck + FPNHead: 256-channel pyramid, 128-channel scale heads by default (the PVT recipes)."""
     fpn_channels = channels or 256
     return SemanticFPNHead(encoder_channels[-4:], num_classes, fpn_channels, head_channels=fpn_channels // 2)
+
+
+def _smp_upernet(encoder_channels: Sequence[int], num_classes: int, channels: int | None) -> nn.Module:
+    """smp's UPerNet decoder (a LayerNorm per level), 512 channels and dropout 0.1 by default: the project's
+    ``upernet`` before saved-model version 3."""
+    channels = channels or 512
+    decoder = UPerNetDecoder(encoder_channels, encoder_depth=_SMP_DEPTH, decoder_channels=channels)
+    return SmpDecodeHead(decoder, channels, num_classes, dropout=0.1)
 
 
 def _fpn(encoder_channels: Sequence[int], num_classes: int, channels: int | None) -> nn.Module:
@@ -114,6 +122,7 @@ class _DecoderSpec:
 DECODERS: dict[str, _DecoderSpec] = {
     "upernet": _DecoderSpec(_upernet, pooled_batchnorm=True),
     "semantic_fpn": _DecoderSpec(_semantic_fpn),
+    "smp_upernet": _DecoderSpec(_smp_upernet, pooled_batchnorm=True),
     "fpn": _DecoderSpec(_fpn, pad_multiple=32),  # smp's FPN upsamples by exact factors of 2
     "segformer": _DecoderSpec(_segformer),
 }
@@ -271,7 +280,7 @@ class Segmentor(
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """The model card: encoder, decoder and classes, plus ``dataset`` (the data-set section of config.json)
         and ``metrics`` when given (``save_pretrained(..., model_card_kwargs=dict(dataset=..., metrics=...))``)."""
-        return hub.model_card(self.arguments, kwargs.get("dataset"), kwargs.get("metrics"))
+        return hub.model_card(self.arguments, kwargs.get("dataset"), kwargs.get("metrics"), kwargs.get("source"))
 
     @classmethod
     def from_pretrained(
@@ -300,13 +309,14 @@ class Segmentor(
                      local_files_only=local_files_only, revision=revision)
         config_path = hub.resolve_file(pretrained_model_name_or_path, hub.CONFIG_FILE, **where)
         weights_path = hub.resolve_file(pretrained_model_name_or_path, hub.WEIGHTS_FILE, **where)
-        arguments = {**hub.read_config(config_path, DECODERS)["model"], **model_kwargs}
+        config = hub.read_config(config_path, DECODERS)
+        arguments = {**upgrade_arguments(config["model"], config["version"]), **model_kwargs}
         try:
             model = cls(**arguments)
         except Exception as err:
             raise ValueError(f"{config_path}: cannot build the segmentor from its arguments: "
                              f"{type(err).__name__}: {err}") from err
-        state = hub.read_weights(weights_path)
+        state = upgrade_state(hub.read_weights(weights_path), model.decoder_name, str(weights_path))
         hub.load_weights(model, state, f"{weights_path} does not match the model described by {config_path}")
         return model.to(map_location).eval()
 

@@ -54,6 +54,8 @@ class Predictor:
         metrics: validation scores, e.g. ``{"val/mIoU": 0.69}``, for the model card (None: not known).
         max_pixels: :meth:`predict` refuses larger photos (:class:`~seg.limits.ImageTooLargeError`); None: no
             limit. Not saved: a setting of the machine that runs the model.
+        source: the checkpoint the weights were converted from (file, sha256, kind, recipe, published scores;
+            ``python -m seg.convert`` sets it), for config.json and the model card (None: trained here).
     """
 
     model: Segmentor
@@ -66,6 +68,7 @@ class Predictor:
     dataset: str | None = None
     metrics: dict[str, float] | None = None
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    source: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         k = self.model.num_classes
@@ -103,7 +106,8 @@ class Predictor:
             return cls(model, dataset.get("class_names"), dataset.get("palette"),
                        tuple(dataset.get("mean", IMAGENET_MEAN)), tuple(dataset.get("std", IMAGENET_STD)),
                        tuple(dataset.get("test_scale", DEFAULT_TEST_SCALE)),
-                       _inference(config["inference"]), dataset.get("name"), config["metrics"])
+                       _inference(config["inference"]), dataset.get("name"), config["metrics"],
+                       source=config["source"])
         except (TypeError, ValueError) as err:
             raise ValueError(f"{config_path}: {err}") from err
 
@@ -114,6 +118,7 @@ class Predictor:
             "dataset": self.dataset_facts(),
             "inference": dataclasses.asdict(self.inference),
             "metrics": self.metrics,
+            **({"source": self.source} if self.source else {}),
         }
 
     def dataset_facts(self) -> dict[str, Any]:
@@ -125,13 +130,13 @@ class Predictor:
         """Write ``config.json``, ``model.safetensors`` and the model card (``README.md``, kept if the folder
         already has one, as the mixin does) into ``directory``; ``kwargs`` go to the mixin (``push_to_hub=True,
         repo_id=...`` also uploads). Returns the folder."""
-        card = {"dataset": self.dataset_facts(), "metrics": self.metrics}
+        card = {"dataset": self.dataset_facts(), "metrics": self.metrics, "source": self.source}
         self.model.save_pretrained(directory, config=self.config(), model_card_kwargs=card, **kwargs)
         return Path(directory)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload the files of :meth:`save_pretrained` to a Hub repository (the mixin's ``push_to_hub``)."""
-        card = {"dataset": self.dataset_facts(), "metrics": self.metrics}
+        card = {"dataset": self.dataset_facts(), "metrics": self.metrics, "source": self.source}
         return self.model.push_to_hub(repo_id, config=self.config(), model_card_kwargs=card, **kwargs)
 
     def transform(self) -> Any:

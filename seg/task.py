@@ -14,11 +14,13 @@ from torch import Tensor
 
 from seg.data.spec import DatasetSpec, as_spec
 from seg.inference import InferenceConfig, run_inference
+from seg.legacy import upgrade_state
 from seg.limits import predict_labels
 from seg.metrics import SegmentationMetric
 from seg.models import Segmentor
 from seg.schedules import WarmupPolyLR
 from seg.weight_decay import DecayPlan, NoDecayRule, param_groups, plan_weight_decay
+from seg.weights import load_segmentor_weights
 
 __all__ = ["SegmentationTask"]
 
@@ -56,6 +58,10 @@ class SegmentationTask(pl.LightningModule):
             worked out from the unwrapped model in :meth:`configure_model`, so they are the same on one device,
             under DDP and under FSDP with ``use_orig_params=True``. FSDP with ``use_orig_params=False`` leaves one
             flattened parameter per unit: only ``decay_all`` works there, other rules raise.
+        weights: a trained segmentor to start from (:func:`~seg.weights.load_segmentor_weights`): a saved model
+            folder (e.g. a published segmenter converted by ``python -m seg.convert``), a ``.safetensors`` file or
+            a Lightning checkpoint. It takes the place of the encoder's ImageNet ``encoder_checkpoint`` (the CLI
+            does not read that file then). On another class count only the classifiers start fresh.
     """
 
     def __init__(
@@ -68,9 +74,10 @@ class SegmentationTask(pl.LightningModule):
         inference: InferenceConfig | None = None,
         compile: bool = False,
         no_decay: NoDecayRule = "norms_biases_tables",
+        weights: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "spec"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "spec", "weights"])
         if "_instantiator" in self.hparams:  # built by LightningCLI: load_from_checkpoint rebuilds through it
             # the architecture, not the CLI's arguments: an ImageNet `encoder_checkpoint` is not needed (the
             # checkpoint holds the weights) and may not exist where the checkpoint is loaded
@@ -82,6 +89,8 @@ class SegmentationTask(pl.LightningModule):
                              f"predicts {model.num_classes}")
         self.hparams["spec"] = self.spec.to_dict() if spec is not None else None  # plain values (weights_only)
         self.model = model
+        if weights is not None:
+            rank_zero_info(load_segmentor_weights(model, weights))
         self.aux_weight = aux_weight
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -182,6 +191,13 @@ class SegmentationTask(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._finish(self.test_metric, "test")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the mmseg heads: the auxiliary head's names upgraded, an earlier
+        ``upernet`` / ``semantic_fpn`` refused with what changed (:mod:`seg.legacy`)."""
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = upgrade_state(checkpoint["state_dict"], self.model.decoder_name,
+                                                     "the checkpoint", prefix="model.")
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups (:func:`~seg.weight_decay.param_groups`), over the parameters as the

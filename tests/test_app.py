@@ -43,7 +43,7 @@ def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = Segmentor("test_flatten_pvt_v2", "semantic_fpn", num_classes=len(NAMES), decoder_channels=16,
                       aux_head=False)
     with torch.no_grad():  # spread the classifier's output so several classes show up
-        model.decode_head.classifier.weight.mul_(50)
+        model.decode_head.conv_seg.weight.mul_(50)
     predictor = Predictor(model, class_names=NAMES, test_scale=(128, 64))
     return predictor.save_pretrained(tmp_path_factory.mktemp("pretrained") / "tiny")
 

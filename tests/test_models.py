@@ -69,7 +69,7 @@ def test_no_aux_head_when_disabled() -> None:
 def test_aux_head_reads_stride_16_stage() -> None:
     model = _tiny("semantic_fpn")
     assert model.encoder_channels == [16, 32, 64, 128]
-    assert model.aux_head.conv[0].in_channels == 64
+    assert model.aux_head.convs[0].conv.in_channels == 64
 
 
 @pytest.mark.parametrize("decoder", ["upernet", "semantic_fpn", "segformer"])
@@ -166,9 +166,9 @@ def test_weight_decay_rules() -> None:
         assert name in names and name in swin
     bn = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert {f"{bn}.weight", f"{bn}.bias"} <= swin  # by module type, whatever the name
-    assert "decode_head.classifier.bias" in default - swin  # the Swin recipe decays biases of other layers
+    assert "decode_head.conv_seg.bias" in default - swin  # the Swin recipe decays biases of other layers
     assert "encoder.model.model.block1.0.attn.q.bias" in default - swin
-    for name in ("decode_head.classifier.weight", "encoder.model.model.block1.0.attn.q.weight"):
+    for name in ("decode_head.conv_seg.weight", "encoder.model.model.block1.0.attn.q.weight"):
         assert name not in default
     with pytest.raises(ValueError, match="norms_tables"):
         no_decay_names(model, "norms")  # type: ignore[arg-type]
@@ -195,8 +195,8 @@ def test_param_groups_partition(encoder: str) -> None:
     decay_names = {names[i] for i in ids_decay}
     assert any(n.endswith("norm.weight") for n in no_names)  # LayerNorm weights
     assert any(n.endswith(".bias") for n in no_names)
-    assert "decode_head.classifier.weight" in decay_names
-    assert "aux_head.conv.0.weight" in decay_names
+    assert "decode_head.conv_seg.weight" in decay_names
+    assert "aux_head.convs.0.conv.weight" in decay_names
     assert any(n.endswith("attn.q.weight") for n in decay_names)  # a linear weight
     if encoder == "test_flatten_pvt":
         keys = ("pos_embed", "positional_encoding")

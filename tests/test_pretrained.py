@@ -68,7 +68,7 @@ def test_config_json_and_model_card(saved: tuple[Predictor, Path]) -> None:
     assert sorted(p.name for p in folder.iterdir()) == [CARD_FILE, CONFIG_FILE, WEIGHTS_FILE]
     config = json.loads((folder / CONFIG_FILE).read_text())
     assert config == {
-        **ARGUMENTS, "format": "flatten-seg", "version": 2, "metrics": {"val/mIoU": 0.4321},
+        **ARGUMENTS, "format": "flatten-seg", "version": 3, "metrics": {"val/mIoU": 0.4321},
         "dataset": {"name": "street scenes", "class_names": NAMES, "palette": make_palette(4).tolist(),
                     "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "test_scale": [128, 64]},
         "inference": {**config["inference"], "mode": "slide", "crop_size": 64, "stride": 48},
@@ -104,7 +104,7 @@ def test_segmentor_alone_and_defaults(tmp_path: Path) -> None:
     model = tiny_segmentor(aux_head=False, encoder_checkpoint=None)
     assert model.save_pretrained(tmp_path) is None  # the mixin's return: a URL only when pushing
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
-    assert config == {**ARGUMENTS, "aux_head": False, "encoder_kwargs": {}, "format": "flatten-seg", "version": 2}
+    assert config == {**ARGUMENTS, "aux_head": False, "encoder_kwargs": {}, "format": "flatten-seg", "version": 3}
     card = (tmp_path / CARD_FILE).read_text()
     assert "| classes | 4 |" in card and "data set" not in card and "metrics" not in card
     predictor = Predictor.from_pretrained(tmp_path)
@@ -215,7 +215,7 @@ def test_config_that_does_not_match_the_weights(saved: tuple[Predictor, Path], t
         (lambda c: c["dataset"]["palette"].pop(), "field 'dataset.palette' must hold 4 values, got 3"),
         (lambda c: c.update(encoder="no_such_encoder"), "field 'encoder' 'no_such_encoder' is not a registered"),
         (lambda c: c["inference"].update(mode="sideways"), "bad 'inference' entry"),
-        (lambda c: c.update(version=3), "has version 3; this code reads versions 1 and 2"),
+        (lambda c: c.update(version=4), "has version 4; this code reads versions 1 to 3"),
         (lambda c: c.pop("encoder"), "need a string 'encoder'"),
     ],
     ids=["class_names", "palette", "encoder", "inference", "version", "no_encoder"],

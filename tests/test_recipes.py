@@ -54,15 +54,29 @@ PUBLISHED.update({
 # Semantic FPN 80k with poly 0.9 down to min_lr 1e-6 (mmseg's schedule_80k.py) in float32; UperNet 160k as Swin's,
 # no decay on 'norm' names, float16 (Fp16OptimizerHook). 2 images per GPU, GPU count unstated (8 assumed: batch 16).
 # Drop path: the ImageNet rates, S 0.15, B 0.4, L 0.55.
-for _size, _drop in (("small", 0.15), ("base", 0.4), ("large", 0.55)):
+# RAVLT-T: only the Semantic FPN checkpoint is published (no config): the small config with the tiny encoder.
+for _size, _drop in (("tiny", 0.1), ("small", 0.15), ("base", 0.4), ("large", 0.55)):
     PUBLISHED[f"ravlt_{_size}_fpn_ade20k_80k"] = {**SEMANTIC_FPN, "drop_path": _drop, "min_lr": 1e-6,
                                                  "precision": "32-true"}
-    PUBLISHED[f"ravlt_{_size}_upernet_ade20k_160k"] = {**UPERNET, "drop_path": _drop, "precision": "16-mixed"}
+    if _size != "tiny":
+        PUBLISHED[f"ravlt_{_size}_upernet_ade20k_160k"] = {**UPERNET, "drop_path": _drop, "precision": "16-mixed"}
+# the published Agent-PVT segmentation backbone: no output norms, flooring patch embeddings (SPEC-family part 12)
+for _name in [n for n in PUBLISHED if n.startswith("agent_pvt_")]:
+    PUBLISHED[_name]["encoder_extra"] = {"feature_norms": False, "patch_floor": True}
 CROP, BATCH = 512, 16  # both recipes
 
 
 def test_every_paper_config_has_a_row() -> None:
     assert {p.stem for p in CONFIGS.glob("*_ade20k_*.yaml")} == set(PUBLISHED)
+
+
+def test_every_published_segmenter_names_its_config() -> None:
+    """The published scores the converter and README quote belong to configs that exist, and every published
+    segmentation config (Agent, MLLA, RAVLT) has its published score."""
+    from seg.published import PUBLISHED as SCORES
+
+    assert set(SCORES) <= set(PUBLISHED)
+    assert {n for n in PUBLISHED if n.startswith(("agent_", "mlla_", "ravlt_"))} == set(SCORES)
 
 
 def _parse(config: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> SegmentationCLI:
@@ -97,6 +111,8 @@ def test_config_matches_published_recipe(name: str, monkeypatch: pytest.MonkeyPa
     model = cfg.model.model.init_args
     assert model.encoder_kwargs["drop_path_rate"] == expected["drop_path"]
     assert list(model.encoder_kwargs.get("agent_shapes", [])) == expected.get("agent_shapes", [])
+    for key, value in expected.get("encoder_extra", {}).items():
+        assert model.encoder_kwargs[key] == value
     assert model.aux_head == (expected["aux_weight"] is not None)
     if expected["aux_weight"] is not None:
         assert cfg.model.aux_weight == expected["aux_weight"]

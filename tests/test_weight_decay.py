@@ -65,10 +65,10 @@ def _fsdp_wrap(task: SegmentationTask, use_orig_params: bool) -> None:
 RECIPES = [
     ("test_flatten_pvt", "semantic_fpn", "decay_all",
      {"model.encoder.model.model.block1.0.attn.scale", "model.encoder.model.model.block1.0.norm1.weight",
-      "model.encoder.model.model.pos_embed1", "model.decode_head.classifier.bias"}, set()),
+      "model.encoder.model.model.pos_embed1", "model.decode_head.conv_seg.bias"}, set()),
     ("test_flatten_swin", "upernet", "norms_tables",
-     {"model.encoder.model.model.layers.0.blocks.0.attn.qkv.bias", "model.decode_head.classifier.weight",
-      "model.decode_head.classifier.bias"},
+     {"model.encoder.model.model.layers.0.blocks.0.attn.qkv.bias", "model.decode_head.conv_seg.weight",
+      "model.decode_head.conv_seg.bias"},
      {"model.encoder.model.model.layers.0.blocks.0.attn.scale",
       "model.encoder.model.model.layers.0.blocks.0.attn.positional_encoding",
       "model.encoder.model.model.layers.2.blocks.0.attn.relative_position_bias_table",

@@ -9,8 +9,10 @@ segmentation models use 12, 16, 28, 28; at 512 x 512 stage 4's 16 x 16 map is po
 bias tables keep their published shapes and are resized to the map and the agent grid on the fly.
 
 Features: as FLatten-PVT, 4 NCHW maps at strides 4/8/16/32 through new output norms ``norm1..4`` (built for feature
-models only; the published segmentation backbone returns the trunk maps unnormalised); published checkpoints load
-unchanged (names and shapes equal) with ``pretrained_cfg_overlay=dict(file=...)``.
+models only); published checkpoints load unchanged (names and shapes equal) with
+``pretrained_cfg_overlay=dict(file=...)``. The published *segmentation* backbone differs in two ways, both options
+here (``feature_norms=False, patch_floor=True``, as the Agent-PVT ADE20K configs set): it returns the trunk maps
+unnormalised, and its patch embeddings floor odd sizes where this model pads them.
 """
 
 from __future__ import annotations
@@ -93,7 +95,10 @@ class AgentPVT(FLattenPVT):
         attn_drop_rate: dropout on the attention weights.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
-        feature_norms: build the per-stage output norms ``norm1..4`` (``features_only=True`` sets it).
+        feature_norms: build the per-stage output norms ``norm1..4`` (``features_only=True`` sets it; the
+            published segmentation backbone has none: ``feature_norms=False``).
+        patch_floor: patch embeddings drop an incomplete last row / column of patches (the published segmentation
+            backbone) instead of padding it.
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class AgentPVT(FLattenPVT):
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
         feature_norms: bool = False,
+        patch_floor: bool = False,
     ) -> None:
         if len(attn_type) != 4:
             raise ValueError(f"attn_type {attn_type!r} must be 4 letters of A (agent) / B (softmax)")
@@ -124,7 +130,7 @@ class AgentPVT(FLattenPVT):
                          num_heads=num_heads, mlp_ratios=mlp_ratios, depths=depths, sr_ratios=sr_ratios,
                          attn_type=attn_type, attn_layers=factories, attn_backend=attn_backend, version=1,
                          qkv_bias=qkv_bias, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         global_pool=global_pool, feature_norms=feature_norms)
+                         global_pool=global_pool, feature_norms=feature_norms, patch_floor=patch_floor)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -45,15 +45,16 @@ LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 class PatchEmbed(nn.Module):
     """Strided conv embedding + LayerNorm; v1 patches do not overlap (kernel = stride), v2's do."""
 
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int) -> None:
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int, floor: bool = False) -> None:
         super().__init__()
         padding = patch_size // 2 if patch_size > stride else 0
-        self.pad_to_stride = patch_size == stride
+        self.pad_to_stride = patch_size == stride and not floor
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding)
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """(B, C_in, H, W) -> tokens (B, N, C) and their grid (H', W'): ceil(H / stride) x ceil(W / stride)."""
+        """(B, C_in, H, W) -> tokens (B, N, C) and their grid (H', W'): ceil(H / stride) x ceil(W / stride), or
+        floor(H / stride) x floor(W / stride) for ``floor`` (the last incomplete row / column of patches dropped)."""
         if self.pad_to_stride:  # non-overlapping patches: complete the last row / column of patches with zeros
             stride = self.proj.stride[0]
             x = F.pad(x, (0, -x.shape[3] % stride, 0, -x.shape[2] % stride))
@@ -141,6 +142,9 @@ class FLattenPVT(StagedEncoder):
         kernel_size: kernel of the rank-restoring depthwise conv.
         global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
         feature_norms: build v1's per-stage output norms (``features_only=True`` sets it).
+        patch_floor: non-overlapping patch embeddings drop an incomplete last row / column of patches instead of
+            completing it with zeros (the published Agent-PVT segmentation backbone's sizes: 85 columns at
+            stride 4 for a width of 342, where padding gives 86).
     """
 
     def __init__(
@@ -165,6 +169,7 @@ class FLattenPVT(StagedEncoder):
         kernel_size: int = 5,
         global_pool: str = "avg",
         feature_norms: bool = False,
+        patch_floor: bool = False,
     ) -> None:
         super().__init__(feature_norms)
         if len(attn_type) != 4:
@@ -191,7 +196,7 @@ class FLattenPVT(StagedEncoder):
             if version == 2:
                 patch, step = (7, 4) if i == 0 else (3, 2)
             c_in = in_chans if i == 0 else embed_dims[i - 1]
-            self.add_module(f"patch_embed{i + 1}", PatchEmbed(c_in, embed_dims[i], patch, step))
+            self.add_module(f"patch_embed{i + 1}", PatchEmbed(c_in, embed_dims[i], patch, step, patch_floor))
             if version == 1:
                 self.register_parameter(f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid[0] * grid[1],
                                                                                        embed_dims[i])))

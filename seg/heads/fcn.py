@@ -1,38 +1,31 @@
-"""Auxiliary FCN head of the UperNet recipe: a deep-supervision branch on the stride-16 encoder map.
-
-One 3x3 conv (no bias) + BatchNorm + ReLU, channel dropout, 1x1 classifier. It is used only in training
-(loss weight 0.4 in the recipe) and adds no cost at inference.
+"""Auxiliary FCN head of the UperNet recipes as mmsegmentation 0.x computes it (``FCNHead`` with one conv, no
+concatenation of the input): a deep-supervision branch on the stride-16 encoder map, loss weight 0.4 in training,
+unused at inference. Names as mmseg's: ``convs.0.conv``, ``convs.0.bn``, ``conv_seg``.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from seg.heads._blocks import ConvModule, DecodeHead
+
 __all__ = ["AuxFCNHead"]
 
 
-class AuxFCNHead(nn.Module):
-    """FCN head with one conv block.
+class AuxFCNHead(DecodeHead):
+    """FCN head: a 3x3 ConvModule, dropout, ``conv_seg``.
 
     Args:
         in_channels: channels of the input map (the encoder's stage-3 width).
         num_classes: number of output classes.
-        channels: width of the conv block (recipe: 256).
-        dropout: channel dropout probability before the classifier (recipe: 0.1).
+        channels: width of the conv block (recipes: 256).
+        dropout: channel dropout before ``conv_seg`` (recipes: 0.1).
     """
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 256, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-        )
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        super().__init__(channels, num_classes, dropout)
+        self.convs = nn.Sequential(ConvModule(in_channels, channels, 3))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Map (B, in_channels, H, W) to logits (B, num_classes, H, W)."""
-        return self.classifier(self.dropout(self.conv(x)))
+        """(B, in_channels, h, w) -> logits (B, num_classes, h, w)."""
+        return self.classify(self.convs(x))
