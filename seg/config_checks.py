@@ -190,7 +190,8 @@ def check_model_arguments(path: Path, model: Mapping[str, Any], decoders: Collec
 
 
 def check_dataset_section(path: Path, dataset: Any, num_classes: int) -> None:
-    """The ``dataset`` section: names and palette of ``num_classes`` classes, mean / std, test_scale."""
+    """The ``dataset`` section: names and palette of ``num_classes`` classes, ignore index, mean / std,
+    test_scale."""
     if dataset is None:
         return
     if not isinstance(dataset, dict):
@@ -213,6 +214,13 @@ def check_dataset_section(path: Path, dataset: Any, num_classes: int) -> None:
         if dataset.get(key) is not None:
             for i, value in enumerate(_list(path, f"dataset.{key}", dataset[key], length=3)):
                 _number(path, f"dataset.{key}[{i}]", value, low, float(UINT8_MAX))
+    if dataset.get("ignore_index") is not None:
+        _int(path, "dataset.ignore_index", dataset["ignore_index"], num_classes, UINT8_MAX)
+    if "reduce_zero_label" in dataset and not isinstance(dataset["reduce_zero_label"], bool):
+        raise _fail(path, "dataset.reduce_zero_label", f"must be true or false, got {dataset['reduce_zero_label']!r}")
+    if dataset.get("num_classes") is not None and dataset["num_classes"] != num_classes:
+        raise _fail(path, "dataset.num_classes", f"must equal the model's {num_classes}, "
+                    f"got {dataset['num_classes']!r}")
     if dataset.get("test_scale") is not None:
         scale = _list(path, "dataset.test_scale", dataset["test_scale"], length=2)
         for i, side in enumerate(scale):

@@ -23,6 +23,7 @@ the file allows, so the optimizer state is never read into memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
 from collections.abc import Mapping, Sequence
@@ -193,10 +194,8 @@ def convert(checkpoint_path: Path, cli_args: Sequence[str], out: Path) -> Path:
                                   "(listed above)")
         model.load_state_dict(state, strict=False)
         names, palette = _dataset_from_meta(checkpoint.get("meta"), model.num_classes)
-        if names is not None:
-            predictor.class_names = names
-        if palette is not None:
-            predictor.palette = np.asarray(palette, dtype=np.int64)
+        facts = {"class_names": tuple(names or ()), "palette": tuple(map(tuple, palette or ()))}
+        predictor.spec = dataclasses.replace(predictor.spec, **{k: v for k, v in facts.items() if v})
     config = next((a for a in args if a.endswith((".yaml", ".yml"))), None)
     published = published_for(config) if config else None
     predictor.source = {

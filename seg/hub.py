@@ -30,7 +30,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from seg.config_checks import check_dataset_section, check_inference_section, check_model_arguments, load_bounded_json
@@ -145,7 +145,7 @@ def write_weights(model: torch.nn.Module, path: Path) -> None:
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_bytes(save(state, metadata={"format": "pt"}))
+        save_file(state, str(tmp), metadata={"format": "pt"})  # tensor by tensor, no whole-file buffer
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -310,6 +310,19 @@ class Segmentor(
         config_path = hub.resolve_file(pretrained_model_name_or_path, hub.CONFIG_FILE, **where)
         weights_path = hub.resolve_file(pretrained_model_name_or_path, hub.WEIGHTS_FILE, **where)
         config = hub.read_config(config_path, DECODERS)
+        return cls.from_files(config, config_path, weights_path, map_location, **model_kwargs)
+
+    @classmethod
+    def from_files(
+        cls,
+        config: dict[str, Any],
+        config_path: Path,
+        weights_path: Path,
+        map_location: str | torch.device = "cpu",
+        **model_kwargs: Any,
+    ) -> Segmentor:
+        """The segmentor of a ``config.json`` already read by :func:`seg.hub.read_config` and its weights file,
+        in eval mode on ``map_location`` (``model_kwargs`` override the saved arguments)."""
         arguments = {**upgrade_arguments(config["model"], config["version"]), **model_kwargs}
         try:
             model = cls(**arguments)

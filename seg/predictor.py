@@ -26,7 +26,7 @@ import torch
 
 from seg import hub
 from seg.data.ade20k import image_to_tensor
-from seg.data.spec import ADE20K, IMAGENET_MEAN, IMAGENET_STD, UINT8_MAX, make_palette
+from seg.data.spec import ADE20K, DatasetSpec, as_spec
 from seg.data.transforms import eval_transform
 from seg.inference import InferenceConfig
 from seg.limits import DEFAULT_MAX_PIXELS, check_pixels, predict_labels
@@ -39,18 +39,15 @@ DEFAULT_TEST_SCALE: tuple[int, int] = ADE20K.test_scale
 
 @dataclass
 class Predictor:
-    """A segmentor with its classes, colours, preprocessing and inference mode.
+    """A segmentor with the facts of its data set (classes, colours, ignore label, preprocessing) and its
+    inference mode.
 
     Args:
         model: the network.
-        class_names: one name per class; None: the ADE20K names for a model of ADE20K's class count, else
-            ``class_0``, ...
-        palette: (K, 3) RGB colours, 8-bit integers; None: ``make_palette(K)``, the prediction writer's colours.
-        mean: per-channel RGB mean on the 8-bit pixel scale, subtracted before the network.
-        std: per-channel RGB standard deviation on the 8-bit pixel scale.
-        test_scale: (long, short) box images are rescaled to fit (keeping their aspect ratio).
+        spec: the data set's facts (:class:`~seg.data.spec.DatasetSpec`: class names, palette, ignore index,
+            normalisation mean / std, evaluation rescale); None: ADE20K's for a model of ADE20K's class count,
+            else unnamed classes (``class_0``, ...) with the defaults.
         inference: whole-image, sliding-window or multi-scale inference.
-        dataset: name of the training data set, for the model card (None: not known).
         metrics: validation scores, e.g. ``{"val/mIoU": 0.69}``, for the model card (None: not known).
         max_pixels: :meth:`predict` refuses larger photos (:class:`~seg.limits.ImageTooLargeError`); None: no
             limit. Not saved: a setting of the machine that runs the model.
@@ -59,55 +56,67 @@ class Predictor:
     """
 
     model: Segmentor
-    class_names: list[str] | None = None
-    palette: np.ndarray | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    test_scale: tuple[int, int] = DEFAULT_TEST_SCALE
+    spec: DatasetSpec | None = None
     inference: InferenceConfig = field(default_factory=InferenceConfig)
-    dataset: str | None = None
     metrics: dict[str, float] | None = None
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     source: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         k = self.model.num_classes
-        if self.class_names is None:
-            same = k == ADE20K.num_classes
-            self.class_names = list(ADE20K.class_names) if same else [f"class_{i}" for i in range(k)]
-        self.class_names = [str(name) for name in self.class_names]
-        self.palette = make_palette(len(self.class_names)) if self.palette is None else np.asarray(self.palette)
-        self.mean = tuple(float(v) for v in self.mean)
-        self.std = tuple(float(v) for v in self.std)
-        self.test_scale = (int(self.test_scale[0]), int(self.test_scale[1]))
-        problem = _check_dataset(k, self.class_names, self.palette, self.mean, self.std)
-        if problem:
-            raise ValueError(problem)
+        if self.spec is None:
+            self.spec = ADE20K if k == ADE20K.num_classes else DatasetSpec(num_classes=k, name="")
+        self.spec = as_spec(self.spec)
+        if self.spec.num_classes != k:
+            raise ValueError(f"data set spec {self.spec.name!r} has {self.spec.num_classes} classes for a model of "
+                             f"{k} classes")
+
+    @property
+    def class_names(self) -> list[str]:
+        """One name per class (the spec's)."""
+        return list(self.spec.class_names)
+
+    @property
+    def palette(self) -> np.ndarray:
+        """(K, 3) uint8 RGB colours (the spec's)."""
+        return self.spec.palette_array
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.spec.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.spec.std
+
+    @property
+    def test_scale(self) -> tuple[int, int]:
+        return self.spec.test_scale
+
+    @property
+    def dataset(self) -> str | None:
+        """The data set's name (None: not known)."""
+        return self.spec.name or None
 
     @classmethod
     def from_pretrained(
         cls, source: str | os.PathLike[str], map_location: str | torch.device = "cpu", **hub_kwargs: Any
     ) -> Predictor:
         """Load a folder or Hub repository written by :meth:`save_pretrained` (or by ``Segmentor.save_pretrained``:
-        then the defaults stand in for the data-set facts). ``hub_kwargs``: revision, cache_dir, token,
-        local_files_only, force_download.
+        then the defaults stand in for the data-set facts). ``config.json`` is read and checked once.
+        ``hub_kwargs``: revision, cache_dir, token, local_files_only, force_download.
 
         Raises:
             FileNotFoundError: a missing folder or file (named).
             ValueError: an unreadable file, a bad entry, or weights that do not match the config (named).
         """
         config_path = hub.resolve_file(source, hub.CONFIG_FILE, **hub_kwargs)
+        weights_path = hub.resolve_file(source, hub.WEIGHTS_FILE, **hub_kwargs)
         config = hub.read_config(config_path, DECODERS)
-        dataset = config["dataset"] or {}
-        if not isinstance(dataset, dict):
-            raise ValueError(f"{config_path}: 'dataset' must be a mapping")
-        model = Segmentor.from_pretrained(source, map_location=map_location, **hub_kwargs)
+        model = Segmentor.from_files(config, config_path, weights_path, map_location)
         try:
-            return cls(model, dataset.get("class_names"), dataset.get("palette"),
-                       tuple(dataset.get("mean", IMAGENET_MEAN)), tuple(dataset.get("std", IMAGENET_STD)),
-                       tuple(dataset.get("test_scale", DEFAULT_TEST_SCALE)),
-                       _inference(config["inference"]), dataset.get("name"), config["metrics"],
-                       source=config["source"])
+            spec = _spec(config["dataset"], model.num_classes)
+            return cls(model, spec, _inference(config["inference"]), config["metrics"], source=config["source"])
         except (TypeError, ValueError) as err:
             raise ValueError(f"{config_path}: {err}") from err
 
@@ -122,9 +131,8 @@ class Predictor:
         }
 
     def dataset_facts(self) -> dict[str, Any]:
-        """The ``dataset`` section of ``config.json``."""
-        return {"name": self.dataset, "class_names": list(self.class_names), "palette": self.palette.tolist(),
-                "mean": list(self.mean), "std": list(self.std), "test_scale": list(self.test_scale)}
+        """The ``dataset`` section of ``config.json``: the spec's fields (``name`` null when not known)."""
+        return {**self.spec.to_dict(), "name": self.dataset}
 
     def save_pretrained(self, directory: str | os.PathLike[str], **kwargs: Any) -> Path:
         """Write ``config.json``, ``model.safetensors`` and the model card (``README.md``, kept if the folder
@@ -169,14 +177,11 @@ def _inference(entry: Mapping[str, Any] | None) -> InferenceConfig:
         raise ValueError(f"bad 'inference' entry: {err}") from err
 
 
-def _check_dataset(num_classes: int, class_names: Any, palette: np.ndarray, mean: Any, std: Any) -> str:
-    """What is wrong with the class names, palette and normalisation of a ``num_classes`` model ("" if nothing)."""
-    if not isinstance(class_names, list | tuple) or len(class_names) != num_classes:
-        count = len(class_names) if isinstance(class_names, list | tuple) else "no list of"
-        return f"{count} class names for a model of {num_classes} classes"
-    if palette.shape != (num_classes, 3) or not np.issubdtype(palette.dtype, np.integer) \
-            or palette.min(initial=0) < 0 or palette.max(initial=0) > UINT8_MAX:
-        return f"palette must be {num_classes} RGB triples of integers 0..{UINT8_MAX}, got shape {palette.shape}"
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        return f"mean and std must be 3 values per RGB channel (std > 0), got {list(mean)} and {list(std)}"
-    return ""
+def _spec(entry: Mapping[str, Any] | None, num_classes: int) -> DatasetSpec | None:
+    """A ``dataset`` section as a spec of ``num_classes`` classes (None: no section, the defaults)."""
+    if entry is None:
+        return None
+    if not isinstance(entry, Mapping):
+        raise ValueError("'dataset' must be a mapping")
+    fields = {k: v for k, v in entry.items() if v is not None and k != "num_classes"}
+    return as_spec({**fields, "num_classes": num_classes, "name": entry.get("name") or ""})

@@ -57,9 +57,8 @@ def from_config(cli_args: Sequence[str], ckpt_path: str | None = None) -> Predic
         configs = " ".join(a for a in cli_args if a.endswith((".yaml", ".yml"))) or "the command line"
         checkpoint = load_checkpoint(task.model, ckpt_path, built_from=configs)
         metrics = best_score(checkpoint, ckpt_path)
-    spec = data.spec  # the data set's facts, as training read them
-    return Predictor(task.model.eval(), list(spec.class_names), spec.palette_array, spec.mean, spec.std,
-                     spec.test_scale, inference=task.inference, dataset=spec.name, metrics=metrics)
+    # the data set's facts, as training read them
+    return Predictor(task.model.eval(), data.spec, inference=task.inference, metrics=metrics)
 
 
 def from_checkpoint(cli_args: Sequence[str], ckpt_path: str) -> Predictor:

@@ -19,3 +19,10 @@ def small_spec(num_classes: int, test_scale: tuple[int, int] = SMALL_SCALE) -> D
 def spec_arg(spec: DatasetSpec) -> str:
     """The command-line option giving ``spec`` to the data module (its fields as JSON)."""
     return f"--data.spec={json.dumps(spec.to_dict())}"
+
+
+def named_spec(class_names: list[str] | tuple[str, ...], test_scale: tuple[int, int] = SMALL_SCALE,
+               name: str = "", **fields: object) -> DatasetSpec:
+    """A spec of the given class names at ``test_scale`` (``name`` empty: a data set not named)."""
+    return DatasetSpec(num_classes=len(class_names), name=name, class_names=tuple(class_names),
+                       test_scale=test_scale, **fields)

@@ -15,6 +15,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="the web demo needs the app extra: pip install -e '.[app]'")
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx: pip install -e '.[dev]'")
+from _specs import named_spec  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from seg.app import create_app, main, serve_in_background  # noqa: E402
@@ -44,7 +45,7 @@ def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       aux_head=False)
     with torch.no_grad():  # spread the classifier's output so several classes show up
         model.decode_head.conv_seg.weight.mul_(50)
-    predictor = Predictor(model, class_names=NAMES, test_scale=(128, 64))
+    predictor = Predictor(model, named_spec(NAMES, (128, 64)))
     return predictor.save_pretrained(tmp_path_factory.mktemp("pretrained") / "tiny")
 
 
@@ -181,7 +182,7 @@ def test_every_attention_family_serves(encoder: str, decoder: str, tmp_path: Pat
     multiple of the encoder's stride segmented through the API exactly as the predictor segments it."""
     torch.manual_seed(0)
     model = Segmentor(encoder, decoder, num_classes=len(NAMES), decoder_channels=16, aux_head=False)
-    folder = Predictor(model, class_names=NAMES, test_scale=(128, 64)).save_pretrained(tmp_path / encoder)
+    folder = Predictor(model, named_spec(NAMES, (128, 64))).save_pretrained(tmp_path / encoder)
     loaded = Predictor.from_pretrained(folder)
     client = TestClient(create_app(loaded), base_url="http://127.0.0.1")
     assert client.get("/api/info").json()["model"] == f"{encoder} + {decoder}"

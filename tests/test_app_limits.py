@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _specs import named_spec
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the web demo needs the app extra: pip install -e '.[app]'")
@@ -36,7 +37,7 @@ def png(h: int = 40, w: int = 60) -> bytes:
 def predictor() -> Predictor:
     torch.manual_seed(0)
     model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=3, decoder_channels=16, aux_head=False).eval()
-    return Predictor(model, ["a", "b", "c"], test_scale=(64, 32))
+    return Predictor(model, named_spec(["a", "b", "c"], (64, 32)))
 
 
 class SlowPredictor(Predictor):
@@ -50,7 +51,7 @@ class SlowPredictor(Predictor):
 
 
 def test_second_user_is_told_busy_at_once(predictor: Predictor) -> None:
-    slow = SlowPredictor(predictor.model, predictor.class_names, test_scale=(64, 32))
+    slow = SlowPredictor(predictor.model, predictor.spec)
     slow.delay = 3.0
     client = TestClient(create_app(slow, workers=1, busy_wait=0.3), base_url=LOCAL)
     first: dict[str, int] = {}

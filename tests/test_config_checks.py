@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _specs import named_spec
 
 from seg.hub import CONFIG_FILE, WEIGHTS_FILE
 from seg.inference import InferenceConfig
@@ -25,7 +26,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=3, decoder_channels=16, aux_head=False).eval()
     folder = tmp_path_factory.mktemp("pretrained") / "tiny"
-    Predictor(model, ["a", "b", "c"], test_scale=(128, 64), inference=InferenceConfig("slide", 64, 48)) \
+    Predictor(model, named_spec(["a", "b", "c"], (128, 64)), inference=InferenceConfig("slide", 64, 48)) \
         .save_pretrained(folder)
     return folder
 

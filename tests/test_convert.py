@@ -188,14 +188,20 @@ def _tiny_cli(root: Path) -> list[str]:
             "--data.crop_size=64", "--data.batch_size=2", "--data.num_workers=0", "--data.train_scale=[128, 64]"]
 
 
-def test_fine_tune_on_another_class_count(converted: Path, reference: Segmentor, tiny_root: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """12 demo classes from a 150-class model: only the classifiers start fresh, and 50 steps train."""
+def _fine_tune_cli(converted: Path, root: Path) -> object:
+    args = [*_tiny_cli(root), spec_arg(DEMO_SMALL), f"--model.weights={converted}", "--trainer.max_steps=50",
+            "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null",
+            "--trainer.check_val_every_n_epoch=1000"]
+    return cli_main(args, run=False)
+
+
+def test_weights_on_another_class_count_reset_only_the_classifiers(
+        converted: Path, reference: Segmentor, tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """12 demo classes from a 150-class model: the classifiers start fresh, one line says so, the rest loads."""
     monkeypatch.chdir(tmp_path)
-    args = [*_tiny_cli(tiny_root), spec_arg(DEMO_SMALL), f"--model.weights={converted}"]
     with caplog.at_level("INFO"):
-        cli = cli_main([*args, "--trainer.max_steps=50", "--trainer.limit_val_batches=0",
-                        "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1000"], run=False)
+        cli = _fine_tune_cli(converted, tiny_root)
     assert any("re-initialised the classifiers aux_head.conv_seg, decode_head.conv_seg for 12 classes (the weights "
                "have 150)" in r.getMessage() for r in caplog.records)
     loaded, ref = cli.model.model.state_dict(), reference.state_dict()
@@ -203,7 +209,14 @@ def test_fine_tune_on_another_class_count(converted: Path, reference: Segmentor,
     for name, value in ref.items():
         if ".conv_seg." not in name:
             torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
-    before = loaded["decode_head.fpn_bottleneck.conv.weight"].clone()
+
+
+@pytest.mark.slow
+def test_fine_tune_50_steps_on_the_demo_data(converted: Path, tiny_root: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = _fine_tune_cli(converted, tiny_root)
+    before = cli.model.model.state_dict()["decode_head.fpn_bottleneck.conv.weight"].clone()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 50
     assert not torch.equal(cli.model.model.state_dict()["decode_head.fpn_bottleneck.conv.weight"], before)

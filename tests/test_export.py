@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import seg  # noqa: F401  (registers the encoders)
+from seg.data.spec import DatasetSpec
 from seg.export import (
     WholeImage,
     export_onnx,
@@ -120,7 +121,8 @@ def test_cli_builds_from_config_and_checkpoint(tmp_path):
 def test_saved_model_with_its_preprocessing(tmp_path):
     """--pretrained: the saved model on the reference backend, and the input the graph expects, in words."""
     reference = _segmentor("test_flatten_pvt_v2", "semantic_fpn")
-    Predictor(reference, test_scale=(640, 160), mean=(100, 110, 120)).save_pretrained(tmp_path / "saved")
+    spec = DatasetSpec(num_classes=5, test_scale=(640, 160), mean=(100, 110, 120))
+    Predictor(reference, spec).save_pretrained(tmp_path / "saved")
     predictor = load_predictor(pretrained=str(tmp_path / "saved"))
     layers = [m for m in predictor.model.modules() if isinstance(m, FocusedLinearAttention)]
     assert all(m.attn_backend == "reference" for m in layers)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from seg.data import ade20k
 from seg.data.ade20k import ImageFolder, read_rgb
+from seg.data.spec import DatasetSpec
 from seg.data.transforms import eval_transform
 from seg.inference import InferenceConfig, run_inference
 from seg.limits import ImageTooLargeError, labels_at, predict_labels
@@ -57,7 +58,7 @@ def test_predict_labels_match_run_inference_for_every_mode() -> None:
 def test_predictor_refuses_photos_above_its_pixel_limit() -> None:
     torch.manual_seed(0)
     model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=3, aux_head=False).eval()
-    predictor = Predictor(model, test_scale=(64, 32), max_pixels=40 * 30)
+    predictor = Predictor(model, DatasetSpec(num_classes=3, test_scale=(64, 32)), max_pixels=40 * 30)
     assert predictor.predict(np.zeros((30, 40, 3), np.uint8)).shape == (30, 40)
     with pytest.raises(ImageTooLargeError, match=r"image is 41 x 30 = 0.0 MP, above the limit"):
         predictor.predict(np.zeros((30, 41, 3), np.uint8))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _specs import DEMO_SMALL, spec_arg
+from _specs import DEMO_SMALL, named_spec, spec_arg
 from safetensors.torch import save_file
 
 from seg.cli import cli_main
@@ -45,8 +45,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Predictor, Path]:
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     folder = tmp_path_factory.mktemp("pretrained") / "tiny"
-    predictor = Predictor(model, NAMES, test_scale=(128, 64), inference=InferenceConfig("slide", 64, 48),
-                          dataset="street scenes", metrics={"val/mIoU": 0.4321})
+    predictor = Predictor(model, named_spec(NAMES, (128, 64), name="street scenes"),
+                          inference=InferenceConfig("slide", 64, 48), metrics={"val/mIoU": 0.4321})
     assert predictor.save_pretrained(folder) == folder
     return predictor, folder
 
@@ -69,7 +69,8 @@ def test_config_json_and_model_card(saved: tuple[Predictor, Path]) -> None:
     config = json.loads((folder / CONFIG_FILE).read_text())
     assert config == {
         **ARGUMENTS, "format": "flatten-seg", "version": 3, "metrics": {"val/mIoU": 0.4321},
-        "dataset": {"name": "street scenes", "class_names": NAMES, "palette": make_palette(4).tolist(),
+        "dataset": {"name": "street scenes", "num_classes": 4, "ignore_index": 255, "reduce_zero_label": True,
+                    "class_names": NAMES, "palette": make_palette(4).tolist(),
                     "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "test_scale": [128, 64]},
         "inference": {**config["inference"], "mode": "slide", "crop_size": 64, "stride": 48},
     }  # fmt: skip
