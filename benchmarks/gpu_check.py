@@ -77,7 +77,7 @@ def _peak_mib(fn: Callable[[], None], device: torch.device) -> str:
 
 
 def _triton_usable(device: torch.device) -> bool:
-    from seg.kernels.focused_linear.triton_ops import triton_available
+    from seg.kernels.focused_linear.triton.launch import triton_available
 
     return (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()
 

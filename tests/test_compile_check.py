@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seg.kernels import compile_check
-from seg.kernels.focused_linear.triton_tiles import (
+from seg.kernels.focused_linear.triton.tiles import (
     ARCH_SHARED_LIMIT,
     PAD_HEAD_DIMS,
     Tiles,

@@ -183,7 +183,7 @@ def test_rejects_tokens_that_do_not_form_the_grid() -> None:
 
 @pytest.mark.parametrize("heads", [1, 3])
 def test_hand_written_backward_passes_gradcheck_in_float64(heads: int) -> None:
-    from seg.kernels.focused_linear.cpu_ops import FocusedTokens
+    from seg.kernels.focused_linear.cpu.closed_form import FocusedTokens
 
     C = heads * 4
     q, k, v = (torch.randn(2, m, C, dtype=torch.float64) for m in (7, 5, 5))
@@ -198,7 +198,7 @@ def test_hand_written_backward_passes_gradcheck_in_float64(heads: int) -> None:
 @pytest.mark.parametrize("batch", [1, 2])
 def test_float32_backward_matches_float64(heads: int, batch: int) -> None:
     """float32 on CPU takes the oneDNN products (one image) or batched matmuls; both match float64."""
-    from seg.kernels.focused_linear.cpu_ops import FocusedTokens
+    from seg.kernels.focused_linear.cpu.closed_form import FocusedTokens
 
     C = heads * 8
     q, k, v = (torch.randn(batch, 50, C, dtype=torch.float64) for _ in range(3))
@@ -215,7 +215,7 @@ def test_float32_backward_matches_float64(heads: int, batch: int) -> None:
 
 
 def test_depthwise_conv_backward_passes_gradcheck_in_float64() -> None:
-    from seg.kernels.focused_linear.cpu_ops import depthwise_conv_same
+    from seg.kernels.focused_linear.cpu.closed_form import depthwise_conv_same
 
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(3, 1, 5, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
