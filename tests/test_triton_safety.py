@@ -73,21 +73,21 @@ def check_half_matches_float64(dtype_name: str, h: int, d: int, N: int, n: int) 
         assert _rel_err(a, e) < HALF_TOLERANCE[dtype_name], (name, _rel_err(a, e))
 
 
-def _fresh_safe_entry():
-    import seg.kernels.focused_linear.triton.checked as triton_safe
+def _fresh_checked_entry():
+    from seg.kernels.focused_linear.triton import checked
 
-    triton_safe._verdicts.clear()
-    triton_safe._warned.clear()
-    return triton_safe
+    checked._verdicts.clear()
+    checked._warned.clear()
+    return checked
 
 
 def _assert_reference_with_warning(match: str, h: int, problem: list[torch.Tensor]) -> None:
     """The checked entry warns once (message matching ``match``) and returns the reference's output and gradients."""
-    import seg.kernels.focused_linear.triton.checked as triton_safe
+    from seg.kernels.focused_linear.triton import checked
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        actual = _run(triton_safe.focused_linear_attention, *problem, h)
+        actual = _run(checked.focused_linear_attention, *problem, h)
     messages = [str(w.message) for w in caught if "attn_backend 'triton'" in str(w.message)]
     assert len(messages) == 1 and match in messages[0], messages
     expected = _reference64(*problem, h)
@@ -97,12 +97,12 @@ def _assert_reference_with_warning(match: str, h: int, problem: list[torch.Tenso
 
 def check_failing_launch_falls_back() -> None:
     """A launch error after the probe passed (forward, then backward): one warning each, the reference's results."""
-    import seg.kernels.focused_linear.triton.launch as launch
+    from seg.kernels.focused_linear.triton import launch
 
-    triton_safe = _fresh_safe_entry()
+    checked = _fresh_checked_entry()
     problem = _problem(2, 16, 24, 24, torch.float32)
-    _run(triton_safe.focused_linear_attention, *problem, 2)  # probes: the kernels are trusted
-    assert list(triton_safe._verdicts.values()) == [None], triton_safe._verdicts
+    _run(checked.focused_linear_attention, *problem, 2)  # probes: the kernels are trusted
+    assert list(checked._verdicts.values()) == [None], checked._verdicts
     original = launch.forward, launch.backward
 
     def out_of_resources(*args, **kwargs):
@@ -111,20 +111,20 @@ def check_failing_launch_falls_back() -> None:
     try:
         launch.forward = out_of_resources
         _assert_reference_with_warning("out of resource", 2, problem)
-        assert "RuntimeError" in triton_safe._verdicts[("cpu", torch.float32, 16, True, 3.0)]
-        triton_safe = _fresh_safe_entry()
+        assert "RuntimeError" in checked._verdicts[("cpu", torch.float32, 16, True, 3.0)]
+        checked = _fresh_checked_entry()
         launch.forward, launch.backward = original[0], out_of_resources
         _assert_reference_with_warning("out of resource", 2, problem)  # the forward ran the kernels
     finally:
         launch.forward, launch.backward = original
-        _fresh_safe_entry()
+        _fresh_checked_entry()
 
 
 def check_disagreement_falls_back() -> None:
     """Kernels that compute a wrong gradient fail the probe: the reference runs, with the reason."""
-    import seg.kernels.focused_linear.triton.launch as launch
+    from seg.kernels.focused_linear.triton import launch
 
-    _fresh_safe_entry()
+    _fresh_checked_entry()
     original = launch.backward
 
     def wrong_backward(*args, **kwargs):
@@ -136,15 +136,15 @@ def check_disagreement_falls_back() -> None:
         _assert_reference_with_warning("(dk at head dim 13: relative error", 2, _problem(2, 16, 24, 9, torch.float32))
     finally:
         launch.backward = original
-        _fresh_safe_entry()
+        _fresh_checked_entry()
 
 
 def check_unsupported_inputs_fall_back() -> None:
     """float64 and head dims over 128 run the reference, with a warning naming the reason; never an error."""
-    _fresh_safe_entry()
+    _fresh_checked_entry()
     _assert_reference_with_warning("float64", 2, _problem(2, 16, 12, 12, torch.float64))
     _assert_reference_with_warning("head dim 160 exceeds 128", 1, _problem(1, 160, 6, 6, torch.float32))
-    _fresh_safe_entry()
+    _fresh_checked_entry()
 
 
 def check_compiled_module() -> None:
@@ -152,11 +152,11 @@ def check_compiled_module() -> None:
     and equals the reference layer."""
     import copy
 
-    import seg.kernels.focused_linear.triton.launch as launch
     from seg.kernels import set_backend
+    from seg.kernels.focused_linear.triton import launch
     from seg.layers import FocusedLinearAttention
 
-    _fresh_safe_entry()
+    _fresh_checked_entry()
     calls = {"forward": 0, "backward": 0}
     original = launch.forward, launch.backward
 
