@@ -1,6 +1,7 @@
 """Benchmark scripts without a test of their own run at tiny sizes, so the tables they print cannot rot:
 ``paired.py`` (the CPU target ratios and the products-only bound), ``labels_at.py`` (photo-size labels),
-``attention_macs.py`` (multiply-adds from layer shapes) and ``module_times.py`` (per-module hook timings)."""
+``attention_macs.py`` (multiply-adds from layer shapes), ``module_times.py`` (per-module hook timings) and
+``param_counts.py`` (parameters of every registered encoder)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,12 @@ def test_module_times_split_the_forward_by_kind() -> None:
     assert set(spent) == {"attention", "MLP", "total"}
     assert 0 < spent["attention"] and 0 < spent["MLP"] and spent["attention"] + spent["MLP"] < spent["total"]
     assert run(torch.randn(1, 3, 64, 96)).keys() == spent.keys()  # a second pass starts from zero
+
+
+def test_param_counts_cover_every_family() -> None:
+    counts = _benchmark_module("param_counts")
+    names = counts.project_models()
+    for prefix in counts.FAMILY_PREFIXES:
+        assert any(name.startswith(prefix) for name in names), prefix
+    assert not any(name.startswith("test_") for name in names)
+    assert round(counts.parameter_count("flatten_pvt_tiny") / 1e6, 2) == 12.15  # the README's 12.2M
