@@ -3,11 +3,12 @@ problems of that configuration, compared with the float64 reference.
 
 A configuration is (device, dtype, padded head dim, whether n == N, focusing factor p): everything that picks a
 different compiled kernel or a different branch inside one. For it the probe runs two problems, one with a masked
-head dim (d < d_pad: the padded columns must stay out of every sum) and one with the full padded head dim (the
-last column is real), the caller's own head dim among them. Each problem has 2 images and 2 heads, and enough
-tokens for :data:`PROBE_SPLITS` splits of one token block each on the device's tiles, so the partial sums over
-splits, the second image and the second head are all compared. Each result (output, dq, dk, dv, dscale) must
-agree within the dtype's tolerance, relative to the largest reference magnitude.
+head dim (d < d_pad: the padded columns must stay out of every sum) and one with the full padded head dim (the last
+column is real), the caller's own head dim among them. Each problem has 2 images and 2 heads, q, k and v strided as
+channel slices of wider tensors (as the layer passes its fused projections), and enough tokens that every reduction
+over tokens crosses at least three splits (:data:`PROBE_SPLITS` requested, one token block each), so the partial
+sums over splits, the second image and the second head are all compared. Each result (output, dq, dk, dv, dscale)
+must agree within the dtype's tolerance, relative to the largest reference magnitude.
 """
 
 from __future__ import annotations
@@ -83,20 +84,23 @@ def _relative_error(got: Tensor, want: Tensor) -> float:
     return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-def _problem(config: Config, d: int, seed: int) -> tuple[list[Tensor], Tensor]:
-    """q, k, v, grad_out in the config's dtype (on its device) and scale (1, 1, C) float64."""
+def _problem(config: Config, d: int, seed: int) -> tuple[int, list[Tensor], Tensor]:
+    """Heads h; q, k, v, grad_out in the config's dtype (on its device); scale (1, 1, h * d) float64. q, k and v
+    are channel slices of wider tensors, strided as the layer passes its fused projections."""
     block = launch.plan_tiles(torch.device(config.device), config.d_pad, config.dtype).block
     B, h, N, n = probe_shape(config.same_length, block)
+    C = h * d
     gen = torch.Generator().manual_seed(seed)
-    q, k, v, grad_out = (torch.randn(B, t, h * d, generator=gen, dtype=torch.float64) for t in (N, n, n, N))
-    scale = torch.randn(1, 1, h * d, generator=gen, dtype=torch.float64) * 0.5
-    return [t.to(device=config.device, dtype=config.dtype) for t in (q, k, v, grad_out)], scale.to(config.device)
+    q2, kv, grad_out = (torch.randn(B, t, c, generator=gen, dtype=torch.float64) for t, c in ((N, 2 * C), (n, 2 * C),
+                                                                                              (N, C)))
+    scale = torch.randn(1, 1, C, generator=gen, dtype=torch.float64) * 0.5
+    q2, kv, grad_out = (t.to(device=config.device, dtype=config.dtype) for t in (q2, kv, grad_out))
+    return h, [q2[..., :C], kv[..., :C], kv[..., C:], grad_out], scale.to(config.device)  # (B, T, C) views
 
 
 def _compare(config: Config, d: int, seed: int) -> str | None:
     """One problem with head dim ``d``: None when the kernels agree, else the first disagreement."""
-    (q, k, v, grad_out), scale = _problem(config, d, seed)
-    h = 2
+    h, (q, k, v, grad_out), scale = _problem(config, d, seed)
     try:
         out, *saved = launch.forward(q, k, v, inverse_temperature(scale), h, config.p, splits=PROBE_SPLITS)
         grads = launch.backward(grad_out, q, k, v, inverse_temperature(scale), tuple(saved), h, config.p,
