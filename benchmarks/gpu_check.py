@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     gpu = device.type == "cuda"
     # the check measures the kernels: a backend that falls back to the reference must stop it, not be reported
     warnings.filterwarnings("error", message="attn_backend 'triton'")
+    warnings.filterwarnings("error", message="triton requested but unavailable")
     repeats = args.repeats or (20 if gpu else 2)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = False  # equality is checked in true float32
