@@ -1,6 +1,6 @@
 """Where the Triton kernels cannot run, the reference does, with one warning that says why. None of these tests
-needs Triton: the ``check_*`` functions run in a child process where ``import triton`` fails, as on a CPU-only torch
-wheel (see ``_triton_worker``); the others run here on the dispatch decision and the closed-form reference."""
+needs Triton: every ``check_*`` function runs in one child process where ``import triton`` fails, as on a CPU-only
+torch wheel (see ``_triton_worker``), and each test asks it to run one."""
 
 from __future__ import annotations
 
@@ -143,6 +143,50 @@ def check_split_plan() -> None:
             assert splits <= min(forced, blocks) and per_split == -(-blocks // min(forced, blocks))
 
 
+def check_cpu_backend_on_cuda_tensors_warns_once() -> None:
+    """``attn_backend="cpu"`` on CUDA tensors runs the reference, with one warning over repeated calls (the CUDA
+    tensor is only described: the decision reads its device)."""
+    dispatch._warned.clear()
+    cuda_x = SimpleNamespace(device=torch.device("cuda", 0), is_cuda=True, dtype=torch.float32)
+    modes, messages = _caught(lambda: [dispatch.select_mode("cpu", cuda_x, True) for _ in range(3)], "'cpu'")
+    assert modes == ["reference"] * 3
+    assert messages == ["attn_backend 'cpu' asked for on cuda tensors: the CPU path takes CPU tensors only; using "
+                        "the reference"]
+
+
+def check_auto_on_cpu_tensors_never_warns() -> None:
+    x = torch.randn(1, 4, 8)
+    modes, messages = _caught(lambda: [dispatch.select_mode("auto", x, g) for g in (True, False)], "")
+    assert modes == ["cpu", "cpu"]
+    assert not messages, messages
+
+
+def check_reference_with_grads_passes_gradcheck(same_length: bool, p: float) -> None:
+    """The closed-form gradients the probe compares the kernels with, against finite differences (float64):
+    q, k, v and the temperature, two images, two heads."""
+    gen = torch.Generator().manual_seed(0)
+    B, h, d, N = 2, 2, 3, 7
+    n = N if same_length else 4
+    q, k, v = (torch.randn(B, t, h * d, generator=gen, dtype=torch.float64) for t in (N, n, n))
+    q[0, 0] = -1.0  # a query at the kernel floor (all channels <= 0)
+    scale = torch.randn(1, 1, h * d, generator=gen, dtype=torch.float64) * 0.5
+
+    class ClosedForm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, scale):
+            ctx.save_for_backward(q, k, v, scale)
+            return reference_with_grads(torch.zeros_like(q), q, k, v, scale, h, p)[0]
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return reference_with_grads(grad_out, *ctx.saved_tensors, h, p)[1:]
+
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, scale))
+    assert torch.autograd.gradcheck(ClosedForm.apply, inputs)
+    # and its output is the reference's
+    torch.testing.assert_close(ClosedForm.apply(*inputs), focused_linear_attention_tokens(*inputs, h, p))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tests
 
@@ -171,46 +215,15 @@ def test_split_plan_without_triton(no_triton: Worker) -> None:
     no_triton("check_split_plan")
 
 
-def test_cpu_backend_on_cuda_tensors_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``attn_backend="cpu"`` on CUDA tensors runs the reference, with one warning over repeated calls."""
-    monkeypatch.setattr(dispatch, "_warned", set())
-    cuda_x = SimpleNamespace(device=torch.device("cuda", 0), is_cuda=True, dtype=torch.float32)
-    modes, messages = _caught(lambda: [dispatch.select_mode("cpu", cuda_x, True) for _ in range(3)], "'cpu'")
-    assert modes == ["reference"] * 3
-    assert messages == ["attn_backend 'cpu' asked for on cuda tensors: the CPU path takes CPU tensors only; using "
-                        "the reference"]
+def test_cpu_backend_on_cuda_tensors_warns_once(no_triton: Worker) -> None:
+    no_triton("check_cpu_backend_on_cuda_tensors_warns_once")
 
 
-def test_auto_on_cpu_tensors_never_warns() -> None:
-    x = torch.randn(1, 4, 8)
-    modes, messages = _caught(lambda: [dispatch.select_mode("auto", x, g) for g in (True, False)], "")
-    assert modes == ["cpu", "cpu"]
-    assert not messages, messages
+def test_auto_on_cpu_tensors_never_warns(no_triton: Worker) -> None:
+    no_triton("check_auto_on_cpu_tensors_never_warns")
 
 
 @pytest.mark.parametrize("same_length", [True, False])
 @pytest.mark.parametrize("p", [3.0, 2.5])
-def test_reference_with_grads_passes_gradcheck_in_float64(same_length: bool, p: float) -> None:
-    """The closed-form gradients the probe compares the kernels with, against finite differences (float64):
-    q, k, v and the temperature, two images, two heads."""
-    gen = torch.Generator().manual_seed(0)
-    B, h, d, N = 2, 2, 3, 7
-    n = N if same_length else 4
-    q, k, v = (torch.randn(B, t, h * d, generator=gen, dtype=torch.float64) for t in (N, n, n))
-    q[0, 0] = -1.0  # a query at the kernel floor (all channels <= 0)
-    scale = torch.randn(1, 1, h * d, generator=gen, dtype=torch.float64) * 0.5
-
-    class ClosedForm(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, scale):
-            ctx.save_for_backward(q, k, v, scale)
-            return reference_with_grads(torch.zeros_like(q), q, k, v, scale, h, p)[0]
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            return reference_with_grads(grad_out, *ctx.saved_tensors, h, p)[1:]
-
-    inputs = tuple(t.requires_grad_() for t in (q, k, v, scale))
-    assert torch.autograd.gradcheck(ClosedForm.apply, inputs)
-    # and its output is the reference's
-    torch.testing.assert_close(ClosedForm.apply(*inputs), focused_linear_attention_tokens(*inputs, h, p))
+def test_reference_with_grads_passes_gradcheck_in_float64(no_triton: Worker, same_length: bool, p: float) -> None:
+    no_triton("check_reference_with_grads_passes_gradcheck", same_length, p)
