@@ -29,7 +29,7 @@ def gradient_table(shapes: list[tuple], batch: int, device: torch.device) -> lis
     largest absolute error over the largest magnitude, per tensor. Raises if the path falls back (the caller
     turns its warning into an error)."""
     from seg.kernels.focused_linear.triton import focused_linear_attention
-    from seg.kernels.focused_linear.triton_fallback import reference_with_grads
+    from seg.kernels.focused_linear.triton.reference_grads import reference_with_grads
 
     rows = ["| model | stage | C, h | N, n | dtype | out | dq | dk | dv | dscale |", "|---" * 10 + "|"]
     for model, stage, C, h, N, n in shapes:
@@ -51,8 +51,8 @@ def gradient_table(shapes: list[tuple], batch: int, device: torch.device) -> lis
 
 def kernel_resources_table(device: torch.device) -> list[str]:
     """Registers, spills and shared memory of every kernel the run compiled, as the driver loaded them."""
-    from seg.kernels.focused_linear import triton_kernels
-    from seg.kernels.focused_linear.triton_tiles import device_shared_limit
+    from seg.kernels.focused_linear.triton import kernels as triton_kernels
+    from seg.kernels.focused_linear.triton.tiles import device_shared_limit
 
     if device.type != "cuda":
         return ["(Triton's interpreter compiles nothing; `python -m seg.kernels.compile_check` compiles every "

@@ -77,7 +77,7 @@ def _peak_mib(fn: Callable[[], None], device: torch.device) -> str:
 
 
 def _triton_usable(device: torch.device) -> bool:
-    from seg.kernels.focused_linear.triton_ops import triton_available
+    from seg.kernels.focused_linear.triton.launch import triton_available
 
     return (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()
 
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     gpu = device.type == "cuda"
     # the check measures the kernels: a backend that falls back to the reference must stop it, not be reported
     warnings.filterwarnings("error", message="attn_backend 'triton'")
+    warnings.filterwarnings("error", message="triton requested but unavailable")
     repeats = args.repeats or (20 if gpu else 2)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = False  # equality is checked in true float32

@@ -14,7 +14,7 @@ from published_flatten import replace_attention  # benchmarks/ is on the path of
 from torch import Tensor, nn
 
 from seg.kernels.focused_linear.cpu import rank_restoration
-from seg.kernels.focused_linear.cpu_ops import heads
+from seg.kernels.focused_linear.cpu.closed_form import heads
 from seg.kernels.onednn import linear
 from seg.layers import FocusedLinearAttention
 

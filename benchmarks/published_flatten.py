@@ -1,4 +1,4 @@
-"""The published focused linear attention, written literally from its formulation (SPEC section 1).
+"""The published focused linear attention, written literally from its formulation (FLatten, arXiv 2308.00442).
 
 Used only as the reference the optimised :class:`seg.layers.FocusedLinearAttention` is timed against:
 separate norms, element-wise power, renormalisation over all C channels, head split, mean-based z,

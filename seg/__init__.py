@@ -1,4 +1,5 @@
-"""FLatten and SOFT encoders for semantic segmentation.
+"""Semantic segmentation with focused linear attention (FLatten) encoders, beside the attention families they
+are compared with (SOFT, Agent attention, MLLA, RAVLT and the softmax baselines).
 
 Importing ``seg`` registers the project's encoders with timm (``flatten_pvt_*``, ``flatten_pvt_v2_*``,
 ``flatten_swin_*``, ``soft_*``, ``agent_pvt_*``, ``agent_swin_*``, ``mlla_*``, ``ravlt_*`` and their ``test_*``

@@ -11,8 +11,10 @@ stored as k + 1) and the overlay with its legend, plus the bare overlay and the 
 
 Endpoints: ``GET /`` the page (``seg/static/index.html``), ``GET /api/info`` the model and its classes,
 ``POST /api/segment`` (multipart field ``image``) the results as JSON with images as data URLs; a file that is
-not an image gets 415, an empty one 400, one over the size or pixel limit 413, a request when every worker is
-busy 503, a foreign Host 421, a cross-origin POST 403, each with a ``detail`` message.
+not an image gets 415, an empty one 400, one over the size or pixel limit (or PIL's decompression-bomb limit)
+413, a request when every worker is busy 503, a foreign Host 421, a POST from another origin (scheme, host or
+port) 403, a malformed Content-Length 400 and a body with neither a length nor chunked encoding 411, each with a
+``detail`` message.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import base64
 import contextlib
 import io
+import re
 import socket
 import sys
 import threading
@@ -75,6 +78,14 @@ def _hex(colour: Sequence[int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in colour))
 
 
+def _bomb(name: str, err: Image.DecompressionBombError) -> HTTPException:
+    """413 for a photo PIL refuses to decode as a possible decompression bomb, with its pixel count."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found.group(1)) / 1e6:.1f} MP" if found else "too many pixels"
+    return HTTPException(status_code=413, detail=f"{name} declares {size}, far above what this demo decodes (PIL "
+                                                 f"refuses it as a possible decompression bomb): scale it down first")
+
+
 def segment_upload(predictor: Predictor, data: bytes, filename: str, alpha: float = 0.5) -> dict[str, Any]:
     """Segment one uploaded file.
 
@@ -85,21 +96,27 @@ def segment_upload(predictor: Predictor, data: bytes, filename: str, alpha: floa
         present, largest area first, as ``{id, name, color, share}``.
 
     Raises:
-        HTTPException: 400 for an empty upload, 415 for a file that does not decode as an image.
+        HTTPException: 400 for an empty upload, 413 for a photo over the pixel limit (or one PIL refuses as a
+            decompression bomb), 415 for a file that does not decode as an image.
     """
     if not data:
         raise HTTPException(status_code=400, detail="the upload is empty: choose a photo (JPEG, PNG, WebP, BMP)")
+    name = filename or "the upload"
     try:
-        with Image.open(_Upload(data, filename or "the upload")) as header:  # the size, before decoding
-            check_pixels(header.height, header.width, predictor.max_pixels, what=filename or "the upload")
+        with Image.open(_Upload(data, name)) as header:  # the size, before decoding
+            check_pixels(header.height, header.width, predictor.max_pixels, what=name)
     except ImageTooLargeError as err:
         raise HTTPException(status_code=413, detail=str(err)) from err
+    except Image.DecompressionBombError as err:
+        raise _bomb(name, err) from err
     except Exception:  # not an image: read_rgb below names the problem
         pass
     try:
-        image = read_rgb(_Upload(data, filename or "the upload"), exif_transpose=True)
+        image = read_rgb(_Upload(data, name), exif_transpose=True)
     except ValueError as err:
         reason = err.__cause__ or err  # the decoder's own words, naming the upload
+        if isinstance(reason, Image.DecompressionBombError):
+            raise _bomb(name, reason) from err
         raise HTTPException(status_code=415, detail=f"{filename or 'the upload'} is not an image that can be read "
                                                     f"(JPEG, PNG, WebP, BMP, ...): {reason}") from err
     start = time.perf_counter()
@@ -138,7 +155,8 @@ def create_app(
     that finds no free worker within ``busy_wait`` seconds gets 503 ("busy, try again") instead of queueing
     behind long photos. Photos above ``predictor.max_pixels`` get 413 from their header, bodies above
     ``max_upload_bytes`` get 413 while they stream in, requests for a Host other than the loopback names and
-    ``allowed_hosts`` get 421, cross-origin POSTs 403 (:class:`~seg.app_guards.RequestGuard`); any other
+    ``allowed_hosts`` get 421, POSTs whose Origin differs from the page's in scheme, host or port 403, bodies with
+    a malformed Content-Length 400 or without any framing 411 (:class:`~seg.app_guards.RequestGuard`); any other
     failure is a JSON ``detail`` message the page shows, never a bare 500.
     """
     app = FastAPI(title="FLatten segmentation demo", docs_url=None, redoc_url=None)

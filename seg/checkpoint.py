@@ -4,6 +4,7 @@ loads a run (``seg.pretrained``, ``seg.export``, ``seg.app``) and for prediction
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from seg.hub import load_weights
+from seg.inference import InferenceConfig, SettingError
 from seg.legacy import upgrade_state
 
-__all__ = ["best_score", "load_checkpoint", "read_checkpoint", "segmentor_state"]
+__all__ = ["best_score", "check_settings", "load_checkpoint", "read_checkpoint", "segmentor_state"]
 
 PREFIX = "model."  # SegmentationTask holds the segmentor as `model`
 
@@ -23,7 +25,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file cannot be read that way, or holds no state dict (the file named).
+        ValueError: the file cannot be read that way, holds no state dict, or holds hyper-parameters that fail
+            the checks of their construction (the file and the field named).
     """
     path = Path(path)
     if not path.is_file():
@@ -35,7 +38,28 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
                          f"and plain data (read with weights_only=True): {type(err).__name__}: {err}") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a checkpoint (a dict with a 'state_dict', or a state dict)")
+    check_settings(checkpoint.get("hyper_parameters", {}), path)
     return checkpoint
+
+
+def check_settings(hparams: Any, source: str | os.PathLike[str], where: str = "hyper_parameters") -> None:
+    """Run the construction checks on every :class:`~seg.inference.InferenceConfig` in loaded hyper-parameters
+    (unpickling skips ``__post_init__``, so a forged file could carry a stride of 0 or a negative crop).
+
+    Raises:
+        SettingError: "<source>: <where>.<key>: <field> must be ..." for the first setting out of range.
+    """
+    if isinstance(hparams, InferenceConfig):
+        try:
+            hparams.validate()
+        except SettingError as err:
+            raise SettingError(f"{source}: {where}: {err}") from err
+    elif isinstance(hparams, Mapping):
+        for key, value in hparams.items():
+            check_settings(value, source, f"{where}.{key}")
+    elif isinstance(hparams, list | tuple):
+        for i, value in enumerate(hparams):
+            check_settings(value, source, f"{where}[{i}]")
 
 
 def segmentor_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:

@@ -31,6 +31,7 @@ from seg.data.transforms import fit_size
 
 __all__ = [
     "InferenceConfig",
+    "SettingError",
     "multiscale_inference",
     "multiscale_sizes",
     "run_inference",
@@ -229,6 +230,10 @@ def multiscale_inference(
     return mean_prob.clamp_min(torch.finfo(mean_prob.dtype).tiny).log()
 
 
+class SettingError(ValueError):
+    """A setting out of range; the message starts with the field's name."""
+
+
 @dataclass
 class InferenceConfig:
     """How validation, test and predict turn an image into logits (selectable from YAML).
@@ -254,16 +259,35 @@ class InferenceConfig:
     batch_windows: int = 1
 
     def __post_init__(self) -> None:
-        if self.mode not in ("whole", "slide", "multiscale"):
-            raise ValueError(f"mode must be 'whole', 'slide' or 'multiscale', got {self.mode!r}")
-        if self.multiscale_mode not in ("whole", "slide"):
-            raise ValueError(f"multiscale_mode must be 'whole' or 'slide', got {self.multiscale_mode!r}")
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales must be positive and non-empty, got {self.scales}")
-        if min(_pair(self.crop_size) + _pair(self.stride)) < 1 or self.batch_windows < 1:
-            raise ValueError("crop_size, stride and batch_windows must be positive")
+        self.validate()
         self.scales = tuple(float(s) for s in self.scales)
 
+    def validate(self) -> None:
+        """Raise a :class:`SettingError` naming the first field out of range. Construction runs it; a config unpickled
+        from a checkpoint skips ``__post_init__``, so whoever loads one calls it (:mod:`seg.checkpoint`)."""
+        if self.mode not in ("whole", "slide", "multiscale"):
+            raise SettingError(f"mode must be 'whole', 'slide' or 'multiscale', got {self.mode!r}")
+        if self.multiscale_mode not in ("whole", "slide"):
+            raise SettingError(f"multiscale_mode must be 'whole' or 'slide', got {self.multiscale_mode!r}")
+        if not _positive_numbers(self.scales, float):
+            raise SettingError(f"scales must be positive and non-empty, got {self.scales!r}")
+        for name in ("crop_size", "stride"):
+            value = getattr(self, name)
+            if not _positive_numbers(value if isinstance(value, tuple | list) else (value,), int, sizes=(1, 2)):
+                raise SettingError(f"{name} must be a positive int or (h, w) pair of them, got {value!r}")
+        if not _positive_numbers((self.batch_windows,), int):
+            raise SettingError(f"batch_windows must be a positive int, got {self.batch_windows!r}")
+        if not isinstance(self.flip, bool):
+            raise SettingError(f"flip must be true or false, got {self.flip!r}")
+
+
+def _positive_numbers(values: object, kind: type, sizes: tuple[int, ...] | None = None) -> bool:
+    """Whether ``values`` is a non-empty tuple / list (of one of ``sizes`` lengths) of positive ``kind``
+    numbers (ints count as floats; bools count as neither)."""
+    if not isinstance(values, tuple | list) or not values or (sizes is not None and len(values) not in sizes):
+        return False
+    kinds = (int, float) if kind is float else (int,)
+    return all(isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values)
 
 
 torch.serialization.add_safe_globals([InferenceConfig])  # kept in checkpoint hparams: allow it in safe loads

@@ -1,4 +1,4 @@
-"""Semantic segmentation metrics with the mmsegmentation definitions (SPEC section 5).
+"""Semantic segmentation metrics with the mmsegmentation definitions (its ``IoUMetric``).
 
 Everything is derived from one dataset-level confusion matrix ``M`` (rows = label, columns = prediction),
 summed over all images and, under DDP, over all processes:

@@ -13,7 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from seg.data.spec import DatasetSpec, as_spec
-from seg.inference import InferenceConfig, run_inference
+from seg.inference import InferenceConfig, SettingError, run_inference
 from seg.legacy import upgrade_state
 from seg.limits import predict_labels
 from seg.metrics import SegmentationMetric
@@ -94,6 +94,11 @@ class SegmentationTask(pl.LightningModule):
         self.aux_weight = aux_weight
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        if inference is not None:  # also one unpickled from a checkpoint's hyper-parameters (no __post_init__)
+            try:
+                inference.validate()
+            except SettingError as err:
+                raise SettingError(f"inference: {err}") from err
         self.inference = inference or InferenceConfig()
         self.val_metric = SegmentationMetric(self.spec.num_classes, self.spec.ignore_index)
         self.test_metric = SegmentationMetric(self.spec.num_classes, self.spec.ignore_index)
@@ -102,6 +107,15 @@ class SegmentationTask(pl.LightningModule):
         self._train_forward: Callable[[Tensor], dict[str, Tensor]] | None = None  # compiled in configure_model
         self.no_decay = no_decay
         self._decay_plan: DecayPlan | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> SegmentationTask:
+        """Lightning's loader; hyper-parameters that fail their construction checks are refused with the file
+        and the field named."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except SettingError as err:
+            raise SettingError(f"{checkpoint_path}: hyper_parameters.{err}") from err
 
     @property
     def ignore_index(self) -> int:

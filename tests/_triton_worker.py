@@ -1,4 +1,5 @@
-"""A child Python process started with ``TRITON_INTERPRET=1`` that runs the ``check_*`` functions of a test file.
+"""A child Python process started with ``TRITON_INTERPRET=1`` that runs the ``check_*`` functions of a test file
+(or, with ``hide_triton``, one where ``import triton`` fails, as on a CPU-only torch wheel).
 
 Triton reads ``TRITON_INTERPRET`` when a kernel is defined, and its own library functions are defined when triton is
 first imported, which in a pytest process may happen long before a test file runs. So the Triton checks run in one
@@ -18,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REPLY = "@@check-reply "
+HIDE_TRITON = "import sys; sys.modules['triton'] = None  # import triton now raises ImportError\n"
 WORKER_LOOP = """
 import json, sys, traceback
 sys.path.insert(0, {tests!r})
@@ -35,12 +37,17 @@ for line in sys.stdin:
 
 
 class Worker:
-    """The interpreter process running the checks of test module ``module`` (a file stem in tests/)."""
+    """The process running the checks of test module ``module`` (a file stem in tests/): Triton's interpreter,
+    or no Triton at all (``hide_triton``)."""
 
-    def __init__(self, module: str) -> None:
+    def __init__(self, module: str, hide_triton: bool = False) -> None:
         env = dict(os.environ, TRITON_INTERPRET="1")
+        if hide_triton:
+            env.pop("TRITON_INTERPRET")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         loop = WORKER_LOOP.format(tests=str(Path(__file__).resolve().parent), module=module, reply=REPLY)
+        if hide_triton:
+            loop = HIDE_TRITON + loop
         self.process = subprocess.Popen(
             [sys.executable, "-c", loop], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
@@ -53,9 +60,9 @@ class Worker:
             if line.startswith(REPLY):
                 reply = json.loads(line[len(REPLY):])
                 if not reply["ok"]:
-                    pytest.fail(f"{check}{args} failed in the interpreter process:\n{reply['error']}", pytrace=False)
+                    pytest.fail(f"{check}{args} failed in the child process:\n{reply['error']}", pytrace=False)
                 return
-        pytest.fail(f"the interpreter process exited with code {self.process.wait()}", pytrace=False)
+        pytest.fail(f"the child process exited with code {self.process.wait()}", pytrace=False)
 
     def close(self) -> None:
         self.process.stdin.close()

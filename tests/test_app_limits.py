@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +101,8 @@ def test_body_limit_enforced_while_streaming(predictor: Predictor) -> None:
     scope = {"type": "http", "method": "POST", "path": "/api/segment", "raw_path": b"/api/segment",
              "query_string": b"", "root_path": "", "scheme": "http", "server": ("127.0.0.1", 8000),
              "client": ("127.0.0.1", 5000), "http_version": "1.1", "asgi": {"version": "3.0"},
-             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"multipart/form-data; boundary=b")]}
+             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"multipart/form-data; boundary=b"),
+                         (b"transfer-encoding", b"chunked")]}
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 413 and b"larger than" in sent[1]["body"]
     assert len(pulled) <= 3  # refused after 100 KiB + the form overhead, not after all 6.4 MiB
@@ -108,14 +112,71 @@ def test_body_limit_enforced_while_streaming(predictor: Predictor) -> None:
 
 
 def test_foreign_host_and_cross_origin_post_refused(predictor: Predictor) -> None:
-    client = TestClient(create_app(predictor), base_url=LOCAL)
+    client = TestClient(create_app(predictor), base_url="http://127.0.0.1:8000")
     files = {"image": ("a.png", png(), "image/png")}
     assert client.post("/api/segment", files=files, headers={"origin": "http://127.0.0.1:8000"}).status_code == 200
-    reply = client.post("/api/segment", files=files, headers={"origin": "https://evil.example"})
-    assert reply.status_code == 403 and "cross-origin" in reply.json()["detail"]
+    for origin in ("https://evil.example", "http://127.0.0.1:8001", "https://127.0.0.1:8000", "http://localhost:8000",
+                   "http://127.0.0.1", "null", "http://127.0.0.1:80000"):  # another site, port, scheme or name
+        reply = client.post("/api/segment", files=files, headers={"origin": origin})
+        assert reply.status_code == 403 and "cross-origin" in reply.json()["detail"], origin
+    default_port = TestClient(create_app(predictor), base_url=LOCAL)  # Host 127.0.0.1: port 80 on both sides
+    assert default_port.post("/api/segment", files=files, headers={"origin": "http://127.0.0.1:80"}).status_code == 200
     rebound = TestClient(create_app(predictor), base_url="http://evil.example")
     assert rebound.get("/api/info").status_code == 421
     assert TestClient(create_app(predictor), base_url="http://localhost:8000").get("/api/info").status_code == 200
+
+
+def _raw_post(app, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> tuple[int, str]:
+    """Status and detail of a POST /api/segment sent straight to the ASGI app with exactly these headers."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/segment", "raw_path": b"/api/segment",
+             "query_string": b"", "root_path": "", "scheme": "http", "server": ("127.0.0.1", 8000),
+             "client": ("127.0.0.1", 5000), "http_version": "1.1", "asgi": {"version": "3.0"},
+             "headers": [(b"host", b"127.0.0.1:8000"), *headers]}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])["detail"]
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-5", b"12, 12", b"1e3", b"\xb2"])
+def test_malformed_content_length_is_a_bad_request(predictor: Predictor, length: bytes) -> None:
+    status, detail = _raw_post(create_app(predictor), [(b"content-length", length)], b"x" * 10)
+    assert status == 400 and detail.startswith("malformed Content-Length header"), (status, detail)
+
+
+def test_body_without_length_or_chunked_encoding_needs_a_length(predictor: Predictor) -> None:
+    status, detail = _raw_post(create_app(predictor), [(b"content-type", b"multipart/form-data; boundary=b")], b"x")
+    assert status == 411 and "Content-Length" in detail
+    status, _ = _raw_post(create_app(predictor), [(b"content-length", b"1")], b"x")
+    assert status == 422  # framed: the app itself answers (no form field)
+    assert TestClient(create_app(predictor), base_url=LOCAL).get("/api/info").status_code == 200  # GET: no body
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG declaring width x height 1-bit pixels, with one empty data chunk: small, enough for PIL's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_too_large_with_its_pixel_count(predictor: Predictor) -> None:
+    """20000 x 20000 is past PIL's own limit (it refuses to open it): 413 with the pixel count, not 415."""
+    predictor.max_pixels, kept = None, predictor.max_pixels  # only PIL's limit applies
+    try:
+        client = TestClient(create_app(predictor), base_url=LOCAL)
+        reply = client.post("/api/segment", files={"image": ("bomb.png", _png_header(20000, 20000), "image/png")})
+    finally:
+        predictor.max_pixels = kept
+    assert reply.status_code == 413, reply.json()
+    assert reply.json()["detail"].startswith("bomb.png declares 400.0 MP, far above what this demo decodes")
 
 
 def test_failure_is_a_message_not_a_bare_500(predictor: Predictor, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,5 +1,7 @@
 """Benchmark scripts without a test of their own run at tiny sizes, so the tables they print cannot rot:
-``paired.py`` (the CPU target ratios and the products-only bound) and ``labels_at.py`` (photo-size labels)."""
+``paired.py`` (the CPU target ratios and the products-only bound), ``labels_at.py`` (photo-size labels),
+``attention_macs.py`` (multiply-adds from layer shapes), ``module_times.py`` (per-module hook timings) and
+``param_counts.py`` (parameters of every registered encoder)."""
 
 from __future__ import annotations
 
@@ -67,3 +69,49 @@ def test_labels_at_benchmark_prints_every_path() -> None:
         ("100x150", "full size"), ("100x150", "stripes of 2^22 logits"), ("100x150", "stripes of 2^24 logits"),
         ("2000x3000", "stripes of 2^22 logits"), ("2000x3000", "stripes of 2^24 logits"),  # full size: 0.45 GiB
     ], run.stdout
+
+
+def _benchmark_module(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_attention_macs_count_the_layer_shapes() -> None:
+    """The multiply-add counts of ``attention_macs.py`` against counts written out by hand for one layer of each
+    kind, and the script's table at a small size."""
+    from seg.layers import SpatialReductionAttention
+
+    macs = _benchmark_module("attention_macs")
+    N, C, d = 4096, 128, 64  # PVT-T stage 2 at 512^2: 2 heads, sr 4 -> n = 256
+    focused = FocusedLinearAttention(C, 2, grid_size=(8, 8))
+    assert macs.layer_macs(focused, N) == 4 * N * C * C + 2 * N * C * d
+    softmax = SpatialReductionAttention(C, 2, sr_ratio=4)
+    n = N // 16
+    assert macs.layer_macs(softmax, N) == 2 * N * C * C + n * C * C * 16 + 2 * n * C * C + 2 * N * n * C
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "attention_macs.py"), "--size", "64"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = re.findall(r"^\| (\d|all) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", run.stdout, flags=re.M)
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "all"], run.stdout
+
+
+def test_module_times_split_the_forward_by_kind() -> None:
+    times = _benchmark_module("module_times")
+    model = timm.create_model("test_flatten_pvt", features_only=True).eval()
+    run = times.timed_forward(model)
+    spent = run(torch.randn(1, 3, 64, 96))
+    assert set(spent) == {"attention", "MLP", "total"}
+    assert 0 < spent["attention"] and 0 < spent["MLP"] and spent["attention"] + spent["MLP"] < spent["total"]
+    assert run(torch.randn(1, 3, 64, 96)).keys() == spent.keys()  # a second pass starts from zero
+
+
+def test_param_counts_cover_every_family() -> None:
+    counts = _benchmark_module("param_counts")
+    names = counts.project_models()
+    for prefix in counts.FAMILY_PREFIXES:
+        assert any(name.startswith(prefix) for name in names), prefix
+    assert not any(name.startswith("test_") for name in names)
+    assert round(counts.parameter_count("flatten_pvt_tiny") / 1e6, 2) == 12.15  # the README's 12.2M

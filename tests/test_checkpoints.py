@@ -1,8 +1,10 @@
 """Lightning checkpoints: load_from_checkpoint refuses forged instantiators (Lightning >= 2.6.6) and rebuilds the
-task from a checkpoint `cli.py fit` wrote; a run without a logger; predicting with the demo config writes no data."""
+task from a checkpoint `cli.py fit` wrote; forged inference settings are refused after loading (both readers); a run
+without a logger; predicting with the demo config writes no data."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,10 @@ import torch
 from _specs import DEMO_SMALL, spec_arg
 from PIL import Image
 
+from seg.checkpoint import read_checkpoint
 from seg.cli import cli_main
 from seg.data import make_demo_dataset
+from seg.inference import InferenceConfig
 from seg.models import Segmentor
 from seg.task import SegmentationTask
 
@@ -91,6 +95,23 @@ def test_load_from_checkpoint_rebuilds_the_task(run: Path) -> None:
     x = torch.randn(1, 3, 64, 80)
     with torch.no_grad():
         assert task.eval()(x).shape == (1, 12, 64, 80)
+
+
+@pytest.mark.parametrize(("field", "value"), [("stride", 0), ("crop_size", -64), ("crop_size", (64, 0))])
+def test_forged_inference_settings_are_refused(run: Path, tmp_path: Path, field: str, value: object) -> None:
+    """An InferenceConfig unpickled from a checkpoint skips ``__post_init__``: its settings are checked after
+    loading, and a forged one is refused naming the field and the file."""
+    checkpoint = torch.load(run / "logs" / "demo" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    settings = InferenceConfig(mode="slide")
+    setattr(settings, field, value)  # what unpickling a forged file produces: no checks ran
+    checkpoint["hyper_parameters"]["inference"] = settings
+    path = tmp_path / "forged.ckpt"
+    torch.save(checkpoint, path)
+    for load in (read_checkpoint, lambda f: SegmentationTask.load_from_checkpoint(f, weights_only=True)):
+        message = f"{path}: hyper_parameters.inference: {field} must be a positive int or (h, w) pair of them, " \
+                  f"got {value!r}"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            load(path)
 
 
 def test_predict_with_the_demo_config_writes_no_data_set(run: Path, tmp_path: Path,

@@ -183,7 +183,7 @@ def test_rejects_tokens_that_do_not_form_the_grid() -> None:
 
 @pytest.mark.parametrize("heads", [1, 3])
 def test_hand_written_backward_passes_gradcheck_in_float64(heads: int) -> None:
-    from seg.kernels.focused_linear.cpu_ops import FocusedTokens
+    from seg.kernels.focused_linear.cpu.closed_form import FocusedTokens
 
     C = heads * 4
     q, k, v = (torch.randn(2, m, C, dtype=torch.float64) for m in (7, 5, 5))
@@ -198,7 +198,7 @@ def test_hand_written_backward_passes_gradcheck_in_float64(heads: int) -> None:
 @pytest.mark.parametrize("batch", [1, 2])
 def test_float32_backward_matches_float64(heads: int, batch: int) -> None:
     """float32 on CPU takes the oneDNN products (one image) or batched matmuls; both match float64."""
-    from seg.kernels.focused_linear.cpu_ops import FocusedTokens
+    from seg.kernels.focused_linear.cpu.closed_form import FocusedTokens
 
     C = heads * 8
     q, k, v = (torch.randn(batch, 50, C, dtype=torch.float64) for _ in range(3))
@@ -215,7 +215,7 @@ def test_float32_backward_matches_float64(heads: int, batch: int) -> None:
 
 
 def test_depthwise_conv_backward_passes_gradcheck_in_float64() -> None:
-    from seg.kernels.focused_linear.cpu_ops import depthwise_conv_same
+    from seg.kernels.focused_linear.cpu.closed_form import depthwise_conv_same
 
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(3, 1, 5, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
@@ -228,14 +228,14 @@ def test_depthwise_conv_backward_passes_gradcheck_in_float64() -> None:
 @pytest.mark.parametrize("heads", [1, 3])
 @pytest.mark.parametrize("training", [False, True], ids=["inference-path", "autograd-path"])
 def test_token_layout_function_equals_head_layout_function(heads: int, training: bool) -> None:
-    from seg.kernels.focused_linear.cpu import focused_linear_attention as focused_linear_attention_tokens
+    from seg.kernels.focused_linear.cpu import focused_linear_attention as cpu_attention
 
     C = heads * 8
     q, k, v = (torch.randn(2, m, C, dtype=torch.float64) for m in (30, 20, 20))
     scale = torch.randn(1, 1, C, dtype=torch.float64, requires_grad=training)
     with torch.no_grad():
         ref = focused_linear_attention(split(q, heads), split(k, heads), split(v, heads), scale)
-    got = focused_linear_attention_tokens(q, k, v, scale, heads)
+    got = cpu_attention(q, k, v, scale, heads)
     assert got.requires_grad == training
     torch.testing.assert_close(got, ref.transpose(1, 2).reshape(2, 30, C), rtol=1e-10, atol=1e-10)
 

@@ -1,4 +1,4 @@
-"""SegmentationMetric against a plain numpy implementation of the mmseg definitions (SPEC section 5)."""
+"""SegmentationMetric against a plain numpy implementation of the mmseg definitions (its ``IoUMetric``)."""
 
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ from seg.schedules import WarmupPolyLR
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
-# Published values. Source: /work/shared/SPEC.md section 4 (PVT's Semantic FPN and Swin's UperNet recipes on
-# ADE20K; batch 16, crop 512; AdamW betas are torch's defaults (0.9, 0.999) where the recipe states none) and
-# section 2 (drop path: FLatten-PVT-T 0.1; FLatten-Swin-T 0.3 for segmentation; Swin-S 0.3). The no-decay rules are
+# Published values: the PVT Semantic FPN and Swin UperNet recipes on ADE20K (batch 16, crop 512; AdamW betas are
+# torch's defaults (0.9, 0.999) where the recipe states none) and the papers' drop path rates (FLatten-PVT-T 0.1;
+# FLatten-Swin-T 0.3 for segmentation; Swin-S 0.3). The no-decay rules are
 # the recipes' mmseg optimizer configs: PVT's has no paramwise_cfg (everything decays); Swin's exempts norms and
 # position tables (and FLatten adds positional_encoding and scale). SOFT publishes no segmentation schedule: it
 # follows the UperNet recipe, with its ImageNet drop path 0.1.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from _triton_worker import Worker
 
-from seg.kernels.focused_linear.cpu import focused_linear_attention as focused_linear_attention_tokens
+from seg.kernels.focused_linear.cpu import focused_linear_attention as cpu_attention
 from seg.kernels.focused_linear.reference import focused_linear_attention
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -27,10 +27,10 @@ def worker():
 
 def _kernels():
     """The kernel module; only ever imported inside the interpreter process."""
-    from seg.kernels.focused_linear import triton_ops as triton_focused
+    from seg.kernels.focused_linear.triton import launch
 
-    assert triton_focused._INTERPRETED and triton_focused.triton_available(), "kernels not defined for the interpreter"
-    return triton_focused
+    assert launch._INTERPRETED and launch.triton_available(), "kernels not defined for the interpreter"
+    return launch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def check_non_integer_power() -> None:
     """p = 2.5 takes the exp2 / log2 power instead of repeated products."""
     q, k, v, scale, grad = _inputs(1, 2, 16, 20, 9, torch.float64, seed=1)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, scale)]
-    out = focused_linear_attention_tokens(*leaves, num_heads=2, focusing_factor=2.5)
+    out = cpu_attention(*leaves, num_heads=2, focusing_factor=2.5)
     out.backward(grad)
     expected = [out.detach()] + [t.grad for t in leaves]
     actual = _triton(q.float(), k.float(), v.float(), scale.float(), grad.float(), 2, p=2.5)
@@ -129,8 +129,8 @@ def check_module_backend(sr: int) -> None:
     parameter gradient, with and without spatial reduction."""
     import copy
 
-    import seg.kernels.focused_linear.triton as triton_safe
     from seg.kernels import set_backend
+    from seg.kernels.focused_linear.triton import checked
     from seg.layers import FocusedLinearAttention
 
     _kernels()
@@ -149,8 +149,8 @@ def check_module_backend(sr: int) -> None:
     assert _rel_err(outs[1], outs[0]) < 1e-5
     for (name, a), b in zip(fast.named_parameters(), ref.parameters(), strict=True):
         assert _rel_err(a.grad, b.grad) < 1e-4, (name, _rel_err(a.grad, b.grad))
-    config = ("cpu", torch.float32, 16, sr == 1)
-    assert config in triton_safe._verdicts and triton_safe._verdicts[config] is None, triton_safe._verdicts
+    config = ("cpu", torch.float32, 16, sr == 1, 3.0)
+    assert config in checked._verdicts and checked._verdicts[config] is None, checked._verdicts
 
 
 def check_probe_inside_inference_mode() -> None:
@@ -159,12 +159,12 @@ def check_probe_inside_inference_mode() -> None:
     import copy
     import warnings
 
-    import seg.kernels.focused_linear.triton as triton_safe
     from seg.kernels import set_backend
+    from seg.kernels.focused_linear.triton import checked
     from seg.layers import FocusedLinearAttention
 
     _kernels()
-    triton_safe._verdicts.clear()
+    checked._verdicts.clear()
     torch.manual_seed(0)
     attn = FocusedLinearAttention(32, 2, grid_size=(8, 8))
     reference = set_backend(copy.deepcopy(attn), "reference")
@@ -174,7 +174,7 @@ def check_probe_inside_inference_mode() -> None:
         warnings.simplefilter("error")
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = fast(x, (6, 10))
-        assert triton_safe._verdicts == {("cpu", torch.bfloat16, 16, True): None}, triton_safe._verdicts
+        assert checked._verdicts == {("cpu", torch.bfloat16, 16, True, 3.0): None}, checked._verdicts
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = reference(x, (6, 10))
     assert _rel_err(out.float(), want.float()) < 2e-2
@@ -220,38 +220,6 @@ def test_probe_from_inference_mode_uses_the_kernels(worker: Worker) -> None:
     worker("check_probe_inside_inference_mode")
 
 
-def test_backend_falls_back_to_reference_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A missing or broken Triton: the ``triton`` backend warns once and runs the reference."""
-    import seg.kernels.focused_linear.triton as triton_safe
-    from seg.kernels import set_backend
-    from seg.kernels.focused_linear import triton_ops as triton_focused
-    from seg.layers import FocusedLinearAttention
-
-    monkeypatch.setattr(triton_safe, "interpreted", lambda: True)  # as if the tensors could run there
-    monkeypatch.setattr(triton_focused, "triton_available", lambda: False)
-    monkeypatch.setattr(triton_safe, "_warned", set())
-    monkeypatch.setattr(triton_safe, "_verdicts", {})
-    ref = FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval()
-    fast = set_backend(FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval(), "triton")
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(1, 20, 16)
-    with pytest.warns(UserWarning, match="Triton is missing or cannot run"):
-        out = fast(x, (4, 5))
-    torch.testing.assert_close(out, ref(x, (4, 5)))
-
-
 def test_invalid_inputs(worker: Worker) -> None:
     worker("check_invalid_inputs")
 
-
-def test_unavailable_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a CUDA device and outside the interpreter the module imports, reports itself unavailable and
-    refuses to run (in this process the kernels are never defined for the interpreter)."""
-    from seg.kernels.focused_linear import triton_ops as triton_focused
-
-    monkeypatch.setattr(triton_focused, "_INTERPRETED", False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert not triton_focused.triton_available()
-    x = torch.randn(1, 4, 8)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        triton_focused.focused_linear_attention_triton(x, x, x, torch.zeros(1, 1, 8), num_heads=2)

@@ -1,4 +1,4 @@
-"""The checked Triton path (``seg.kernels.focused_linear.triton``): half-precision kernels against float64, the
+"""The checked Triton path (``seg.kernels.focused_linear.triton.checked``): half-precision kernels against float64, the
 fallback to the reference on failing launches, disagreements and unsupported inputs, and the registered operator
 under ``torch.compile``; run through Triton's interpreter in a child process (see ``_triton_worker``)."""
 
@@ -61,7 +61,7 @@ def _reference64(q, k, v, scale, grad, h: int) -> list[torch.Tensor]:
 
 def check_half_matches_float64(dtype_name: str, h: int, d: int, N: int, n: int) -> None:
     """Kernels in bf16 / fp16 (strided inputs), forward and all four gradients, against float64."""
-    from seg.kernels.focused_linear.triton_ops import focused_linear_attention_triton
+    from seg.kernels.focused_linear.triton.launch import focused_linear_attention_triton
 
     dtype = getattr(torch, dtype_name)
     problem = _problem(h, d, N, n, dtype)
@@ -73,21 +73,21 @@ def check_half_matches_float64(dtype_name: str, h: int, d: int, N: int, n: int) 
         assert _rel_err(a, e) < HALF_TOLERANCE[dtype_name], (name, _rel_err(a, e))
 
 
-def _fresh_safe_entry():
-    import seg.kernels.focused_linear.triton as triton_safe
+def _fresh_checked_entry():
+    from seg.kernels.focused_linear.triton import checked
 
-    triton_safe._verdicts.clear()
-    triton_safe._warned.clear()
-    return triton_safe
+    checked._verdicts.clear()
+    checked._warned.clear()
+    return checked
 
 
 def _assert_reference_with_warning(match: str, h: int, problem: list[torch.Tensor]) -> None:
     """The checked entry warns once (message matching ``match``) and returns the reference's output and gradients."""
-    import seg.kernels.focused_linear.triton as triton_safe
+    from seg.kernels.focused_linear.triton import checked
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        actual = _run(triton_safe.focused_linear_attention, *problem, h)
+        actual = _run(checked.focused_linear_attention, *problem, h)
     messages = [str(w.message) for w in caught if "attn_backend 'triton'" in str(w.message)]
     assert len(messages) == 1 and match in messages[0], messages
     expected = _reference64(*problem, h)
@@ -97,54 +97,54 @@ def _assert_reference_with_warning(match: str, h: int, problem: list[torch.Tenso
 
 def check_failing_launch_falls_back() -> None:
     """A launch error after the probe passed (forward, then backward): one warning each, the reference's results."""
-    import seg.kernels.focused_linear.triton_ops as triton_ops
+    from seg.kernels.focused_linear.triton import launch
 
-    triton_safe = _fresh_safe_entry()
+    checked = _fresh_checked_entry()
     problem = _problem(2, 16, 24, 24, torch.float32)
-    _run(triton_safe.focused_linear_attention, *problem, 2)  # probes: the kernels are trusted
-    assert list(triton_safe._verdicts.values()) == [None], triton_safe._verdicts
-    original = triton_ops.forward, triton_ops.backward
+    _run(checked.focused_linear_attention, *problem, 2)  # probes: the kernels are trusted
+    assert list(checked._verdicts.values()) == [None], checked._verdicts
+    original = launch.forward, launch.backward
 
     def out_of_resources(*args, **kwargs):
         raise RuntimeError("out of resource: shared memory, Required: 116224, Hardware limit: 101376")
 
     try:
-        triton_ops.forward = out_of_resources
+        launch.forward = out_of_resources
         _assert_reference_with_warning("out of resource", 2, problem)
-        assert "RuntimeError" in triton_safe._verdicts[("cpu", torch.float32, 16, True)]
-        triton_safe = _fresh_safe_entry()
-        triton_ops.forward, triton_ops.backward = original[0], out_of_resources
+        assert "RuntimeError" in checked._verdicts[("cpu", torch.float32, 16, True, 3.0)]
+        checked = _fresh_checked_entry()
+        launch.forward, launch.backward = original[0], out_of_resources
         _assert_reference_with_warning("out of resource", 2, problem)  # the forward ran the kernels
     finally:
-        triton_ops.forward, triton_ops.backward = original
-        _fresh_safe_entry()
+        launch.forward, launch.backward = original
+        _fresh_checked_entry()
 
 
 def check_disagreement_falls_back() -> None:
     """Kernels that compute a wrong gradient fail the probe: the reference runs, with the reason."""
-    import seg.kernels.focused_linear.triton_ops as triton_ops
+    from seg.kernels.focused_linear.triton import launch
 
-    _fresh_safe_entry()
-    original = triton_ops.backward
+    _fresh_checked_entry()
+    original = launch.backward
 
     def wrong_backward(*args, **kwargs):
         grad_q, grad_k, grad_v, grad_r = original(*args, **kwargs)
         return grad_q, grad_k * 1.01, grad_v, grad_r
 
     try:
-        triton_ops.backward = wrong_backward
-        _assert_reference_with_warning("dk: relative error", 2, _problem(2, 16, 24, 9, torch.float32))
+        launch.backward = wrong_backward
+        _assert_reference_with_warning("(dk at head dim 13: relative error", 2, _problem(2, 16, 24, 9, torch.float32))
     finally:
-        triton_ops.backward = original
-        _fresh_safe_entry()
+        launch.backward = original
+        _fresh_checked_entry()
 
 
 def check_unsupported_inputs_fall_back() -> None:
     """float64 and head dims over 128 run the reference, with a warning naming the reason; never an error."""
-    _fresh_safe_entry()
+    _fresh_checked_entry()
     _assert_reference_with_warning("float64", 2, _problem(2, 16, 12, 12, torch.float64))
     _assert_reference_with_warning("head dim 160 exceeds 128", 1, _problem(1, 160, 6, 6, torch.float32))
-    _fresh_safe_entry()
+    _fresh_checked_entry()
 
 
 def check_compiled_module() -> None:
@@ -152,13 +152,13 @@ def check_compiled_module() -> None:
     and equals the reference layer."""
     import copy
 
-    import seg.kernels.focused_linear.triton_ops as triton_ops
     from seg.kernels import set_backend
+    from seg.kernels.focused_linear.triton import launch
     from seg.layers import FocusedLinearAttention
 
-    _fresh_safe_entry()
+    _fresh_checked_entry()
     calls = {"forward": 0, "backward": 0}
-    original = triton_ops.forward, triton_ops.backward
+    original = launch.forward, launch.backward
 
     def counted(name, fn):
         def run(*args, **kwargs):
@@ -174,11 +174,11 @@ def check_compiled_module() -> None:
     compiled = torch.compile(fast, fullgraph=True)
     x = torch.randn(2, 6 * 8, 32)
     try:
-        triton_ops.forward, triton_ops.backward = counted("forward", original[0]), counted("backward", original[1])
+        launch.forward, launch.backward = counted("forward", original[0]), counted("backward", original[1])
         out = compiled(x, (6, 8))
         out.square().mean().backward()
     finally:
-        triton_ops.forward, triton_ops.backward = original
+        launch.forward, launch.backward = original
     want = ref(x, (6, 8))
     want.square().mean().backward()
     assert calls["forward"] >= 2 and calls["backward"] >= 2, calls  # the probe's call and the layer's
@@ -222,17 +222,3 @@ def test_unsupported_inputs_fall_back_to_reference(worker: Worker) -> None:
 def test_compiled_layer_runs_the_kernels(worker: Worker) -> None:
     worker("check_compiled_module")
 
-
-@pytest.mark.parametrize(("B", "h", "chunks", "tokens"), [(2, 1, 1, 128 * 128), (8, 5, 2, 32 * 32), (1, 1, 1, 100)])
-def test_splits_sum_at_least_eight_blocks(B: int, h: int, chunks: int, tokens: int) -> None:
-    """Reductions over tokens split into at most about ``programs`` programs of >= 8 blocks each (one split when
-    there are fewer blocks), covering every block exactly once."""
-    from seg.kernels.focused_linear import triton_ops
-
-    plan = triton_ops._Plan.__new__(triton_ops._Plan)
-    plan.B, plan.h, plan.chunks, plan.block, plan.programs = B, h, chunks, 64, 4 * 132  # an H100's 132 SMs
-    splits, per_split = plan.splits(tokens)
-    blocks = -(-tokens // 64)
-    assert per_split >= min(triton_ops.MIN_BLOCKS_PER_SPLIT, blocks)
-    assert (splits - 1) * per_split < blocks <= splits * per_split
-    assert splits == 1 or B * h * chunks * splits <= 2 * plan.programs

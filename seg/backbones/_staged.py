@@ -1,5 +1,6 @@
-"""The staged-encoder base of the PVT, Swin and SOFT families: timm's feature API over four stages, the
-classifier, gradient checkpointing and the attention backend switch, written once.
+"""The staged-encoder base of every encoder family: timm's feature API over four stages, the classifier,
+gradient checkpointing and the attention backend switch, written once. FLatten-PVT / PVTv2, FLatten-Swin, SOFT,
+MLLA and RAVLT subclass it directly; Agent-PVT and Agent-Swin through the PVT and Swin classes.
 
 A family describes its trunk with four small methods: :meth:`~StagedEncoder._begin` (before stage 0),
 :meth:`~StagedEncoder._stage` (one stage: the state for the next stage and, when asked, the stage's NCHW

@@ -4,7 +4,7 @@
     python -m seg.kernels.compile_check --arch 89 --head-dims 32 64 --dtypes bfloat16
 
 For each target (compute capability), padded head dim and input dtype, the tiles the launch plan chooses for
-that target's shared memory (:func:`seg.kernels.focused_linear.triton_tiles.choose_tiles`) are compiled with
+that target's shared memory (:func:`seg.kernels.focused_linear.triton.tiles.choose_tiles`) are compiled with
 Triton's real compiler, ptxas included; no GPU is needed. Prints a markdown table (kernel, configuration,
 dtype, shared memory, the target's limit, registers and stack frame from ``cuobjdump -res-usage``) and exits 1
 when a launch fails to compile, needs more shared memory than the target offers, or more than its tile entry
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seg.kernels.focused_linear.triton_tiles import ARCH_SHARED_LIMIT, PAD_HEAD_DIMS, Tiles, choose_tiles
+from seg.kernels.focused_linear.triton.tiles import ARCH_SHARED_LIMIT, PAD_HEAD_DIMS, Tiles, choose_tiles
 
 __all__ = ["Launch", "Result", "compile_launch", "launches", "main"]
 
@@ -34,7 +34,7 @@ _TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 # pointer arguments holding token tensors in the input dtype; every other pointer is float32
 _TOKEN_POINTERS = {"x_ptr", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "other_ptr", "grad_x_ptr",
                    "grad_v_ptr"}
-_ROW_STATS_TILES = Tiles(16, 256, 4, 1, 0)  # BLOCK_R, BLOCK_C of row_stats_kernel (see triton_ops._Plan)
+_ROW_STATS_TILES = Tiles(16, 256, 4, 1, 0)  # BLOCK_R, BLOCK_C of row_stats_kernel (see triton.launch._Plan)
 KERNELS = ("row_stats_kernel", "summary_kernel", "apply_kernel", "query_grad_summary_kernel", "key_grad_kernel",
            "input_grad_kernel[queries]", "input_grad_kernel[keys]")
 
@@ -124,7 +124,7 @@ def compile_launch(launch: Launch) -> Result:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        from seg.kernels.focused_linear import triton_kernels
+        from seg.kernels.focused_linear.triton import kernels as triton_kernels
 
         dtype, t = DTYPES[launch.dtype], launch.tiles
         name, _, role = launch.kernel.partition("[")

@@ -12,11 +12,14 @@ and runs the answer:
   themselves on first use per configuration and otherwise run the reference with one warning.
 
 ``attn_backend`` (an encoder argument, also in YAML ``encoder_kwargs``) limits the choice: ``reference``,
-``cpu``, ``triton``, or ``auto`` (the default: ``cpu`` on CPU tensors, ``triton`` on CUDA tensors).
+``cpu``, ``triton``, or ``auto`` (the default: ``cpu`` on CPU tensors, ``triton`` on CUDA tensors). A backend
+asked for where it cannot run (``triton`` without Triton or on CPU tensors, ``cpu`` on CUDA tensors) runs the
+reference with one warning that says why.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, get_args
 
 import torch
@@ -43,6 +46,14 @@ AttnBackend = Literal["auto", "reference", "cpu", "triton"]
 BACKENDS: tuple[str, ...] = get_args(AttnBackend)
 Mode = Literal["reference", "cpu", "cpu_inference", "triton"]
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
 
 def check_backend(backend: str) -> str:
     """``backend`` itself, or a ValueError naming the valid ones."""
@@ -68,8 +79,18 @@ def select_mode(backend: str, x: Tensor, global_keys: bool) -> Mode:
         if global_keys and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
             return "cpu_inference"
         return "cpu"
-    if backend in ("auto", "triton") and (x.is_cuda or triton.interpreted()):
+    if backend == "cpu":
+        _warn_once(f"attn_backend 'cpu' asked for on {x.device.type} tensors: the CPU path takes CPU tensors only; "
+                   "using the reference")
+        return "reference"
+    reason = triton.unavailable(x)
+    if reason is None:
         return "triton"
+    if backend == "triton":
+        _warn_once(f"triton requested but unavailable: {reason}; using the reference")
+    elif x.is_cuda:
+        _warn_once(f"attn_backend 'auto' on CUDA tensors: the Triton kernels are unavailable ({reason}); "
+                   "using the reference")
     return "reference"
 
 

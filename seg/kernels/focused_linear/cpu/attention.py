@@ -1,7 +1,7 @@
 """Focused linear attention on CPU tensors: tensors in, tensors out (the ``cpu`` and ``cpu_inference`` modes).
 
 Tuned for CPUs with few cores, tested equal to the reference: the closed-form backward of
-:mod:`seg.kernels.focused_linear.cpu_ops`, a channels-last DWC on all C channels at once, and without autograd a
+:mod:`seg.kernels.focused_linear.cpu.closed_form`, a channels-last DWC on all C channels at once, and without autograd a
 leaner inference (:func:`fused_inference`): the kernel's 1 / T and eps folded into one stacked q / k
 projection, q and k through the power and norms together in place, per-head summaries, and the attention
 added onto the DWC term. Inputs are float32 or float64 (:func:`~seg.kernels.focused_linear.dispatch.select_mode`
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seg.kernels.focused_linear.cpu_ops import (
+from seg.kernels.focused_linear.cpu.closed_form import (
     FocusedTokens,
     depthwise_conv_same,
     focused_attention_into,

@@ -1,4 +1,4 @@
-"""The Triton kernels of :mod:`seg.kernels.focused_linear.triton_ops` (maths and notation: see there).
+"""The Triton kernels of :mod:`seg.kernels.focused_linear.triton.launch` (maths and notation: see there).
 
 Kernels (``bh`` = one (image, head) pair; "split" = a contiguous range of token blocks):
 
@@ -15,12 +15,13 @@ backward
                                     plus per-block partial sums of dL/d(1 / T)
 
 A "chunk" is DC columns of a (D_PAD, D_PAD) summary: with DC < D_PAD no kernel holds a whole (D_PAD, D_PAD)
-operand, which keeps the shared memory of head dim 128 within consumer GPUs (see ``triton_tiles``). Token
-tensors are read and written through their (image, token) strides, channel stride 1.
+operand, which keeps the shared memory of head dim 128 within consumer GPUs (see
+:mod:`seg.kernels.focused_linear.triton.tiles`). Token tensors are read and written through their (image, token)
+strides, channel stride 1.
 
 Torch glue only sums the small partial results (over splits, heads of a token, blocks) and applies softplus.
 The backward of the power, with G = dL/dg and S = dL/ds of one token
-(as in :func:`seg.kernels.focused_linear.cpu_ops.kernel_power_backward`):
+(as in :func:`seg.kernels.focused_linear.cpu.closed_form.kernel_power_backward`):
 
     dL/dy = [p u^(p-1) (G - S s g / |g|^2) + u ((p + 1) S s - p G . g)] / |y|
     dL/dx = dL/dy / T where x > 0,   dL/d(1 / T) = sum over tokens of dL/dy (ReLU(x) + eps)

@@ -1,9 +1,9 @@
 """The Triton path as one ``torch.library`` operator (``seg::focused_linear_attention``): opaque to
 ``torch.compile``, with a fake implementation for tracing and the backward registered through
-``register_autograd``; on a torch without ``torch.library.custom_op`` (before 2.4), an autograd function.
+``register_autograd`` (``torch.library.custom_op``, torch >= 2.4 as the project requires).
 
 The implementations themselves (kernels or reference, chosen inside) come from
-:mod:`seg.kernels.focused_linear.triton`.
+:mod:`seg.kernels.focused_linear.triton.checked`.
 """
 
 from __future__ import annotations
@@ -39,11 +39,8 @@ def _outside_autocast(fn: Callable) -> Callable:
 
 
 def register(forward_impl: ForwardImpl, backward_impl: BackwardImpl, saved_shapes: SavedShapes) -> Attention:
-    """The attention callable (q, k, v, scale, num_heads, p) -> out, as a registered operator where torch has
-    ``torch.library.custom_op``, else as an autograd function."""
+    """The attention callable (q, k, v, scale, num_heads, p) -> out, as a registered operator."""
     forward_impl, backward_impl = _outside_autocast(forward_impl), _outside_autocast(backward_impl)
-    if not hasattr(torch.library, "custom_op") or not hasattr(torch.library, "register_autograd"):
-        return _autograd_function(forward_impl, backward_impl)
 
     # explicit schemas: torch 2.4 cannot infer one from postponed (string) annotations
     @torch.library.custom_op("seg::focused_linear_attention", mutates_args=(), schema=_FORWARD_SCHEMA)
@@ -78,21 +75,3 @@ def register(forward_impl: ForwardImpl, backward_impl: BackwardImpl, saved_shape
     forward_op.register_autograd(backward, setup_context=setup_context)
     return lambda q, k, v, scale, num_heads, p: forward_op(q, k, v, scale, num_heads, p)[0]
 
-
-def _autograd_function(forward_impl: ForwardImpl, backward_impl: BackwardImpl) -> Attention:
-    """The same implementations wrapped in an autograd function (torch < 2.4)."""
-
-    class FocusedLinearAttention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, num_heads: int, p: float) -> Tensor:
-            out, *saved = forward_impl(q, k, v, scale, num_heads, p)
-            ctx.save_for_backward(q, k, v, scale, *saved)
-            ctx.num_heads, ctx.p = num_heads, p
-            return out
-
-        @staticmethod
-        def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-            q, k, v, scale, *saved = ctx.saved_tensors
-            return (*backward_impl(grad_out, q, k, v, scale, saved, ctx.num_heads, ctx.p), None, None)
-
-    return FocusedLinearAttention.apply

@@ -14,11 +14,11 @@ fp16-safe normalisation. Powering the unit vector u keeps every value of g in (0
 Everything runs in float32 inside the kernels; inputs may be float32, float16 or bfloat16, with any strides
 whose channel stride is 1 (q / k / v as chunks of one fused projection are read in place).
 
-The kernels live in :mod:`seg.kernels.focused_linear.triton_kernels`, their tile configurations in
-:mod:`seg.kernels.focused_linear.triton_tiles`; this module plans the launches, sums the small partial results
+The kernels live in :mod:`seg.kernels.focused_linear.triton.kernels`, their tile configurations in
+:mod:`seg.kernels.focused_linear.triton.tiles`; this module plans the launches, sums the small partial results
 (:func:`forward`, :func:`backward`: no autograd) and wraps them in one autograd function
 (:func:`focused_linear_attention_triton`, which raises on what it cannot run; the checked entry is
-:mod:`seg.kernels.focused_linear.triton`).
+:mod:`seg.kernels.focused_linear.triton.checked`).
 
 Triton reads ``TRITON_INTERPRET`` when the kernels are defined, i.e. when this module is imported: set it to 1
 before the import to run the kernels on CPU tensors through Triton's interpreter (slow; for tests).
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from seg.kernels.focused_linear.triton_kernels import (
+from seg.kernels.focused_linear.triton.kernels import (
     INTERPRETED,
     apply_kernel,
     input_grad_kernel,
@@ -43,8 +43,8 @@ from seg.kernels.focused_linear.triton_kernels import (
     summary_kernel,
     triton,
 )
-from seg.kernels.focused_linear.triton_tiles import INTERPRETER_TILES, Tiles, choose_tiles, device_shared_limit
-from seg.kernels.focused_linear.triton_tiles import pad_head_dim as pad_head_dim
+from seg.kernels.focused_linear.triton.tiles import INTERPRETER_TILES, Tiles, choose_tiles, device_shared_limit
+from seg.kernels.focused_linear.triton.tiles import pad_head_dim as pad_head_dim
 
 __all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "backward", "check_inputs", "focused_linear_attention_triton",
            "forward", "pad_head_dim", "triton_available"]
@@ -81,10 +81,27 @@ def plan_tiles(device: torch.device, d_pad: int, dtype: torch.dtype) -> Tiles:
     return choose_tiles(d_pad, dtype, device_shared_limit(device))
 
 
-class _Plan:
-    """Tiles and launch shapes for one call: B images, h heads of d channels, N queries, n keys."""
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive integers (no triton needed)."""
+    return -(-a // b)
 
-    def __init__(self, q: Tensor, k: Tensor, num_heads: int, p: float) -> None:
+
+def split_blocks(blocks: int, wanted: int) -> tuple[int, int]:
+    """(splits, blocks per split) of a reduction over ``blocks`` token blocks cut into at most ``wanted``
+    contiguous splits of equal size (the last may be shorter)."""
+    per_split = cdiv(blocks, max(1, min(wanted, blocks)))
+    return cdiv(blocks, per_split), per_split
+
+
+class _Plan:
+    """Tiles and launch shapes for one call: B images, h heads of d channels, N queries, n keys.
+
+    ``splits``: how many splits each reduction over tokens is cut into (at most one per token block); None
+    lets the device decide (about four programs per multiprocessor, each summing at least
+    ``MIN_BLOCKS_PER_SPLIT`` blocks; the interpreter's default is one split).
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, num_heads: int, p: float, splits: int | None = None) -> None:
         B, N, C = q.shape
         self.B, self.N, self.n, self.C, self.h = B, N, k.shape[1], C, num_heads
         self.d = C // num_heads
@@ -95,9 +112,10 @@ class _Plan:
         self.tiles = plan_tiles(q.device, self.d_pad, q.dtype)
         self.block = self.tiles.block
         self.chunks = self.d_pad // min(self.tiles.chunk, self.d_pad)
+        self.forced_splits = splits
         self.programs = 2 if _INTERPRETED else 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
         self.block_r = 16
-        self.block_c = min(triton.next_power_of_2(C), 256 if not _INTERPRETED else 64)
+        self.block_c = min(1 << (C - 1).bit_length(), 256 if not _INTERPRETED else 64)  # next power of two
 
     def meta(self) -> dict:
         """Compile-time parameters shared by the attention kernels."""
@@ -106,13 +124,14 @@ class _Plan:
                     num_stages=self.tiles.num_stages)
 
     def splits(self, tokens: int) -> tuple[int, int]:
-        """(splits, token blocks per split) of a reduction over ``tokens``: about ``programs`` programs in all,
-        each summing at least ``MIN_BLOCKS_PER_SPLIT`` blocks (one split when there are fewer)."""
-        blocks = triton.cdiv(tokens, self.block)
-        wanted = triton.cdiv(self.programs, self.B * self.h * self.chunks)
-        splits = max(1, min(wanted, blocks // MIN_BLOCKS_PER_SPLIT))
-        per_split = triton.cdiv(blocks, splits)
-        return triton.cdiv(blocks, per_split), per_split
+        """(splits, token blocks per split) of a reduction over ``tokens``: the forced count where one was
+        given, else about ``programs`` programs in all, each summing at least ``MIN_BLOCKS_PER_SPLIT`` blocks
+        (one split when there are fewer)."""
+        blocks = cdiv(tokens, self.block)
+        if self.forced_splits is not None:
+            return split_blocks(blocks, self.forced_splits)
+        wanted = cdiv(self.programs, self.B * self.h * self.chunks)
+        return split_blocks(blocks, min(wanted, blocks // MIN_BLOCKS_PER_SPLIT))
 
 
 def _row_stats(x: Tensor, inv_temp: Tensor, plan: _Plan) -> tuple[Tensor, Tensor]:
@@ -120,7 +139,7 @@ def _row_stats(x: Tensor, inv_temp: Tensor, plan: _Plan) -> tuple[Tensor, Tensor
     rows = x.shape[0] * x.shape[1]
     inv_ny = torch.empty(rows, device=x.device, dtype=torch.float32)
     s = torch.empty_like(inv_ny)
-    row_stats_kernel[(triton.cdiv(rows, plan.block_r),)](
+    row_stats_kernel[(cdiv(rows, plan.block_r),)](
         x, inv_temp, inv_ny, s, rows, x.shape[1], plan.C, *_strides(x), BLOCK_R=plan.block_r,
         BLOCK_C=plan.block_c, P=plan.p, P_INT=plan.p_int, num_warps=4,
     )
@@ -140,10 +159,12 @@ def _block_grad_r(grad_r_blocks: Tensor, plan: _Plan) -> Tensor:
     return per_head.sum(dim=(0, 2)).reshape(plan.C)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, num_heads: int, p: float) -> tuple[Tensor, ...]:
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, num_heads: int, p: float, splits: int | None = None,
+) -> tuple[Tensor, ...]:
     """Kernels' forward: out (B, N, C) in v's dtype, then what :func:`backward` needs: 1 / |y| and s of q and
-    k ((B * N,), (B * n,)), KV (B * h, D, D) and k_mean (B * h, D), float32."""
-    plan = _Plan(q, k, num_heads, p)
+    k ((B * N,), (B * n,)), KV (B * h, D, D) and k_mean (B * h, D), float32. ``splits``: see :class:`_Plan`."""
+    plan = _Plan(q, k, num_heads, p, splits)
     B, N, n, C, h = plan.B, plan.N, plan.n, plan.C, plan.h
     with _device_of(q):
         inv_ny_q, s_q = _row_stats(q, inv_temp, plan)
@@ -156,7 +177,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, num_heads: int, p
         )
         kv, km = kv.sum(dim=1), km.sum(dim=1)  # (B * h, D, D), (B * h, D)
         out = torch.empty(B, N, C, device=q.device, dtype=v.dtype)
-        apply_kernel[(B * h, triton.cdiv(N, plan.block))](
+        apply_kernel[(B * h, cdiv(N, plan.block))](
             q, inv_temp, inv_ny_q, s_q, kv, km, out, N, plan.d, h, *_strides(q), *_strides(out), **plan.meta(),
         )
     return out, inv_ny_q, s_q, inv_ny_k, s_k, kv, km
@@ -164,12 +185,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, num_heads: int, p
 
 def backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, inv_temp: Tensor, saved: tuple[Tensor, ...],
-    num_heads: int, p: float,
+    num_heads: int, p: float, splits: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Kernels' backward from dL/dout (B, N, C) and :func:`forward`'s saved results: dL/dq, dL/dk, dL/dv in
-    their inputs' dtypes and dL/d(1 / T) (C,) float32."""
+    their inputs' dtypes and dL/d(1 / T) (C,) float32. ``splits``: see :class:`_Plan`."""
     inv_ny_q, s_q, inv_ny_k, s_k, kv, km = saved
-    plan = _Plan(q, k, num_heads, p)
+    plan = _Plan(q, k, num_heads, p, splits)
     B, N, n, h = plan.B, plan.N, plan.n, plan.h
     device, f32 = q.device, torch.float32
     if grad_out.stride(-1) != 1:
@@ -186,7 +207,7 @@ def backward(
         )
         grad_kv, grad_km = grad_kv.sum(dim=1), grad_km.sum(dim=1)  # (B * h, D, D), (B * h, D)
         # keys: dL/dv and the per-token scalar dL/dphi . g_k
-        key_blocks = triton.cdiv(n, plan.block)
+        key_blocks = cdiv(n, plan.block)
         grad_v = torch.empty(v.shape, device=device, dtype=v.dtype)
         dot_k = torch.empty(B, n, h, device=device, dtype=f32)
         key_grad_kernel[(B * h, key_blocks)](
@@ -194,7 +215,7 @@ def backward(
             *_strides(k), *_strides(v), *_strides(grad_v), **plan.meta(),
         )
         # inputs through the power and the norms; per-token scalars summed over heads first
-        query_blocks = triton.cdiv(N, plan.block)
+        query_blocks = cdiv(N, plan.block)
         grad_q = torch.empty(q.shape, device=device, dtype=q.dtype)
         grad_r_q = torch.empty(B * h, query_blocks, plan.d_pad, device=device, dtype=f32)
         input_grad_kernel[(B * h, query_blocks)](
@@ -274,7 +295,7 @@ def focused_linear_attention_triton(
 ) -> Tensor:
     """Focused linear attention without the DWC term through the kernels, differentiable with respect to q, k,
     v and scale; raises on what they cannot run (no checks against the reference: see
-    :func:`seg.kernels.focused_linear.triton.focused_linear_attention`).
+    :func:`seg.kernels.focused_linear.triton.checked.focused_linear_attention`).
 
     Args:
         q: raw query projections (B, N, C), float32 / float16 / bfloat16, channel stride 1 for no copy.
@@ -290,7 +311,7 @@ def focused_linear_attention_triton(
     if not triton_available():
         raise RuntimeError(
             "focused_linear_attention_triton needs triton and a CUDA device, or TRITON_INTERPRET=1 set before "
-            "seg.kernels.focused_linear.triton_ops is imported (Triton's CPU interpreter)"
+            "seg.kernels.focused_linear.triton.launch is imported (Triton's CPU interpreter)"
         )
     check_inputs(q, k, v, scale, num_heads, focusing_factor)
     with torch.autocast(device_type=q.device.type, enabled=False):

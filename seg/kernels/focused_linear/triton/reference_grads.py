@@ -4,7 +4,7 @@ record and ``torch.func`` transforms are unreliable under ``torch.compile``).
 
 The maths is :func:`seg.kernels.focused_linear.reference.focused_linear_attention_tokens`, differentiated by hand
 per head on (B, h, T, d) tensors; the kernel, power and norms and their backward are those of
-:mod:`seg.kernels.focused_linear.cpu_ops` (plain torch operations, any device).
+:mod:`seg.kernels.focused_linear.cpu.closed_form` (plain torch operations, any device).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seg.kernels.focused_linear.cpu_ops import kernel_power, kernel_power_backward
+from seg.kernels.focused_linear.cpu.closed_form import kernel_power, kernel_power_backward
 from seg.kernels.focused_linear.reference import DENOM_EPS
 
 __all__ = ["reference_with_grads"]
