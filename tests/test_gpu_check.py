@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
+@pytest.mark.slow  # minutes on 2 cores: the Triton probe runs interpreted for every configuration
 def test_gpu_check_runs_on_cpu_and_backends_agree() -> None:
     """With Triton installed the check runs its kernels through the interpreter, so the ``triton`` column is
     the kernels' own result: the script stops rather than report a fallback to the reference."""
