@@ -256,3 +256,29 @@ def test_onnx_export_and_web_demo_from_converted_model(converted_fpn: Path, tmp_
     response = client.post("/api/segment", files={"image": (image.name, image.read_bytes(), "image/png")})
     assert response.status_code == 200, response.text
     assert all(item["name"].startswith("thing ") for item in response.json()["legend"])
+
+
+def test_imagenet_and_lightning_checkpoints_go_through_the_same_command(tmp_path: Path) -> None:
+    """A published ImageNet checkpoint initialises the encoder (the heads as built); a Lightning checkpoint of
+    this project is a saved model of the same weights."""
+    import timm
+
+    torch.manual_seed(1)
+    classifier = timm.create_model("test_agent_pvt", agent_shapes=[12, 16, 28, 28])
+    imagenet = tmp_path / "agent_pvt_t.pth"
+    torch.save({"model": classifier.state_dict(), "epoch": 299}, imagenet)
+    saved = main([str(imagenet), *FPN_TINY, "--out", str(tmp_path / "imagenet")])
+    encoder = Segmentor.from_pretrained(saved).state_dict()
+    for name, value in classifier.state_dict().items():
+        if not name.startswith("head."):
+            torch.testing.assert_close(encoder[ENCODER_PREFIX + name], value, rtol=0, atol=0)
+    assert "imagenet checkpoint" in (saved / "README.md").read_text()
+
+    model = _reference(FPN_TINY)
+    lightning = tmp_path / "best.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "pytorch-lightning_version": "2.6.6"}, lightning)
+    loaded = Segmentor.from_pretrained(main([str(lightning), *FPN_TINY, "--out", str(tmp_path / "run")]))
+    x = torch.randn(1, 3, 64, 90)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["out"], model(x)["out"], rtol=0, atol=0)
