@@ -35,7 +35,8 @@ import cv2
 import numpy as np
 
 from seg.data.ade20k import _label_lut, read_label, read_rgb
-from seg.data.prepare import Problem, Report, index_split, print_report
+from seg.data.prepare import index_split
+from seg.data.problems import Problem, Report, print_report
 from seg.data.spec import ADE20K, SPECS, UINT8_MAX
 
 __all__ = ["LabelRules", "check_dataset", "check_sample", "main"]
