@@ -11,6 +11,11 @@ Models (19 classes, float32, batch 1 for inference, batch 2 for training, random
   (``smp.Segformer("mit_b0")``); ratios against FLatten-PVT-T + Semantic FPN.
 - ``swin``: FLatten-Swin-T + UperNet, Swin-T (window softmax) + UperNet; ratios against FLatten-Swin-T + UperNet.
 
+``--modes floor`` shows how low the FLatten-PVT-T + Semantic FPN ratios can go without touching the head: beside
+the three ``pvt`` models it times the same segmentor with its attention reduced to the matrix products and DWC
+alone (``benchmarks/products_only.py``: not attention, a bound for any element-wise fusion), and the Semantic FPN
+head with its upsampling to the full frame alone, on precomputed features (the time left if the encoder were free).
+
 Inference is what a user runs: ``model.eval()``, ``torch.inference_mode()``, logits at the full 1024 x 2048;
 our segmentors through ``seg.inference.whole_inference``. A training step is forward, cross-entropy (plus 0.4 x
 the auxiliary head's for UperNet, as the recipe), backward and an AdamW step. All models of a family live in one
@@ -43,6 +48,7 @@ from _measure import (  # noqa: E402
     peak_memory_mb,
     report_child,
 )
+from products_only import products_only  # noqa: E402
 
 import seg  # noqa: E402,F401  (registers the encoders)
 from seg.data.spec import CITYSCAPES  # noqa: E402
@@ -117,11 +123,35 @@ MODES: dict[str, Callable[[Builder, torch.device, tuple[int, int]], Step]] = {
     "inference": inference_step, "train": train_step}
 
 
+FLATTEN_FPN, PVT_FPN, SEGFORMER = (name for name, _ in FAMILIES["pvt"])
+PRODUCTS_FPN = "FLatten-PVT-T, attention as products + DWC only, + Semantic FPN"
+HEAD_ONLY = "Semantic FPN head + upsampling alone (encoder free)"
+
+
+def floor_steps(device: torch.device, hw: tuple[int, int]) -> list[tuple[str, Step]]:
+    """The ``pvt`` models' inference beside the products-only segmentor and the head alone."""
+    steps = [(name, inference_step(build, device, hw)) for name, build in FAMILIES["pvt"]]
+    flatten = FAMILIES["pvt"][0][1]
+    steps.insert(1, (PRODUCTS_FPN, inference_step(lambda aux: products_only(flatten(aux)), device, hw)))
+    model = flatten(False).to(device).eval()
+    x = torch.randn(1, 3, *hw, device=device)
+    with torch.inference_mode():
+        features = model.encoder(x)
+
+    def head() -> None:
+        with torch.inference_mode():
+            whole_inference(lambda _: model.decode_head(features), x)
+
+    steps.insert(2, (HEAD_ONLY, head))
+    return steps
+
+
 def sizes(scale: float) -> dict[str, tuple[int, int]]:
     """(H, W) per mode: the frame for inference, the recipe's crop for training, times ``scale`` (multiples of
     32)."""
-    return {mode: (max(32, round(h * scale / 32) * 32), max(32, round(w * scale / 32) * 32))
-            for mode, (h, w) in (("inference", FRAME_HW), ("train", RECIPE_CROP_HW))}
+    frame = (max(32, round(FRAME_HW[0] * scale / 32) * 32), max(32, round(FRAME_HW[1] * scale / 32) * 32))
+    crop = (max(32, round(RECIPE_CROP_HW[0] * scale / 32) * 32), max(32, round(RECIPE_CROP_HW[1] * scale / 32) * 32))
+    return {"inference": frame, "floor": frame, "train": crop}
 
 
 def _sync(device: torch.device) -> None:
@@ -176,6 +206,18 @@ def table(mode: str, family: str, times: dict[str, list[float]], memory: dict[st
     return rows
 
 
+def floor_rows(times: dict[str, list[float]]) -> list[str]:
+    """Markdown rows of the floor group: each time against PVT-T + Semantic FPN and SegFormer-B0."""
+    rows = []
+    for name, own in times.items():
+        cells = [f"{statistics.median(own):.3f}"]
+        for ref in (PVT_FPN, SEGFORMER):
+            ratios = [a / b for a, b in zip(own, times[ref], strict=True)]
+            cells.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def plot(path: Path, results: dict[str, dict[str, list[float]]], memory: dict[str, object], title: str,
          hw: dict[str, tuple[int, int]]) -> None:
     """Bar charts: median time per model for each mode, and inference peak memory."""
@@ -210,7 +252,7 @@ def plot(path: Path, results: dict[str, dict[str, list[float]]], memory: dict[st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=[*MODES, "floor"], default=[*MODES, "floor"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per model per round")
     parser.add_argument("--allocator", choices=["default", "tuned"], default="default")
@@ -222,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.allocator == "tuned" or is_memory_phase():
         configure_allocator()
     if is_memory_phase():
-        report_child(peaks(args.families, args.modes, device, args.scale))
+        report_child(peaks(args.families, [m for m in args.modes if m in MODES], device, args.scale))
         return
     hw = sizes(args.scale)
     header = (f"# inference 1x3x{hw['inference'][0]}x{hw['inference'][1]} whole image, training {TRAIN_BATCH}x3x"
@@ -230,19 +272,27 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.repeats}; allocator {args.allocator}; {machine()}")
     print(header, flush=True)
     results: dict[str, dict[str, list[float]]] = {}
-    for mode in args.modes:
+    for mode in [m for m in args.modes if m in MODES]:
         for family in args.families:
             steps = [(name, MODES[mode](build, device, hw[mode])) for name, build in FAMILIES[family]]
             results.setdefault(mode, {}).update(rotate(steps, args.rounds, args.repeats, device))
             del steps
-    memory = {} if args.no_memory else memory_from_child()
-    print("| mode | model | time (s) | ours / this model (median of rounds) | range over rounds | peak memory (MiB) |")
-    print("|---|---|---|---|---|---|")
+    floor = rotate(floor_steps(device, hw["floor"]), args.rounds, args.repeats, device) if "floor" in args.modes else {}
+    memory = {} if args.no_memory or not results else memory_from_child()
+    if results:
+        columns = ["mode", "model", "time (s)", "ours / this model (median of rounds)", "range over rounds",
+                   "peak memory (MiB)"]
+        print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
     for mode, times in results.items():
         for family in args.families:
             names = [name for name, _ in FAMILIES[family]]
             print("\n".join(table(mode, family, {n: times[n] for n in names}, memory)))
-    if args.plot:
+    if floor:
+        print(f"\nFloor of the FLatten-PVT-T + Semantic FPN ratios at {hw['floor'][0]}x{hw['floor'][1]} (same rounds):")
+        print("| model | time (s) | / PVT-T + Semantic FPN (range) | / SegFormer-B0 (range) |")
+        print("|---|---|---|---|")
+        print("\n".join(floor_rows(floor)))
+    if args.plot and results:
         plot(args.plot, results, memory, header.lstrip("# "), hw)
         print(f"plot: {args.plot}")
 
