@@ -12,6 +12,7 @@ import torch
 from _cityscapes import FRAMES, OUTSIDE_TABLE, label_ids, stems, write_archives
 from PIL import Image
 
+from seg.data.check import main as check_main
 from seg.data.cityscapes import label_id_to_train_id, to_train_ids
 from seg.data.datamodule import SegmentationDataModule
 from seg.data.prepare import main as prepare_main
@@ -154,3 +155,20 @@ def test_the_data_module_reads_the_cityscapes_layout(tmp_path: Path) -> None:
     missing = SegmentationDataModule(str(tmp_path / "nowhere"), spec="cityscapes")
     with pytest.raises(FileNotFoundError, match="leftImg8bit_trainvaltest.zip gtFine_trainvaltest.zip"):
         missing.setup("validate")
+
+
+def test_check_decodes_the_prepared_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images, labels = write_archives(tmp_path, HW)
+    assert prepare_main([str(images), str(labels), "--out", str(tmp_path), "--skip-count-check"]) == 0
+    root = tmp_path / "cityscapes"
+    capsys.readouterr()
+    assert check_main([str(root), "--spec", "cityscapes", "--workers", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "train: labels use 19 of 19 classes" in text and "summary: OK" in text
+    bad = train_id_path(root, "val", "frankfurt", "frankfurt_000000_000576")
+    Image.fromarray(np.full(HW, 30, np.uint8)).save(bad)  # a labelId left unconverted
+    assert check_main([str(root), "--spec", "cityscapes", "--workers", "1"]) == 1
+    assert f"[label values] {bad}: values [30]" in capsys.readouterr().out
+    assert check_main([str(root), "--workers", "1"]) == 2  # ADE20K's layout is not there
+    assert "holds no images/ and annotations/ folders (the ade20k layout)" in capsys.readouterr().err
+
