@@ -158,8 +158,8 @@ class SegmentationFolder(Dataset):
     without the layout's suffix).
 
     Args:
-        root: data set root holding ``images/`` and ``annotations/``.
-        split: sub-folder name, e.g. ``training`` or ``validation``.
+        root: data set root holding the layout's folders (``images/`` and ``annotations/`` for ADE20K).
+        split: split folder name, e.g. ``training`` or ``validation`` (Cityscapes: ``train``, ``val``).
         transform: albumentations pipeline, called as ``transform(image=..., mask=...)``; None: no change.
         num_classes: number of training classes; label values beyond it are an error.
         ignore_index: label of unlabelled pixels.
