@@ -4,7 +4,8 @@ For an input ``<predict_root>/<sub/folders>/<stem>.<ext>`` the writer
 (:class:`~seg.callbacks.prediction_writer.SegmentationWriter`) produces::
 
     <output_dir>/<sub/folders>/<stem>.png           uint8 label map at the input's size, class k stored as
-                                                    k + id_offset (ADE20K ids with the default offset 1)
+                                                    k + id_offset (ADE20K ids with offset 1, Cityscapes
+                                                    trainIds with 0: the writer's default follows the spec)
     <output_dir>/<sub/folders>/<stem>_overlay.jpg   the input blended with the class colours, with a legend of
                                                     the classes present drawn in a white band below the image
 

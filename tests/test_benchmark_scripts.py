@@ -1,10 +1,12 @@
 """Benchmark scripts without a test of their own run at tiny sizes, so the tables they print cannot rot:
 ``paired.py`` (the CPU target ratios and the products-only bound), ``labels_at.py`` (photo-size labels),
-``attention_macs.py`` (multiply-adds from layer shapes), ``module_times.py`` (per-module hook timings) and
-``param_counts.py`` (parameters of every registered encoder)."""
+``attention_macs.py`` (multiply-adds from layer shapes), ``module_times.py`` (per-module hook timings),
+``param_counts.py`` (parameters of every registered encoder) and ``cityscapes.py`` (the Cityscapes-size
+segmentors and their floor)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -115,3 +117,23 @@ def test_param_counts_cover_every_family() -> None:
         assert any(name.startswith(prefix) for name in names), prefix
     assert not any(name.startswith("test_") for name in names)
     assert round(counts.parameter_count("flatten_pvt_tiny") / 1e6, 2) == 12.15  # the README's 12.2M
+
+
+@pytest.mark.slow
+def test_cityscapes_benchmark_prints_every_model_and_the_floor(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(BENCHMARKS.parent))  # this checkout's seg, not an installed one
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "cityscapes.py"), "--scale", "0.0625", "--rounds", "1",
+                          "--plot", str(tmp_path / "plot.png")], capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^# inference 1x3x64x128 whole image, training 2x3x32x64; 19 classes.*\((AVX|DEFAULT|NO AVX)",
+                     run.stdout, flags=re.M), run.stdout
+    rows = re.findall(r"^\| (inference|train) \| (.+?) \| ([\d.]+) \| .+ \| (\d+) \|$", run.stdout, flags=re.M)
+    models = ["FLatten-PVT-T + Semantic FPN", "PVT-T (softmax) + Semantic FPN", "SegFormer-B0 (smp)",
+              "FLatten-Swin-T + UperNet", "Swin-T (softmax windows) + UperNet"]
+    assert [(mode, name) for mode, name, _, _ in rows] == [(m, n) for m in ("inference", "train") for n in models]
+    floor = re.findall(r"^\| (.+?) \| [\d.]+ \| ([\d.]+)x \(.+\) \| ([\d.]+)x \(.+\) \|$", run.stdout, flags=re.M)
+    assert [name for name, _, _ in floor] == [models[0], "FLatten-PVT-T, attention as products + DWC only, + "
+                                             "Semantic FPN", "Semantic FPN head + upsampling alone (encoder free)",
+                                             models[1], models[2]]
+    assert floor[3][1] == "1.00" and floor[4][2] == "1.00"  # each reference against itself
+    assert (tmp_path / "plot.png").stat().st_size > 1000

@@ -89,7 +89,7 @@ def test_facts_come_from_the_spec(tiny_root: Path) -> None:
     image = next(iter(named.val_dataloader()))["image"]
     assert image.min() >= 0 and image.max() > 10  # the spec's normalisation (none here), not ImageNet's
     assert dm.hparams["spec"]["num_classes"] == 4 and isinstance(dm.hparams["spec"]["class_names"], list)
-    with pytest.raises(ValueError, match="unknown data set spec 'ade'; known: ade20k, demo"):
+    with pytest.raises(ValueError, match="unknown data set spec 'ade'; known: ade20k, cityscapes, demo"):
         SegmentationDataModule(str(tiny_root), spec="ade")
 
 

@@ -34,7 +34,8 @@ class SegmentationWriter(BasePredictionWriter):
         overlay: also write ``<stem>_overlay.jpg``.
         alpha: weight of the class colours in the overlay.
         id_offset: added to class indices in the label PNG (1: class k saved as k + 1, 0 left for "unlabelled",
-            the ADE20K convention).
+            the ADE20K convention; 0: class k saved as k, Cityscapes' trainIds). None: the spec's raw-label
+            convention, 1 when it reduces the zero label (ADE20K, the demo), else 0 (Cityscapes).
         legend: draw the legend band below the overlay (the overlay is then taller than the input).
     """
 
@@ -43,19 +44,20 @@ class SegmentationWriter(BasePredictionWriter):
         output_dir: str,
         overlay: bool = True,
         alpha: float = 0.5,
-        id_offset: int = 1,
+        id_offset: int | None = None,
         legend: bool = True,
     ) -> None:
         super().__init__(write_interval="batch")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if not 0 <= id_offset <= UINT8_MAX:
+        if id_offset is not None and not 0 <= id_offset <= UINT8_MAX:
             raise ValueError(f"id_offset must be in [0, {UINT8_MAX}], got {id_offset}")
         self.output_dir = Path(output_dir)
         self.overlay = overlay
         self.alpha = alpha
         self.id_offset = id_offset
         self.legend = legend
+        self._offset = 1  # the offset of the current run (id_offset, or the spec's convention)
         self._class_names: list[str] = []
         self._palette = np.zeros((0, 3), dtype=np.uint8)
         self.written = 0  # images whose files were written in this process
@@ -66,8 +68,10 @@ class SegmentationWriter(BasePredictionWriter):
         if not names:
             raise AttributeError(f"{type(pl_module).__name__} has no `spec` or `class_names`; SegmentationWriter "
                                  "needs them")
-        if len(names) - 1 + self.id_offset > UINT8_MAX:
-            raise ValueError(f"{len(names)} classes with id_offset={self.id_offset} do not fit a uint8 label PNG")
+        offset = self.id_offset if self.id_offset is not None else int(getattr(spec, "reduce_zero_label", True))
+        if len(names) - 1 + offset > UINT8_MAX:
+            raise ValueError(f"{len(names)} classes with id_offset={offset} do not fit a uint8 label PNG")
+        self._offset = offset
         self._class_names = list(names)
         self._palette = spec.palette_array if spec is not None else make_palette(len(names))
         self.written = 0
@@ -113,7 +117,7 @@ class SegmentationWriter(BasePredictionWriter):
         for the overlay); returns the paths written."""
         label_path, overlay_path = output_paths(self.output_dir, relative_path)
         label_path.parent.mkdir(parents=True, exist_ok=True)
-        label_image(labels, self.id_offset, relative_path).save(label_path)
+        label_image(labels, self._offset, relative_path).save(label_path)
         if not self.overlay:
             self.written += 1
             return label_path, None

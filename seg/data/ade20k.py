@@ -5,6 +5,8 @@ The data set reads the ADEChallengeData2016 layout, which any custom data set ca
     root/images/{split}/<stem>.jpg|png
     root/annotations/{split}/<stem>.png      (single-channel class indices)
 
+or another :class:`~seg.data.layout.FolderLayout` (Cityscapes').
+
 With ``reduce_zero_label=True`` (ADE20K) raw label 0 ("other") becomes the ignore index and label k becomes
 k - 1. Every problem with a file raises an error that names the file: nothing is clipped or skipped silently.
 """
@@ -24,6 +26,7 @@ import yaml
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from seg.data.layout import ADE20K_LAYOUT, FolderLayout
 from seg.data.spec import ADE20K, UINT8_MAX
 from seg.data.transforms import seed_pipeline
 from seg.safety import DEFAULT_MAX_PIXELS, check_pixels
@@ -39,7 +42,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-_SPLIT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def load_class_names(path: str | os.PathLike[str]) -> list[str]:
@@ -142,42 +144,28 @@ def _label_lut(num_classes: int, ignore_index: int, reduce_zero_label: bool) -> 
     return mapped.clip(0, UINT8_MAX).astype(np.uint8), valid
 
 
-def _list_by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
-    """Files of ``folder`` with one of ``extensions`` (any case), keyed by stem."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder {folder} does not exist")
-    files: dict[str, Path] = {}
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            path = Path(entry.path)
-            if not entry.is_file() or path.suffix.lower() not in extensions:
-                continue
-            if path.stem in files:
-                raise ValueError(f"two files share the stem {path.stem!r}: {files[path.stem]} and {path}")
-            files[path.stem] = path
-    return files
-
-
 def _missing_message(kind: str, partner: str, folder: Path, stems: list[str], limit: int = 10) -> str:
     shown = ", ".join(stems[:limit]) + (f", ... ({len(stems) - limit} more)" if len(stems) > limit else "")
     return f"{len(stems)} {kind} have no {partner} in {folder}: {shown}"
 
 
 class SegmentationFolder(Dataset):
-    """Image / label-map pairs in the ADE20K layout, paired by file stem.
+    """Image / label-map pairs in the ADE20K layout (or ``layout``), paired by file stem (the layout's key).
 
     Samples are dicts: ``image`` float32 (3, h, w) after ``transform``; ``mask`` int64 (h, w) training labels
     (ignore index for unlabelled pixels). With ``original_mask=True`` (evaluation) the transform is applied to
-    the image only, ``mask`` keeps the original label size and the sample carries its ``name`` (the stem).
+    the image only, ``mask`` keeps the original label size and the sample carries its ``name`` (the stem,
+    without the layout's suffix).
 
     Args:
-        root: data set root holding ``images/`` and ``annotations/``.
-        split: sub-folder name, e.g. ``training`` or ``validation``.
+        root: data set root holding the layout's folders (``images/`` and ``annotations/`` for ADE20K).
+        split: split folder name, e.g. ``training`` or ``validation`` (Cityscapes: ``train``, ``val``).
         transform: albumentations pipeline, called as ``transform(image=..., mask=...)``; None: no change.
         num_classes: number of training classes; label values beyond it are an error.
         ignore_index: label of unlabelled pixels.
         reduce_zero_label: raw 0 -> ignore, k -> k - 1 (ADE20K).
         original_mask: evaluation mode, see above.
+        layout: where the split's images and label maps are and how they pair (ADE20K's by default).
     """
 
     def __init__(
@@ -189,6 +177,7 @@ class SegmentationFolder(Dataset):
         ignore_index: int = ADE20K.ignore_index,
         reduce_zero_label: bool = ADE20K.reduce_zero_label,
         original_mask: bool = False,
+        layout: FolderLayout = ADE20K_LAYOUT,
     ) -> None:
         if not 0 < num_classes <= UINT8_MAX or not 0 <= ignore_index <= UINT8_MAX:
             raise ValueError(f"need 0 < num_classes <= {UINT8_MAX} and 0 <= ignore_index <= {UINT8_MAX} (8-bit "
@@ -204,17 +193,20 @@ class SegmentationFolder(Dataset):
         self.original_mask = original_mask
         self._lut, self._valid = _label_lut(num_classes, ignore_index, reduce_zero_label)
 
-        image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
-        images = _list_by_stem(image_dir, _SPLIT_IMAGE_EXTENSIONS)
-        labels = _list_by_stem(label_dir, (".png",))
+        self.layout = layout
+        image_dir, label_dir = layout.image_folder(self.root, split), layout.label_folder(self.root, split)
+        images = layout.images(self.root, split)
+        labels = layout.labels(self.root, split)
         if not images:
-            raise FileNotFoundError(f"split folder {image_dir} holds no .jpg/.png images")
+            kinds = "/".join(layout.image_suffixes)
+            raise FileNotFoundError(f"split folder {image_dir} holds no {kinds} images")
         no_label = sorted(set(images) - set(labels))
         no_image = sorted(set(labels) - set(images))
         if no_label:
             raise FileNotFoundError(_missing_message("images", "label map", label_dir, no_label))
         if no_image:
             raise FileNotFoundError(_missing_message("label maps", "image", image_dir, no_image))
+        self.names = [Path(key).name for key in sorted(images)]
         self.samples: list[tuple[Path, Path]] = [(images[s], labels[s]) for s in sorted(images)]
 
     def __len__(self) -> int:
@@ -265,7 +257,7 @@ class SegmentationFolder(Dataset):
             "mask": torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)),
         }
         if self.original_mask:
-            sample["name"] = self.samples[index][0].stem
+            sample["name"] = self.names[index]
         return sample
 
     def reseed(self, seed: int) -> None:

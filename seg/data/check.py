@@ -1,9 +1,12 @@
-"""Scan a data set in the ADE20K layout for every problem that would stop or silently spoil training.
+"""Scan a data set in the ADE20K or Cityscapes layout for every problem that would stop or silently spoil training.
 
-``python -m seg.data.check ROOT [--spec ade20k|demo] [--num-classes K] [--no-reduce-zero-label] [--splits ...]``
+``python -m seg.data.check ROOT [--spec ade20k|cityscapes|demo] [--num-classes K] [--no-reduce-zero-label]
+[--splits ...] [--layout ade20k|cityscapes]``
 
 The label rules come from a data set spec (:mod:`seg.data.spec`, ADE20K's by default); ``--num-classes``,
-``--ignore-index`` and ``--[no-]reduce-zero-label`` override single facts of it.
+``--ignore-index`` and ``--[no-]reduce-zero-label`` override single facts of it. The folder layout is the
+spec's (:mod:`seg.data.layout`: Cityscapes' for ``--spec cityscapes``, whose trainId maps ``prepare`` writes)
+unless ``--layout`` says otherwise.
 
 Unlike ``seg.data.prepare`` (ADE20K counts and file headers), every image and label map is decoded in full,
 with the same readers and label rules as :class:`~seg.data.ade20k.SegmentationFolder`, so a file reported
@@ -35,7 +38,9 @@ import cv2
 import numpy as np
 
 from seg.data.ade20k import _label_lut, read_label, read_rgb
-from seg.data.prepare import Problem, Report, index_split, print_report
+from seg.data.layout import ADE20K_LAYOUT, LAYOUTS, FolderLayout, layout_for
+from seg.data.prepare import index_split
+from seg.data.problems import Problem, Report, print_report
 from seg.data.spec import ADE20K, SPECS, UINT8_MAX
 
 __all__ = ["LabelRules", "check_dataset", "check_sample", "main"]
@@ -107,19 +112,38 @@ def _check_args(args: tuple[str, str, LabelRules]) -> tuple[list[Problem], np.nd
     return check_sample(*args)
 
 
+def _index(root: Path, split: str, layout: FolderLayout, report: Report) -> tuple[dict, dict] | None:
+    """Images and label maps of one split by key, counted in ``report``; None (and a problem) when a folder is
+    missing. The ADE20K layout also reports unexpected files and repeated stems."""
+    if layout is ADE20K_LAYOUT:
+        return index_split(root, split, report)
+    folders = (layout.image_folder(root, split), layout.label_folder(root, split))
+    missing = [folder for folder in folders if not folder.is_dir()]
+    for folder in missing:
+        report.problems.append(Problem("missing folder", str(folder), "split folder does not exist"))
+    if missing:
+        report.counts[split] = (0, 0)
+        return None
+    images, labels = layout.images(root, split), layout.labels(root, split)
+    report.counts[split] = (len(images), len(labels))
+    return images, labels
+
+
 def check_dataset(
     root: Path,
     splits: Sequence[str] = ("training", "validation"),
     rules: LabelRules | None = None,
     workers: int = 1,
+    layout: FolderLayout = ADE20K_LAYOUT,
 ) -> tuple[Report, dict[str, np.ndarray]]:
     """Check every file of ``splits`` under ``root``.
 
     Args:
-        root: data set root holding ``images/`` and ``annotations/``.
+        root: data set root holding the layout's folders (``images/`` and ``annotations/`` for ADE20K).
         splits: split folder names.
         rules: legal label values.
         workers: decoding processes (1: in this process).
+        layout: where images and label maps are and how they pair.
 
     Returns:
         The report (counts and problems), and per split the summed label histogram (int64 (256,)).
@@ -129,15 +153,17 @@ def check_dataset(
     jobs: list[tuple[str, str, LabelRules]] = []
     job_split: list[str] = []
     for split in splits:
-        indexed = index_split(root, split, report)
+        indexed = _index(root, split, layout, report)
         if indexed is None:
             continue
         images, labels = indexed
-        image_dir, label_dir = root / "images" / split, root / "annotations" / split
+        image_dir, label_dir = layout.image_folder(root, split), layout.label_folder(root, split)
         if not images:
-            report.problems.append(Problem("empty split", str(image_dir), "holds no .jpg/.jpeg/.png images"))
+            kinds = "/".join(layout.image_suffixes)
+            report.problems.append(Problem("empty split", str(image_dir), f"holds no {kinds} images"))
         for stem in sorted(set(images) - set(labels)):
-            report.problems.append(Problem("missing label", str(images[stem]), f"no {label_dir / stem}.png"))
+            detail = f"no {label_dir / stem}{layout.label_suffix}"
+            report.problems.append(Problem("missing label", str(images[stem]), detail))
         for stem in sorted(set(labels) - set(images)):
             report.problems.append(Problem("missing image", str(labels[stem]), f"no image {stem}.* in {image_dir}"))
         for stem in sorted(set(images) & set(labels)):
@@ -172,13 +198,14 @@ def _class_line(split: str, histogram: np.ndarray, rules: LabelRules) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 OK, 1 problems found, 2 bad arguments)."""
     parser = argparse.ArgumentParser(prog="python -m seg.data.check", description=__doc__.split("\n")[0])
-    parser.add_argument("root", type=Path, help="data set root holding images/ and annotations/")
+    parser.add_argument("root", type=Path, help="data set root (images/ and annotations/; leftImg8bit/ and gtFine/)")
     parser.add_argument("--spec", choices=sorted(SPECS), default=ADE20K.name, help="data set spec (ade20k)")
     parser.add_argument("--num-classes", type=int, help="number of training classes (default: the spec's)")
     parser.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
                         help="raw 0 = unlabelled, raw k = class k - 1 (default: the spec's; on for ADE20K)")
     parser.add_argument("--ignore-index", type=int, help="raw value of unlabelled pixels (default: the spec's)")
-    parser.add_argument("--splits", nargs="+", default=["training", "validation"], help="split folder names")
+    parser.add_argument("--splits", nargs="+", help="split folder names (default: the layout's)")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), help="folder layout (default: the spec's)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--max-report", type=int, default=50, help="problems printed per kind")
     args = parser.parse_args(argv)
@@ -190,12 +217,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: need 0 < --num-classes <= {UINT8_MAX} and 0 <= --ignore-index <= {UINT8_MAX} (8-bit label "
               f"maps), got {args.num_classes} and {args.ignore_index}", file=sys.stderr)
         return 2
-    if not (args.root / "images").is_dir() or not (args.root / "annotations").is_dir():
-        print(f"error: {args.root} holds no images/ and annotations/ folders (the ADE20K layout)", file=sys.stderr)
+    layout = layout_for(args.layout, spec.name)
+    tops = list(dict.fromkeys(folder.split("/")[0] for folder in (layout.image_dir, layout.label_dir)))
+    if not all((args.root / top).is_dir() for top in tops):
+        print(f"error: {args.root} holds no {' and '.join(t + '/' for t in tops)} folders (the {layout.name} "
+              "layout)", file=sys.stderr)
         return 2
     rules = LabelRules(args.num_classes, args.reduce_zero_label, args.ignore_index)
+    splits = args.splits or [layout.train_split, layout.val_split]
     start = time.perf_counter()
-    report, histograms = check_dataset(args.root, args.splits, rules, workers=max(1, args.workers))
+    report, histograms = check_dataset(args.root, splits, rules, workers=max(1, args.workers), layout=layout)
     print(f"decoded every image and label map in {time.perf_counter() - start:.1f} s; legal label values: "
           f"{rules.describe()}")
     for split, histogram in histograms.items():

@@ -1,14 +1,15 @@
-"""The Lightning data module for ADE20K-layout data sets (ADE20K itself or custom data in the same layout).
+"""The Lightning data module for ADE20K-layout data sets (ADE20K itself or custom data in the same layout) and
+for Cityscapes (its own layout, see :mod:`seg.data.layout`).
 
 Batches (dicts):
 
-- train: ``image`` float32 (B, 3, crop, crop), ``mask`` int64 (B, crop, crop).
+- train: ``image`` float32 (B, 3, crop_h, crop_w), ``mask`` int64 (B, crop_h, crop_w).
 - val / test (batch size 1): ``image`` float32 (1, 3, h, w) rescaled, ``mask`` int64 (1, H0, W0) the
   original-size label that metrics are computed against, ``name`` [stem].
 - predict (batch size 1): ``image`` (1, 3, h, w), ``photo`` uint8 (1, H0, W0, 3) the decoded original (what the
   prediction writer draws on), ``path`` [path relative to ``predict_root``], ``orig_size`` int64 (1, 2) = (H0, W0).
 
-Test runs on ``val_split`` (ADE20K publishes no test labels).
+Test runs on ``val_split`` (neither ADE20K nor Cityscapes publishes test labels).
 
 Bad files (truncated images, label maps of the wrong size or with values beyond ``num_classes``) stop the run
 with an error naming the file, also from inside DataLoader workers. With ``skip_bad_samples=True`` they are
@@ -35,6 +36,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from seg.data.ade20k import ImageFolder, SegmentationFolder
+from seg.data.layout import LayoutName, layout_for
 from seg.data.spec import ADE20K, DatasetSpec, as_spec
 from seg.data.synthetic import ensure_demo_dataset
 from seg.data.transforms import eval_transform, train_transform
@@ -182,19 +184,23 @@ class SkippingDataLoader(DataLoader):
 
 
 class SegmentationDataModule(pl.LightningDataModule):
-    """ADE20K-layout data: ``root/images/{split}/*.jpg|png`` and ``root/annotations/{split}/*.png``.
+    """ADE20K-layout data (``root/images/{split}/*.jpg|png``, ``root/annotations/{split}/*.png``) or Cityscapes
+    (``root/leftImg8bit/{split}/<city>/*_leftImg8bit.png``, ``root/gtFine/{split}/<city>/*_labelTrainIds.png``).
 
     Args:
-        root: data set root (e.g. ``data/ADEChallengeData2016``).
+        root: data set root (e.g. ``data/ADEChallengeData2016``, ``data/cityscapes``).
         spec: the data set's facts (:class:`~seg.data.spec.DatasetSpec`: classes, ignore label, zero-label rule,
-            names, palette, normalisation, evaluation scale), or the name of a known one (``ade20k``, ``demo``).
-            The CLI links its class count into the model and its ignore label and names into the task.
-        crop_size: square training crop side in pixels.
+            names, palette, normalisation, evaluation scale), or the name of a known one (``ade20k``,
+            ``cityscapes``, ``demo``). The CLI links its class count into the model and its ignore label and
+            names into the task.
+        layout: folder layout, ``ade20k`` or ``cityscapes``; None: the layout of the data set the spec names
+            (Cityscapes' for the ``cityscapes`` spec, ADE20K's for every other).
+        crop_size: training crop (height, width) in pixels, or one side of a square crop.
         batch_size: training images per device (val / test / predict always use 1).
         num_workers: DataLoader worker processes per loader.
         train_scale: (long, short) training rescale box before the random ratio in [0.5, 2].
-        train_split: training split folder name.
-        val_split: validation (and test) split folder name.
+        train_split: training split folder name; None: the layout's (``training``, ``train``).
+        val_split: validation (and test) split folder name; None: the layout's (``validation``, ``val``).
         predict_root: folder (recursive) or image file to predict on.
         demo: the bundled synthetic demo set: generated into ``root`` by :meth:`prepare_data` when a run
             fits, validates or tests (deterministic, seconds, no download; a complete copy is reused), never
@@ -209,32 +215,35 @@ class SegmentationDataModule(pl.LightningDataModule):
         self,
         root: str,
         spec: DatasetSpec | str = ADE20K.name,
-        crop_size: int = 512,
+        layout: LayoutName | None = None,
+        crop_size: int | tuple[int, int] = 512,
         batch_size: int = 2,
         num_workers: int = 4,
         train_scale: tuple[int, int] = (2048, 512),
-        train_split: str = "training",
-        val_split: str = "validation",
+        train_split: str | None = None,
+        val_split: str | None = None,
         predict_root: str | None = None,
         demo: bool = False,
         skip_bad_samples: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
-        if crop_size < 1 or batch_size < 1 or num_workers < 0:
-            raise ValueError(f"need crop_size >= 1, batch_size >= 1, num_workers >= 0; got {crop_size}, "
-                             f"{batch_size}, {num_workers}")
+        crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(int(v) for v in crop_size)
+        if len(crop) != 2 or min(crop) < 1 or batch_size < 1 or num_workers < 0:
+            raise ValueError(f"need crop_size >= 1 (one side or (height, width)), batch_size >= 1, num_workers >= 0; "
+                             f"got {crop_size}, {batch_size}, {num_workers}")
         self.spec = as_spec(spec)
+        self.layout = layout_for(layout, self.spec.name)
         self.save_hyperparameters(ignore=["spec"])
         self.hparams["spec"] = self.spec.to_dict()  # plain values: checkpoints load with weights_only=True
         self.root = Path(root)
         self.demo = demo
-        self.crop_size = crop_size
+        self.crop_size: tuple[int, int] = crop  # (height, width)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_scale = (int(train_scale[0]), int(train_scale[1]))
-        self.train_split = train_split
-        self.val_split = val_split
+        self.train_split = train_split or self.layout.train_split
+        self.val_split = val_split or self.layout.val_split
         self.predict_root = predict_root
         self.train_set: SegmentationFolder | None = None
         self.val_set: SegmentationFolder | None = None
@@ -279,10 +288,12 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def _check_root(self) -> None:
         if not self.root.is_dir():
+            downloads = {"cityscapes": ("leftImg8bit_trainvaltest.zip gtFine_trainvaltest.zip", "Cityscapes")}
+            archives, section = downloads.get(self.layout.name, ("ADEChallengeData2016.zip", "ADE20K"))
             raise FileNotFoundError(
-                f"data set root {self.root} does not exist. Download ADEChallengeData2016.zip and run "
-                "`python -m seg.data.prepare ADEChallengeData2016.zip --out data` (see the README, section "
-                "'ADE20K'), or point `root` at a folder in the same layout."
+                f"data set root {self.root} does not exist. Download {archives} and run "
+                f"`python -m seg.data.prepare {archives} --out data` (see the README, section "
+                f"'{section}'), or point `root` at a folder in the same layout."
             )
 
     def _folder(self, split: str, train: bool) -> SegmentationFolder:
@@ -300,6 +311,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             ignore_index=spec.ignore_index,
             reduce_zero_label=spec.reduce_zero_label,
             original_mask=not train,
+            layout=self.layout,
         )
 
     def prepare_data(self) -> None:

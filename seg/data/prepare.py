@@ -1,7 +1,10 @@
-"""Extract and verify ADE20K: ``python -m seg.data.prepare PATH [--out DIR]``.
+"""Extract and verify ADE20K or Cityscapes: ``python -m seg.data.prepare PATH [PATH] [--out DIR]``.
 
 PATH is the official ``ADEChallengeData2016.zip`` (extracted into DIR, default ``data/``) or an already
-extracted ``ADEChallengeData2016`` folder (checked in place). The check reports, naming the files:
+extracted ``ADEChallengeData2016`` folder (checked in place); or Cityscapes' ``leftImg8bit_trainvaltest.zip``
+and ``gtFine_trainvaltest.zip`` (extracted into DIR/cityscapes) or an extracted folder holding ``leftImg8bit/``
+and ``gtFine/``, whose labelIds maps are converted to trainIds (see :mod:`seg.data.prepare_cityscapes`).
+For ADE20K the check reports, naming the files:
 
 - image / label counts per split against the expected 20,210 training and 2,000 validation pairs;
 - images without a label map and label maps without an image;
@@ -17,89 +20,36 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import zipfile
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from seg.data import prepare_cityscapes
+from seg.data.archives import extract_zip
+from seg.data.problems import Problem, Report, print_report
 from seg.data.spec import ADE20K
 
-__all__ = ["EXPECTED_COUNTS", "Problem", "Report", "check_pair", "extract", "main", "verify"]
+__all__ = ["EXPECTED_COUNTS", "check_pair", "extract", "index_split", "main", "verify"]
 
 EXPECTED_COUNTS: dict[str, int] = {"training": 20210, "validation": 2000}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the data set: a kind (e.g. ``missing label``), the file and what is wrong."""
-
-    kind: str
-    path: str
-    detail: str
-
-
-@dataclass
-class Report:
-    """Result of :func:`verify`: per-split counts and every problem found."""
-
-    root: Path
-    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # split -> (images, label maps)
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def kinds(self) -> Counter[str]:
-        """Number of problems per kind."""
-        return Counter(p.kind for p in self.problems)
-
-
-def _safe_target(out: Path, member: str) -> Path | None:
-    """Where a zip member goes under ``out``, or None for macOS metadata; refuses paths leaving ``out``."""
-    if member.startswith("__MACOSX/") or Path(member).name == ".DS_Store":
-        return None
-    target = (out / member).resolve()
-    if not target.is_relative_to(out.resolve()):
-        raise ValueError(f"zip member {member!r} would be written outside {out}: refusing to extract")
-    return target
-
-
 def extract(zip_path: Path, out: Path) -> Path:
-    """Extract ``zip_path`` into ``out`` (files already there with the same size are kept).
+    """Extract ``zip_path`` into ``out`` (files already there with the same size are kept; an archive cut short
+    is extracted as far as it arrived, see :mod:`seg.data.archives`).
 
     Returns:
-        The data set root: the extracted folder that holds ``images/`` and ``annotations/``.
+        The data set root: the extracted folder that holds ``images/``.
     """
-    try:
-        archive = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile as err:
-        raise ValueError(f"{zip_path} is not a valid zip file: {err}") from err
-    with archive:
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        print(f"extracting {len(members)} files from {zip_path} into {out}")
-        out.mkdir(parents=True, exist_ok=True)
-        for i, member in enumerate(members):
-            target = _safe_target(out, member.filename)
-            if target is None or (target.is_file() and target.stat().st_size == member.file_size):
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as src, open(target, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            if (i + 1) % 5000 == 0:
-                print(f"  {i + 1}/{len(members)}")
-        tops = sorted({m.filename.split("/")[0] for m in members if "/" in m.filename} - {"__MACOSX"})
+    tops = extract_zip(zip_path, out).top_level
     for candidate in [out / t for t in tops] + [out]:
         if (candidate / "images").is_dir():
             return candidate
-    raise FileNotFoundError(f"{zip_path} holds no images/ folder (top-level entries: {tops})")
+    raise FileNotFoundError(f"{zip_path} holds no images/ folder (top-level entries: {list(tops)})")
 
 
 def _header(path: Path) -> tuple[tuple[int, int], str]:
@@ -213,44 +163,30 @@ def verify(
     return report
 
 
-def print_report(report: Report, max_per_kind: int = 50) -> None:
-    """Print the counts, the problems (at most ``max_per_kind`` of each kind) and a summary."""
-    print(f"data set: {report.root}")
-    for split, (n_images, n_labels) in report.counts.items():
-        print(f"  {split}: {n_images} images, {n_labels} label maps")
-    shown: Counter[str] = Counter()
-    for problem in report.problems:
-        shown[problem.kind] += 1
-        if shown[problem.kind] <= max_per_kind:
-            print(f"  [{problem.kind}] {problem.path}: {problem.detail}")
-    for kind, count in report.kinds().items():
-        if count > max_per_kind:
-            print(f"  [{kind}] ... and {count - max_per_kind} more")
-    if report.ok:
-        print("summary: OK, no problems found")
-    else:
-        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(report.kinds().items()))
-        print(f"summary: {len(report.problems)} problems ({kinds})")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 OK, 1 problems found, 2 bad input)."""
     parser = argparse.ArgumentParser(prog="python -m seg.data.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("path", type=Path, help="ADEChallengeData2016.zip or an extracted data set folder")
+    parser.add_argument("path", type=Path, nargs="+", help="ADEChallengeData2016.zip or its extracted folder; or "
+                        "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip, or their extracted folder")
     parser.add_argument("--out", type=Path, default=Path("data"), help="where a zip is extracted (data/)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="checking processes")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="checking / converting processes")
     parser.add_argument("--max-label", type=int, default=ADE20K.num_classes, help="largest legal raw label value")
-    parser.add_argument("--skip-count-check", action="store_true", help="do not compare with ADE20K's counts")
+    parser.add_argument("--skip-count-check", action="store_true", help="do not compare with the download's counts")
     parser.add_argument("--max-report", type=int, default=50, help="problems printed per kind")
     args = parser.parse_args(argv)
-
+    missing = [str(p) for p in args.path if not p.exists()]
+    if missing:
+        print(f"error: {', '.join(missing)} does not exist", file=sys.stderr)
+        return 2
+    if any(prepare_cityscapes.is_cityscapes(p) for p in args.path):
+        return _main_cityscapes(args)
+    if len(args.path) > 1:
+        print(f"error: ADE20K is one archive or folder, got {len(args.path)} paths", file=sys.stderr)
+        return 2
+    args.path = args.path[0]
     try:
-        if args.path.is_file():
-            root = extract(args.path, args.out)
-        elif args.path.is_dir():
-            root = args.path
-        else:
-            raise FileNotFoundError(f"{args.path} does not exist")
+        root = extract(args.path, args.out) if args.path.is_file() else args.path
         if not (root / "images").is_dir():
             raise FileNotFoundError(f"{root} holds no images/ folder (expected the ADEChallengeData2016 "
                                     "layout)")
@@ -259,6 +195,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     expected = {split: -1 for split in EXPECTED_COUNTS} if args.skip_count_check else EXPECTED_COUNTS
     report = verify(root, expected, max_label=args.max_label, workers=args.workers)
+    print_report(report, args.max_report)
+    return 0 if report.ok else 1
+
+
+def _main_cityscapes(args: argparse.Namespace) -> int:
+    """Extract (or take in place) and convert Cityscapes; the exit status."""
+    try:
+        report = prepare_cityscapes.prepare(list(args.path), args.out, max(1, args.workers),
+                                            check_counts=not args.skip_count_check)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print_report(report, args.max_report)
     return 0 if report.ok else 1
 

@@ -1,8 +1,9 @@
 """The facts of a data set, typed once: classes, ignore label, zero-label rule, colours, normalisation, eval scale.
 
 Everything that reads a data-set fact (the data module, the model's class count, the metrics, the prediction
-writer, the reports, the app and the pretrained folder) reads it from a :class:`DatasetSpec`. Two are defined
-here: :data:`ADE20K` and :data:`DEMO` (the bundled synthetic set). A custom data set declares its own in YAML::
+writer, the reports, the app and the pretrained folder) reads it from a :class:`DatasetSpec`. Three are
+defined here: :data:`ADE20K`, :data:`CITYSCAPES` and :data:`DEMO` (the bundled synthetic set). A custom data set
+declares its own in YAML::
 
     data:
       spec:
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -28,12 +29,16 @@ from seg.data.scenes import DEMO_CLASS_NAMES
 __all__ = [
     "ADE20K",
     "ADE20K_CLASSES",
+    "CITYSCAPES",
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_LABELS",
     "DEMO",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SPECS",
     "UINT8_MAX",
+    "CityscapesLabel",
     "DatasetSpec",
     "as_spec",
     "make_palette",
@@ -63,6 +68,64 @@ ADE20K_CLASSES: tuple[str, ...] = (
     "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen",
     "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )  # fmt: skip
+
+
+class CityscapesLabel(NamedTuple):
+    """One label of the Cityscapes definition (its ``labels`` table: name, labelId, trainId, colour).
+
+    Args:
+        name: the official name.
+        label_id: value in ``*_gtFine_labelIds.png``.
+        train_id: training class 0..18, or the ignore label when the label is not evaluated.
+        color: the official RGB colour.
+    """
+
+    name: str
+    label_id: int
+    train_id: int
+    color: tuple[int, int, int]
+
+
+_I = IGNORE_INDEX  # trainId of the labels that are not evaluated
+CITYSCAPES_LABELS: tuple[CityscapesLabel, ...] = (
+    CityscapesLabel("unlabeled", 0, _I, (0, 0, 0)),
+    CityscapesLabel("ego vehicle", 1, _I, (0, 0, 0)),
+    CityscapesLabel("rectification border", 2, _I, (0, 0, 0)),
+    CityscapesLabel("out of roi", 3, _I, (0, 0, 0)),
+    CityscapesLabel("static", 4, _I, (0, 0, 0)),
+    CityscapesLabel("dynamic", 5, _I, (111, 74, 0)),
+    CityscapesLabel("ground", 6, _I, (81, 0, 81)),
+    CityscapesLabel("road", 7, 0, (128, 64, 128)),
+    CityscapesLabel("sidewalk", 8, 1, (244, 35, 232)),
+    CityscapesLabel("parking", 9, _I, (250, 170, 160)),
+    CityscapesLabel("rail track", 10, _I, (230, 150, 140)),
+    CityscapesLabel("building", 11, 2, (70, 70, 70)),
+    CityscapesLabel("wall", 12, 3, (102, 102, 156)),
+    CityscapesLabel("fence", 13, 4, (190, 153, 153)),
+    CityscapesLabel("guard rail", 14, _I, (180, 165, 180)),
+    CityscapesLabel("bridge", 15, _I, (150, 100, 100)),
+    CityscapesLabel("tunnel", 16, _I, (150, 120, 90)),
+    CityscapesLabel("pole", 17, 5, (153, 153, 153)),
+    CityscapesLabel("polegroup", 18, _I, (153, 153, 153)),
+    CityscapesLabel("traffic light", 19, 6, (250, 170, 30)),
+    CityscapesLabel("traffic sign", 20, 7, (220, 220, 0)),
+    CityscapesLabel("vegetation", 21, 8, (107, 142, 35)),
+    CityscapesLabel("terrain", 22, 9, (152, 251, 152)),
+    CityscapesLabel("sky", 23, 10, (70, 130, 180)),
+    CityscapesLabel("person", 24, 11, (220, 20, 60)),
+    CityscapesLabel("rider", 25, 12, (255, 0, 0)),
+    CityscapesLabel("car", 26, 13, (0, 0, 142)),
+    CityscapesLabel("truck", 27, 14, (0, 0, 70)),
+    CityscapesLabel("bus", 28, 15, (0, 60, 100)),
+    CityscapesLabel("caravan", 29, _I, (0, 0, 90)),
+    CityscapesLabel("trailer", 30, _I, (0, 0, 110)),
+    CityscapesLabel("train", 31, 16, (0, 80, 100)),
+    CityscapesLabel("motorcycle", 32, 17, (0, 0, 230)),
+    CityscapesLabel("bicycle", 33, 18, (119, 11, 32)),
+)  # the definition also names "license plate" (id -1): never stored in an 8-bit labelIds map
+
+_EVALUATED = sorted((lab for lab in CITYSCAPES_LABELS if lab.train_id != _I), key=lambda lab: lab.train_id)
+CITYSCAPES_CLASSES: tuple[str, ...] = tuple(lab.name for lab in _EVALUATED)  # trainId order
 
 
 def make_palette(num_colors: int) -> np.ndarray:
@@ -170,7 +233,12 @@ def _plain(value: Any) -> Any:
 ADE20K = DatasetSpec(num_classes=len(ADE20K_CLASSES), name="ade20k", class_names=ADE20K_CLASSES)
 DEMO = DatasetSpec(num_classes=len(DEMO_CLASS_NAMES), name="demo", class_names=DEMO_CLASS_NAMES,
                    test_scale=(800, 200))  # demo images are 160-320 px: ratio 1 keeps them near their own size
-SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (ADE20K, DEMO)}
+# The 19 evaluated classes as trainIds 0..18 (raw values are the classes: the maps `prepare` writes), the official
+# colours, ImageNet statistics (as every mmseg Cityscapes recipe), evaluated at the full 2048 x 1024 frame.
+CITYSCAPES = DatasetSpec(num_classes=len(CITYSCAPES_CLASSES), name="cityscapes", reduce_zero_label=False,
+                         class_names=CITYSCAPES_CLASSES, palette=tuple(lab.color for lab in _EVALUATED),
+                         test_scale=(2048, 1024))
+SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (ADE20K, CITYSCAPES, DEMO)}
 
 
 def as_spec(value: DatasetSpec | str | Mapping[str, Any]) -> DatasetSpec:

@@ -235,7 +235,7 @@ def _normalize(
 
 
 def train_transform(
-    crop_size: int,
+    crop_size: int | tuple[int, int],
     scale: tuple[int, int],
     ratio_range: tuple[float, float] = (0.5, 2.0),
     cat_max_ratio: float = 0.75,
@@ -247,7 +247,8 @@ def train_transform(
     """The training pipeline: call as ``pipeline(image=uint8 (H, W, 3), mask=uint8 (H, W))``.
 
     Args:
-        crop_size: square crop side in pixels (512 in the recipe).
+        crop_size: crop (height, width) in pixels, or one side of a square crop (512 in the ADE20K recipes,
+            (512, 1024) in the Cityscapes ones).
         scale: (long, short) rescale box before the random ratio, (2048, 512) in the recipe.
         ratio_range: range of the random rescale ratio r.
         cat_max_ratio: largest share of one class in an accepted crop.
@@ -257,17 +258,18 @@ def train_transform(
         std: per-channel RGB standard deviation on the 8-bit pixel scale.
 
     Returns:
-        A pipeline giving ``image`` float32 (crop, crop, 3) normalised and ``mask`` uint8 (crop, crop).
+        A pipeline giving ``image`` float32 (crop_h, crop_w, 3) normalised and ``mask`` uint8 (crop_h, crop_w).
     """
+    crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else (int(crop_size[0]), int(crop_size[1]))
     pipeline = A.Compose([
         RandomRescale(scale=scale, ratio_range=ratio_range),
-        CatMaxRatioCrop((crop_size, crop_size), cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
+        CatMaxRatioCrop((crop_h, crop_w), cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
         A.HorizontalFlip(p=0.5),
         PhotometricDistortion(),
         _normalize(mean, std),
         A.PadIfNeeded(
-            min_height=crop_size,
-            min_width=crop_size,
+            min_height=crop_h,
+            min_width=crop_w,
             position="top_left",  # pad bottom and right, as the recipe does
             border_mode=cv2.BORDER_CONSTANT,
             fill=0,
