@@ -71,6 +71,7 @@ def test_half_precision_inputs_are_computed_in_float32(layer: str) -> None:
     torch.manual_seed(0)
     q, k, v = (4 * torch.randn(3, 2, 2, 54, 16)).half().unbind(0)
     if layer == "mala":
+        q, k, v = 8 * q, 8 * k, 8 * v  # outputs near 1e4: float16 intermediates lose 1e-3 of them
         sin, cos = RoPE(16)((6, 9))
         run = lambda *t: magnitude_aware_linear_attention(*t, sin, cos)
     else:
@@ -79,7 +80,8 @@ def test_half_precision_inputs_are_computed_in_float32(layer: str) -> None:
     low = run(q, k, v)
     ref = run(q.float(), k.float(), v.float())
     assert low.dtype == torch.float16 and torch.isfinite(low).all()
-    torch.testing.assert_close(low.float(), ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+    tolerance = 6e-4 if layer == "mala" else 2e-3  # float16 computation: MALA 1.3e-3, Pola not finite
+    torch.testing.assert_close(low.float(), ref, rtol=0, atol=tolerance * ref.abs().max().item())
 
 
 def test_pola_positional_encoding_is_resized_to_the_live_grid() -> None:
