@@ -5,8 +5,9 @@ resolution, with peak memory, every case side by side in one run.
     python benchmarks/families.py --sizes 512 1024 --modes encoder  # a quicker subset
     python benchmarks/families.py --plot docs/benchmarks/families.png
 
-Models: FLatten-PVT-T and FLatten-Swin-T, SOFT-Tiny, Agent-PVT-T and Agent-Swin-T, MLLA-T, RAVLT-T, and the
-softmax baselines PVT-T (SDPA) and Swin-T (7 x 7 windows). ``encoder``: features only, batch 1, inference.
+Models: FLatten-PVT-T and FLatten-Swin-T, SOFT-Tiny, Agent-PVT-T and Agent-Swin-T, MLLA-T, RAVLT-T, MALA-T,
+PolaFormer-PVT-T and PolaFormer-Swin-T, and the softmax baselines PVT-T (SDPA) and Swin-T (7 x 7 windows).
+``encoder``: features only, batch 1, inference.
 ``train``: the encoder with the Semantic FPN head and the auxiliary FCN head (the same decoders for every
 family), forward, cross-entropy, backward and an AdamW step, batch 1. Every case runs in its own process
 (``_measure.py``); a case that needs more memory than ``--memory-limit-gb`` is reported as out of memory
@@ -38,6 +39,9 @@ MODELS = [
     Model("Agent-Swin-T", "agent_swin_tiny"),
     Model("MLLA-T", "mlla_tiny"),
     Model("RAVLT-T", "ravlt_tiny"),
+    Model("MALA-T", "mala_tiny"),
+    Model("Pola-PVT-T", "pola_pvt_tiny"),
+    Model("Pola-Swin-T", "pola_swin_tiny"),
     Model("PVT-T (softmax, SDPA)", "flatten_pvt_tiny", {"attn_type": "SSSS"}),
     Model("Swin-T (softmax windows)", "flatten_swin_tiny", {"attn_type": "SSSS"}),
 ]

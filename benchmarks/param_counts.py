@@ -16,7 +16,8 @@ import seg  # noqa: F401  (registers the encoders)
 
 __all__ = ["FAMILY_PREFIXES", "parameter_count", "project_models"]
 
-FAMILY_PREFIXES = ("flatten_pvt_", "flatten_swin_", "soft_", "mlla_", "agent_pvt_", "agent_swin_", "ravlt_")
+FAMILY_PREFIXES = ("flatten_pvt_", "flatten_swin_", "soft_", "mlla_", "agent_pvt_", "agent_swin_", "ravlt_", "mala_",
+                   "pola_pvt_", "pola_swin_")
 
 
 def project_models(prefix: str = "") -> list[str]:

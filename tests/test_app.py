@@ -175,7 +175,8 @@ def test_page_in_headless_chromium(server: str, bundle: Predictor, tmp_path: Pat
 @pytest.mark.parametrize(
     ("encoder", "decoder"),
     [("test_soft", "semantic_fpn"), ("test_flatten_swin", "upernet"), ("test_agent_pvt", "semantic_fpn"),
-     ("test_agent_swin", "upernet"), ("test_mlla", "upernet"), ("test_ravlt", "semantic_fpn")],
+     ("test_agent_swin", "upernet"), ("test_mlla", "upernet"), ("test_ravlt", "semantic_fpn"),
+     ("test_mala", "semantic_fpn"), ("test_pola_pvt", "semantic_fpn"), ("test_pola_swin", "upernet")],
 )
 def test_every_attention_family_serves(encoder: str, decoder: str, tmp_path: Path) -> None:
     """Each encoder family goes through the demo: saved, loaded from its folder, a photo of a size that is no

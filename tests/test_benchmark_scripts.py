@@ -17,6 +17,7 @@ import timm
 import torch
 
 import seg  # noqa: F401  (registers the encoders)
+from seg.backbones._registry import encoder_names
 from seg.layers import FocusedLinearAttention
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -116,6 +117,7 @@ def test_param_counts_cover_every_family() -> None:
     for prefix in counts.FAMILY_PREFIXES:
         assert any(name.startswith(prefix) for name in names), prefix
     assert not any(name.startswith("test_") for name in names)
+    assert set(names) == {name for name in encoder_names() if not name.startswith("test_")}  # no family missed
     assert round(counts.parameter_count("flatten_pvt_tiny") / 1e6, 2) == 12.15  # the README's 12.2M
 
 

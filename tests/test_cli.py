@@ -23,10 +23,10 @@ def tiny_overrides(config: Path, root: Path) -> list[str]:
     """Shrink a paper setting to CPU size, keeping its decoder, schedule, optimizer and pipeline."""
     if config.name.startswith("soft_"):
         encoder = "test_soft"
-    elif config.name.startswith(("agent_", "mlla_", "ravlt_")):  # the family's own tiny variant
+    elif config.name.startswith(("agent_", "mlla_", "ravlt_", "mala_")):  # the family's own tiny variant
         family = config.name.split("_")[0]
         encoder = {"agent": "test_agent_swin" if "swin" in config.name else "test_agent_pvt",
-                   "mlla": "test_mlla", "ravlt": "test_ravlt"}[family]
+                   "mlla": "test_mlla", "ravlt": "test_ravlt", "mala": "test_mala"}[family]
     elif "swin" in config.name:
         encoder = "test_flatten_swin"
     else:

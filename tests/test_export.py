@@ -147,3 +147,16 @@ def test_bin_average_pool_equals_adaptive_average_pool() -> None:
         for size in ((2, 3), (6, 8), (7, 5), (16, 11)):
             x = torch.randn(2, 4, *size, dtype=torch.float64)
             torch.testing.assert_close(pool(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("encoder", "decoder", "kwargs"), [
+    ("test_pola_pvt", "semantic_fpn", {}),
+    ("test_mala", "semantic_fpn", {}),
+    ("test_pola_swin", "upernet", {"attn_type": "LLLL"}),
+])
+def test_mala_and_pola_dynamic_sizes(encoder, decoder, kwargs, tmp_path):
+    """Polarity-aware (resized positional encoding) and magnitude-aware linear attention (RoPE from the live
+    grid) trace with dynamic H x W; PolaFormer-Swin's window stages (default LLSS) export at a fixed size only."""
+    trace, sizes = ((64, 96), [(96, 64), (75, 101)]) if decoder == "semantic_fpn" else (UPERNET_TRACE, UPERNET_SIZES)
+    _check(encoder, decoder, trace, sizes, tmp_path, **kwargs)

@@ -15,6 +15,9 @@ FAMILIES = [
     ("test_flatten_pvt_v2", "semantic_fpn"),
     ("test_flatten_swin", "upernet"),
     ("test_soft", "upernet"),
+    ("test_mala", "semantic_fpn"),
+    ("test_pola_pvt", "semantic_fpn"),
+    ("test_pola_swin", "upernet"),
 ]
 
 

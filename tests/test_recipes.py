@@ -60,6 +60,12 @@ for _size, _drop in (("tiny", 0.1), ("small", 0.15), ("base", 0.4), ("large", 0.
                                                  "precision": "32-true"}
     if _size != "tiny":
         PUBLISHED[f"ravlt_{_size}_upernet_ade20k_160k"] = {**UPERNET, "drop_path": _drop, "precision": "16-mixed"}
+# MALA (qhfan/MALA segmentation/configs/MALA/{FPN_*_1x,Uper_*_2x}.py; /work/shared/SPEC-family.md section 8): RAVLT's
+# rows value for value, T and S configs both published. Published mIoU: not verified (no row in seg.published).
+for _size, _drop in (("tiny", 0.1), ("small", 0.15)):
+    PUBLISHED[f"mala_{_size}_fpn_ade20k_80k"] = {**SEMANTIC_FPN, "drop_path": _drop, "min_lr": 1e-6,
+                                                "precision": "32-true"}
+    PUBLISHED[f"mala_{_size}_upernet_ade20k_160k"] = {**UPERNET, "drop_path": _drop, "precision": "16-mixed"}
 # the published Agent-PVT segmentation backbone: no output norms, flooring patch embeddings (SPEC-family part 12)
 for _name in [n for n in PUBLISHED if n.startswith("agent_pvt_")]:
     PUBLISHED[_name]["encoder_extra"] = {"feature_norms": False, "patch_floor": True}
@@ -92,6 +98,8 @@ def _tiny_encoder(name: str) -> str:
         return "test_agent_swin" if "swin" in name else "test_agent_pvt"
     if name.startswith("ravlt_"):
         return "test_ravlt"
+    if name.startswith("mala_"):
+        return "test_mala"
     return "test_soft" if name.startswith("soft_") else "test_flatten_swin" if "swin" in name else "test_flatten_pvt"
 
 

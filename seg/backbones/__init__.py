@@ -1,3 +1,3 @@
 """timm-registered encoders; importing this package registers them."""
 
-from seg.backbones import agent_pvt, agent_swin, mlla, pvt, ravlt, soft, swin  # noqa: F401
+from seg.backbones import agent_pvt, agent_swin, mala, mlla, pola, pvt, ravlt, soft, swin  # noqa: F401

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import ClassVar
 
 import torch
 from timm.layers import DropPath, trunc_normal_
@@ -161,7 +162,8 @@ class PatchEmbed(nn.Module):
 
 
 class RAVLT(StagedEncoder):
-    """RAVLT backbone with the published convolutional classifier.
+    """RAVLT backbone with the published convolutional classifier; subclasses swap the attention of a letter
+    through :attr:`attention_letters` (MALA, :mod:`seg.backbones.mala`).
 
     Args:
         in_chans: input channels.
@@ -178,6 +180,8 @@ class RAVLT(StagedEncoder):
         global_pool: ``avg`` (mean of the projected stage-4 map) or ``''`` (no pooling).
         feature_norms: build the per-stage output norms ``extra_norms`` (``features_only=True`` sets it).
     """
+
+    attention_letters: ClassVar[dict[str, type[nn.Module]]] = ATTENTIONS
 
     def __init__(
         self,
@@ -200,10 +204,10 @@ class RAVLT(StagedEncoder):
                             ("attn_type", attn_type), ("layer_scales", layer_scales)):
             if len(value) != 4:
                 raise ValueError(f"{name} needs one entry per stage (4), got {len(value)}")
-        unknown = set(attn_type) - set(ATTENTIONS)
+        unknown = set(attn_type) - set(self.attention_letters)
         if unknown:
             raise ValueError(f"attn_type {attn_type!r}: unknown letter(s) {', '.join(sorted(unknown))}; "
-                             f"valid: {', '.join(ATTENTIONS)}")
+                             f"valid: {', '.join(self.attention_letters)}")
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = projection
         total = sum(depths)
@@ -216,7 +220,7 @@ class RAVLT(StagedEncoder):
         for i in range(4):
             drops = dpr[sum(depths[:i]):sum(depths[:i + 1])]
             hidden = int(mlp_ratio * embed_dims[i])
-            make = partial(Block, embed_dims[i], ATTENTIONS[attn_type[i]], num_heads[i], hidden,
+            make = partial(Block, embed_dims[i], self.attention_letters[attn_type[i]], num_heads[i], hidden,
                            layer_scale=layer_scales[i])
             downsample = PatchMerging(embed_dims[i], embed_dims[i + 1]) if i < 3 else None
             self.layers.append(Stage([make(drop_path=p) for p in drops], embed_dims[i] // num_heads[i], downsample))

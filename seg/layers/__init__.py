@@ -11,7 +11,9 @@ from seg.kernels.focused_linear.reference import (
 )
 from seg.layers.agent import AgentAttention, agent_attention, agent_position_biases
 from seg.layers.focused_linear import FocusedLinearAttention
+from seg.layers.mala import MALAttention, magnitude_aware_linear_attention
 from seg.layers.plugin import FocusedLinearAttention2d
+from seg.layers.pola import PolaLinearAttention, polarity_aware_linear_attention
 from seg.layers.soft import NewtonInverse, SoftAttention, gaussian_kernel, newton_inverse, newton_pinv, soft_attention
 from seg.layers.softmax import SpatialReductionAttention
 from seg.layers.window import WindowAttention, resize_bias_table
@@ -20,7 +22,9 @@ __all__ = [
     "AgentAttention",
     "FocusedLinearAttention",
     "FocusedLinearAttention2d",
+    "MALAttention",
     "NewtonInverse",
+    "PolaLinearAttention",
     "SoftAttention",
     "SpatialReductionAttention",
     "WindowAttention",
@@ -31,8 +35,10 @@ __all__ = [
     "focused_linear_attention",
     "gaussian_kernel",
     "linear_attention",
+    "magnitude_aware_linear_attention",
     "newton_inverse",
     "newton_pinv",
+    "polarity_aware_linear_attention",
     "resize_bias_table",
     "resize_token_grid",
     "soft_attention",
