@@ -7,9 +7,10 @@ smp's feature list ``[x, empty, s4, s8, s16, s32]`` (strides 1, 2, 4, 8, 16, 32;
 from there.
 
 Decoders (``DECODERS``): ``upernet`` and ``semantic_fpn``, the recipes' heads as mmsegmentation 0.x computes
-them, parameter for parameter (:mod:`seg.heads`: published ADE20K segmenters load one to one), and smp's
-``smp_upernet`` (the ``upernet`` of saved models before version 3), ``fpn`` and ``segformer`` decoders at their
-default widths. smp's DeepLabV3+ needs an encoder that can run at output stride 16
+them, parameter for parameter (:mod:`seg.heads`: published ADE20K segmenters load one to one), ``segformer``
+(SegFormer's all-MLP head, :class:`seg.heads.SegFormerHead`: smp's ``SegformerDecoder`` logits and parameter
+names, computed level by level), and smp's ``smp_upernet`` (the ``upernet`` of saved models before version 3) and
+``fpn`` decoders at their default widths. smp's DeepLabV3+ needs an encoder that can run at output stride 16
 (dilation), which the transformer encoders here cannot, so it is not offered.
 
 UperNet's pyramid pooling has BatchNorm on 1x1 pooled maps: in training each device must hold more than one
@@ -35,14 +36,13 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from segmentation_models_pytorch.base.initialization import initialize_decoder
 from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
-from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from segmentation_models_pytorch.encoders import get_encoder
 from torch import Tensor, nn
 
 from seg import hub
 from seg.data.spec import ADE20K
-from seg.heads import AuxFCNHead, SemanticFPNHead, UPerHead
+from seg.heads import AuxFCNHead, SegFormerHead, SemanticFPNHead, UPerHead
 from seg.legacy import upgrade_arguments, upgrade_state
 
 __all__ = ["DECODERS", "DecoderName", "Segmentor", "SmpDecodeHead"]
@@ -104,10 +104,9 @@ def _fpn(encoder_channels: Sequence[int], num_classes: int, channels: int | None
 
 
 def _segformer(encoder_channels: Sequence[int], num_classes: int, channels: int | None) -> nn.Module:
-    """smp's SegFormer all-MLP decoder; ``channels`` sets its width (smp default 256)."""
-    channels = channels or 256
-    decoder = SegformerDecoder(encoder_channels, encoder_depth=_SMP_DEPTH, segmentation_channels=channels)
-    return SmpDecodeHead(decoder, channels, num_classes, dropout=0.0)
+    """SegFormer's all-MLP head, computed level by level (the logits of smp's ``SegformerDecoder`` + 1x1
+    classifier, its parameter names); ``channels`` sets its width (default 256)."""
+    return SegFormerHead(encoder_channels[-4:], num_classes, channels or 256)
 
 
 @dataclass(frozen=True)
