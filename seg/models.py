@@ -213,7 +213,9 @@ class Segmentor(
         """Channels of the 4 encoder stages at strides 4, 8, 16, 32."""
         return list(self.encoder.out_channels[-4:])
 
-    def forward(self, x: Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, x: Tensor, sizes: Sequence[tuple[int, int]] | None = None, full_size: bool = True
+    ) -> dict[str, Tensor]:
         """Segment a batch.
 
         Args:
@@ -221,10 +223,14 @@ class Segmentor(
             sizes: each image's own (h, w) when the batch was padded to a common size on the bottom / right:
                 each image is then segmented at its own size, so the padding never reaches the model, and its
                 logits are placed top-left (zeros elsewhere). None: every image fills the whole H x W.
+            full_size: resize the logits to H x W. False returns the heads' logits at their own stride (4 for
+                every head here), for a caller that resizes them itself to another size (the predictor's
+                striped argmax, :func:`seg.limits.labels_at`); it needs an input the model does not pad and
+                no ``sizes``.
 
         Returns:
-            ``{'out': logits (B, num_classes, H, W)}``, plus ``'aux'`` (same shape) in training when the
-            auxiliary head exists.
+            ``{'out': logits (B, num_classes, H, W)}`` (H / 4 x W / 4 with ``full_size=False``), plus ``'aux'``
+            (same shape) in training when the auxiliary head exists.
         """
         B, _, H, W = x.shape
         if self.training and self._pooled_batchnorm and B < 2:
@@ -232,6 +238,8 @@ class Segmentor(
                 f"decoder {self.decoder_name!r} has BatchNorm on 1x1 pooled maps: training needs more than "
                 f"one image per device, got batch size {B}"
             )
+        if not full_size:
+            return self._forward_head_stride(x, sizes)
         if sizes is not None and any(tuple(s) != (H, W) for s in sizes):
             return self._forward_sizes(x, sizes)
         pad_h, pad_w = -H % self.pad_multiple, -W % self.pad_multiple
@@ -242,6 +250,20 @@ class Segmentor(
         outputs = {"out": _resize_crop(self.decode_head(features), padded, (H, W))}
         if self.training and self.aux_head is not None:
             outputs["aux"] = _resize_crop(self.aux_head(features[-2]), padded, (H, W))
+        return outputs
+
+    def _forward_head_stride(self, x: Tensor, sizes: Sequence[tuple[int, int]] | None) -> dict[str, Tensor]:
+        """:meth:`forward` with ``full_size=False``: the heads' logits, not resized."""
+        H, W = x.shape[2:]
+        if sizes is not None and any(tuple(s) != (H, W) for s in sizes):
+            raise ValueError("full_size=False takes a batch of one image size (no `sizes`)")
+        if H % self.pad_multiple or W % self.pad_multiple:
+            raise ValueError(f"full_size=False needs H and W divisible by {self.pad_multiple} (the {self.decoder_name} "
+                             f"decoder pads inputs to it), got {H} x {W}")
+        features = self.encoder(x)  # [x, s2, s4, s8, s16, s32]
+        outputs = {"out": self.decode_head(features)}
+        if self.training and self.aux_head is not None:
+            outputs["aux"] = self.aux_head(features[-2])
         return outputs
 
     def _forward_sizes(self, x: Tensor, sizes: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
