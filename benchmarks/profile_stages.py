@@ -39,15 +39,22 @@ MODELS = {
 
 
 def stage_modules(model: Segmentor) -> dict[str, nn.Module]:
-    """The modules timed one by one: the trunk's children (a ModuleList's elements each), then the head."""
+    """The modules timed one by one: the trunk's children (a ModuleList's elements each, and the children of a
+    stage that holds one: Swin's ``layers.<i>.blocks.<j>`` / ``.downsample``), then the head."""
     trunk = getattr(model.encoder, "model", model.encoder)
     trunk = getattr(trunk, "model", trunk)  # smp's timm wrapper holds timm's feature wrapper, which holds the trunk
     out: dict[str, nn.Module] = {}
-    for name, child in trunk.named_children():
-        if isinstance(child, nn.ModuleList):
-            out.update({f"{name}.{i}": m for i, m in enumerate(child)})
+
+    def add(name: str, module: nn.Module) -> None:  # a stage holding a ModuleList is entered, not called
+        children = list(module.named_children())
+        if isinstance(module, nn.ModuleList) or any(isinstance(c, nn.ModuleList) for _, c in children):
+            for child_name, child in children:
+                add(f"{name}.{child_name}", child)
         else:
-            out[name] = child
+            out[name] = module
+
+    for name, child in trunk.named_children():
+        add(name, child)
     out["decode_head"] = model.decode_head
     return out
 

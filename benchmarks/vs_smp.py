@@ -8,8 +8,8 @@ Pairs (ours / smp), each at every size, batch 1, 150 classes, random weights, in
 - ``encoder``: FLatten-PVTv2-B0 ``features_only`` against smp's ``mit_b0`` encoder (eager only).
 - ``segmentor``: FLatten-PVTv2-B0 + ``segformer`` head (``Segmentor``, no auxiliary head) against
   ``smp.Segformer("mit_b0")``; both return full-size logits (B, 150, H, W).
-- ``segmentor/ort``: the same two models exported (``torch.export`` at a fixed size, the dynamo ONNX exporter;
-  ours through :mod:`seg.export`) and run in ONNX Runtime's CPU provider with the same thread count.
+- ``segmentor/ort``: the same two models exported (``torch.export`` at a fixed size, the dynamo ONNX exporter at
+  opset 20; ours through :mod:`seg.export`) and run in ONNX Runtime's CPU provider with the same thread count.
 
 Each round times both models of a pair back to back, who goes first alternating, ``repeats`` calls each (the
 round's time is their median); a ratio is the median over rounds of the per-round ratio ours / smp, so drift of a
@@ -39,6 +39,7 @@ from seg.models import Segmentor  # noqa: E402
 
 Run = Callable[[], object]
 CLASSES = 150
+OPSET = 20  # both models at the exporter's default opset (ONNX's own Gelu op from 20 on; opset 18 spells it with Erf)
 
 
 def _eager(model: torch.nn.Module, image: torch.Tensor) -> Run:
@@ -67,8 +68,8 @@ def _export_smp(model: torch.nn.Module, image: torch.Tensor, path: Path) -> Path
     """smp's segmentor through the same exporters (fixed size)."""
     with torch.no_grad():
         program = torch.export.export(model.eval(), (image,), strict=False)
-    torch.onnx.export(program, (), str(path), dynamo=True, input_names=["image"], output_names=["logits"],
-                      external_data=False, verbose=False)
+    torch.onnx.export(program, (), str(path), dynamo=True, opset_version=OPSET, input_names=["image"],
+                      output_names=["logits"], external_data=False, verbose=False)
     return path
 
 
@@ -85,7 +86,7 @@ def pairs(size: int, runtimes: list[str], threads: int, folder: Path) -> dict[st
         out["encoder"] = (_eager(ours_encoder, image), _eager(smp_encoder, image))
         out["segmentor"] = (_eager(ours, image), _eager(theirs, image))
     if "ort" in runtimes:
-        mine = export_onnx(export_program(ours, image, dynamic=False), folder / f"ours_{size}.onnx")
+        mine = export_onnx(export_program(ours, image, dynamic=False), folder / f"ours_{size}.onnx", OPSET)
         other = _export_smp(theirs, image, folder / f"smp_{size}.onnx")
         out["segmentor/ort"] = (_ort(_session(mine, threads), image), _ort(_session(other, threads), image))
     return out
