@@ -12,8 +12,9 @@ Pairs (ours / smp), each at every size, batch 1, 150 classes, random weights, in
   opset 20; ours through :mod:`seg.export`) and run in ONNX Runtime's CPU provider with the same thread count.
 
 Each round times both models of a pair back to back, who goes first alternating, ``repeats`` calls each (the
-round's time is their median); a ratio is the median over rounds of the per-round ratio ours / smp, so drift of a
-shared machine reaches both alike. The header names the CPU, its vector ISA and the load average.
+round's time is their minimum, the least disturbed call on a shared machine); a ratio is the median over rounds
+of the per-round ratio ours / smp, so drift of a shared machine reaches both alike. The header names the CPU,
+its vector ISA and the load average.
 """
 
 from __future__ import annotations
@@ -93,12 +94,13 @@ def pairs(size: int, runtimes: list[str], threads: int, folder: Path) -> dict[st
 
 
 def _time(run: Run, repeats: int) -> float:
+    """The least disturbed of ``repeats`` calls (seconds): on a shared machine other work only adds time."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def compare(ours: Run, theirs: Run, rounds: int, repeats: int) -> tuple[float, float, float, list[float]]:
