@@ -1,5 +1,6 @@
-"""``benchmarks/vs_smp.py`` and ``benchmarks/profile_stages.py`` run at tiny sizes, so the tables they print cannot
-rot: every pair and runtime gets a ratio row, every model a stage table and an operation table."""
+"""``benchmarks/vs_smp.py``, ``ort_nodes.py`` and ``profile_stages.py`` run at tiny sizes, so the tables they
+print cannot rot: a ratio row per pair and runtime, operator rows and the floor, a stage and an operation table
+per model."""
 
 from __future__ import annotations
 
@@ -37,3 +38,13 @@ def test_profile_stages_prints_stages_and_operations() -> None:
         assert f"## {name}:" in out
     assert re.search(r"^\| block1\.0 \| \d+\.\d \|", out, re.M) and re.search(r"^\| layers\.3\.blocks\.1 \|", out, re.M)
     assert out.count("| decode_head |") == 3 and out.count("aten::copy_ in all:") == 3
+
+
+@pytest.mark.slow
+def test_ort_nodes_prints_operators_and_the_floor() -> None:
+    out = _run(str(BENCHMARKS / "ort_nodes.py"), "--size", "64", "--runs", "1")
+    assert re.search(r"^\| Gemm \| \d+ \| \d+\.\d \| \d+ \| \d+\.\d \|", out, re.M), out
+    assert re.search(r"^\| all nodes \| \d+ \|", out, re.M)
+    floor = re.search(r"floor \(.+\): (\d+\.\d\d)x$", out, re.M)
+    total = re.search(r"node time ours / smp: (\d+\.\d\d)x", out)
+    assert floor and total and 0 < float(floor.group(1)) <= float(total.group(1)), out
