@@ -74,3 +74,20 @@ def test_segmentor_segformer_keeps_saved_names(tmp_path) -> None:
     x = torch.randn(1, 3, 75, 61)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["out"], model(x)["out"])
+
+
+def test_a_folder_saved_with_smps_decoder_loads_with_equal_logits(tmp_path) -> None:
+    torch.manual_seed(2)
+    old = Segmentor("test_flatten_pvt_v2", decoder="segformer", num_classes=4, aux_head=False)
+    channels = list(old.encoder.out_channels)
+    old.decode_head = SmpDecodeHead(SegformerDecoder(channels, encoder_depth=5, segmentation_channels=256), 256, 4,
+                                    0.0)  # the earlier versions' segformer head
+    bn = old.decode_head.decoder.fuse_stage[1]
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 1.5)
+    old.eval().save_pretrained(tmp_path)
+    new = Segmentor.from_pretrained(tmp_path)
+    assert isinstance(new.decode_head, SegFormerHead)
+    x = torch.randn(1, 3, 66, 90)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x)["out"], old(x)["out"], rtol=1e-4, atol=1e-5)
