@@ -11,7 +11,8 @@ setting of the other benchmarks (no heap trimming, no mmap), so both columns com
 Cases: focused linear attention (ours: the default backend) and the published formulation, forward + backward
 at 128^2 tokens, C = d = 64, float32; FLatten-PVT-T and softmax PVT-T (SDPA) encoders, inference at 512^2;
 FLatten-PVT-T encoder forward + backward at 512^2 (features, mean of squares), ours and with every attention
-layer replaced by the published formulation.
+layer replaced by the published formulation. On request (``--cases "encoder flatten_swin_tiny" ...``): one encoder
+per family (``FAMILY_ENCODERS``), inference at 512^2.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+FAMILY_ENCODERS = ("flatten_pvt_v2_b0", "flatten_swin_tiny", "agent_pvt_tiny", "agent_swin_tiny", "mlla_tiny",
+                   "ravlt_tiny", "soft_tiny")  # one encoder per family on the staged skeleton (besides PVT-T)
 CASES = ("attention ours", "attention published", "encoder FLatten-PVT-T", "encoder PVT-T (SDPA)",
-         "train FLatten-PVT-T", "train FLatten-PVT-T published")
+         "train FLatten-PVT-T", "train FLatten-PVT-T published", *(f"encoder {n}" for n in FAMILY_ENCODERS))
+DEFAULT_CASES = CASES[:6]
 ALLOCATORS = {
     "default": {},
     "tuned": {"MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_MMAP_MAX_": "0"},
@@ -73,8 +77,12 @@ def _child(tree: str, case: str, repeats: int) -> None:
             sum(f.square().mean() for f in model(image)).backward()
             model.zero_grad(set_to_none=True)
     else:
-        attn_type = "LLLL" if "FLatten" in case else "SSSS"
-        model = timm.create_model("flatten_pvt_tiny", features_only=True, attn_type=attn_type).eval()
+        name = case.split(" ", 1)[1]
+        if name in FAMILY_ENCODERS:  # a family's encoder at its defaults
+            model = timm.create_model(name, features_only=True).eval()
+        else:
+            attn_type = "LLLL" if "FLatten" in case else "SSSS"
+            model = timm.create_model("flatten_pvt_tiny", features_only=True, attn_type=attn_type).eval()
         image = torch.randn(1, 3, 512, 512)
 
         def run() -> None:
@@ -105,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default="HEAD", help="git revision to compare the working tree with")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats inside each process")
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="default: all")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES),
+                        help="default: the first six (the PVT-T cases); the families' encoders on request")
     parser.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS), default=list(ALLOCATORS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)

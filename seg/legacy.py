@@ -10,6 +10,9 @@ named every classifier ``conv_seg``. For weights written earlier:
   (different logits on sizes that are not multiples of 32): refused, with what changed.
 
 A Lightning checkpoint carries no version; its state-dict names tell the earlier heads apart.
+
+The ``segformer`` head, smp's ``SegformerDecoder`` in earlier versions, is now :class:`seg.heads.SegFormerHead`
+with the same parameter names and logits: its weights of any version load as they are, with no rename here.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ smp's feature list ``[x, empty, s4, s8, s16, s32]`` (strides 1, 2, 4, 8, 16, 32;
 from there.
 
 Decoders (``DECODERS``): ``upernet`` and ``semantic_fpn``, the recipes' heads as mmsegmentation 0.x computes
-them, parameter for parameter (:mod:`seg.heads`: published ADE20K segmenters load one to one), and smp's
-``smp_upernet`` (the ``upernet`` of saved models before version 3), ``fpn`` and ``segformer`` decoders at their
-default widths. smp's DeepLabV3+ needs an encoder that can run at output stride 16
+them, parameter for parameter (:mod:`seg.heads`: published ADE20K segmenters load one to one), ``segformer``
+(SegFormer's all-MLP head, :class:`seg.heads.SegFormerHead`: smp's ``SegformerDecoder`` logits and parameter
+names, computed level by level), and smp's ``smp_upernet`` (the ``upernet`` of saved models before version 3) and
+``fpn`` decoders at their default widths. smp's DeepLabV3+ needs an encoder that can run at output stride 16
 (dilation), which the transformer encoders here cannot, so it is not offered.
 
 UperNet's pyramid pooling has BatchNorm on 1x1 pooled maps: in training each device must hold more than one
@@ -35,14 +36,13 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from segmentation_models_pytorch.base.initialization import initialize_decoder
 from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
-from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from segmentation_models_pytorch.encoders import get_encoder
 from torch import Tensor, nn
 
 from seg import hub
 from seg.data.spec import ADE20K
-from seg.heads import AuxFCNHead, SemanticFPNHead, UPerHead
+from seg.heads import AuxFCNHead, SegFormerHead, SemanticFPNHead, UPerHead
 from seg.legacy import upgrade_arguments, upgrade_state
 
 __all__ = ["DECODERS", "DecoderName", "Segmentor", "SmpDecodeHead"]
@@ -104,10 +104,9 @@ def _fpn(encoder_channels: Sequence[int], num_classes: int, channels: int | None
 
 
 def _segformer(encoder_channels: Sequence[int], num_classes: int, channels: int | None) -> nn.Module:
-    """smp's SegFormer all-MLP decoder; ``channels`` sets its width (smp default 256)."""
-    channels = channels or 256
-    decoder = SegformerDecoder(encoder_channels, encoder_depth=_SMP_DEPTH, segmentation_channels=channels)
-    return SmpDecodeHead(decoder, channels, num_classes, dropout=0.0)
+    """SegFormer's all-MLP head, computed level by level (the logits of smp's ``SegformerDecoder`` + 1x1
+    classifier, its parameter names); ``channels`` sets its width (default 256)."""
+    return SegFormerHead(encoder_channels[-4:], num_classes, channels or 256)
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,9 @@ class Segmentor(
         """Channels of the 4 encoder stages at strides 4, 8, 16, 32."""
         return list(self.encoder.out_channels[-4:])
 
-    def forward(self, x: Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, x: Tensor, sizes: Sequence[tuple[int, int]] | None = None, full_size: bool = True
+    ) -> dict[str, Tensor]:
         """Segment a batch.
 
         Args:
@@ -222,10 +223,14 @@ class Segmentor(
             sizes: each image's own (h, w) when the batch was padded to a common size on the bottom / right:
                 each image is then segmented at its own size, so the padding never reaches the model, and its
                 logits are placed top-left (zeros elsewhere). None: every image fills the whole H x W.
+            full_size: resize the logits to H x W. False returns the heads' logits at their own stride (4 for
+                every head here), for a caller that resizes them itself to another size (the predictor's
+                striped argmax, :func:`seg.limits.labels_at`); it needs an input the model does not pad and
+                no ``sizes``.
 
         Returns:
-            ``{'out': logits (B, num_classes, H, W)}``, plus ``'aux'`` (same shape) in training when the
-            auxiliary head exists.
+            ``{'out': logits (B, num_classes, H, W)}`` (H / 4 x W / 4 with ``full_size=False``), plus ``'aux'``
+            (same shape) in training when the auxiliary head exists.
         """
         B, _, H, W = x.shape
         if self.training and self._pooled_batchnorm and B < 2:
@@ -233,6 +238,8 @@ class Segmentor(
                 f"decoder {self.decoder_name!r} has BatchNorm on 1x1 pooled maps: training needs more than "
                 f"one image per device, got batch size {B}"
             )
+        if not full_size:
+            return self._forward_head_stride(x, sizes)
         if sizes is not None and any(tuple(s) != (H, W) for s in sizes):
             return self._forward_sizes(x, sizes)
         pad_h, pad_w = -H % self.pad_multiple, -W % self.pad_multiple
@@ -243,6 +250,20 @@ class Segmentor(
         outputs = {"out": _resize_crop(self.decode_head(features), padded, (H, W))}
         if self.training and self.aux_head is not None:
             outputs["aux"] = _resize_crop(self.aux_head(features[-2]), padded, (H, W))
+        return outputs
+
+    def _forward_head_stride(self, x: Tensor, sizes: Sequence[tuple[int, int]] | None) -> dict[str, Tensor]:
+        """:meth:`forward` with ``full_size=False``: the heads' logits, not resized."""
+        H, W = x.shape[2:]
+        if sizes is not None and any(tuple(s) != (H, W) for s in sizes):
+            raise ValueError("full_size=False takes a batch of one image size (no `sizes`)")
+        if H % self.pad_multiple or W % self.pad_multiple:
+            raise ValueError(f"full_size=False needs H and W divisible by {self.pad_multiple} (the {self.decoder_name} "
+                             f"decoder pads inputs to it), got {H} x {W}")
+        features = self.encoder(x)  # [x, s2, s4, s8, s16, s32]
+        outputs = {"out": self.decode_head(features)}
+        if self.training and self.aux_head is not None:
+            outputs["aux"] = self.aux_head(features[-2])
         return outputs
 
     def _forward_sizes(self, x: Tensor, sizes: Sequence[tuple[int, int]]) -> dict[str, Tensor]:

@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from seg import hub
 from seg.data.ade20k import image_to_tensor
 from seg.data.spec import ADE20K, DatasetSpec, as_spec
 from seg.data.transforms import eval_transform
 from seg.inference import InferenceConfig
-from seg.limits import DEFAULT_MAX_PIXELS, check_pixels, predict_labels
+from seg.limits import DEFAULT_MAX_PIXELS, check_pixels, labels_at, predict_labels
 from seg.models import DECODERS, Segmentor
 
 __all__ = ["DEFAULT_TEST_SCALE", "Predictor"]
@@ -53,6 +54,10 @@ class Predictor:
             limit. Not saved: a setting of the machine that runs the model.
         source: the checkpoint the weights were converted from (file, sha256, kind, recipe, published scores;
             ``python -m seg.convert`` sets it), for config.json and the model card (None: trained here).
+        head_stride_logits: in whole-image inference without flip, take the model's stride-4 logits
+            (``full_size=False``) straight to the striped resize + argmax at the photo's size, skipping the
+            model's resize to the network input (one bilinear resize instead of two: labels may differ at class
+            boundaries). Not saved, like ``max_pixels``.
     """
 
     model: Segmentor
@@ -61,6 +66,7 @@ class Predictor:
     metrics: dict[str, float] | None = None
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     source: dict[str, Any] | None = None
+    head_stride_logits: bool = False
 
     def __post_init__(self) -> None:
         k = self.model.num_classes
@@ -151,6 +157,12 @@ class Predictor:
         """The evaluation pipeline: keep-ratio rescale into ``test_scale``, normalise."""
         return eval_transform(self.test_scale, self.mean, self.std)
 
+    def _head_stride(self, x: Tensor) -> bool:
+        """Whether :meth:`predict` takes the stride-4 logits for the normalised image x (B, 3, h, w)."""
+        pad = self.model.pad_multiple
+        return (self.head_stride_logits and self.inference.mode == "whole" and not self.inference.flip
+                and x.shape[2] % pad == 0 and x.shape[3] % pad == 0)
+
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class indices (H, W) of one uint8 (H, W, 3) RGB image, at its size, as ``cli.py predict`` computes
@@ -159,8 +171,11 @@ class Predictor:
         self.model.eval()
         device = next(self.model.parameters()).device
         x = image_to_tensor(self.transform()(image=image)["image"])[None].to(device)  # (1, 3, h, w)
-        labels = predict_labels(lambda t: self.model(t)["out"], x, self.inference, tuple(image.shape[:2]),
-                                self.test_scale)  # (1, H, W)
+        if self._head_stride(x):
+            labels = labels_at(self.model(x, full_size=False)["out"], tuple(image.shape[:2]))  # (1, H, W)
+        else:
+            labels = predict_labels(lambda t: self.model(t)["out"], x, self.inference, tuple(image.shape[:2]),
+                                    self.test_scale)  # (1, H, W)
         return labels[0].cpu().numpy()
 
 

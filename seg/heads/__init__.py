@@ -1,9 +1,11 @@
 """Decode heads as mmsegmentation 0.x computes them, parameter for parameter, so the published segmenters load:
-UperNet (``UPerHead``), Semantic FPN (``FPN`` neck + scale heads) and the auxiliary FCN head."""
+UperNet (``UPerHead``), Semantic FPN (``FPN`` neck + scale heads) and the auxiliary FCN head; and SegFormer's
+all-MLP head (``SegFormerHead``), computed level by level with smp's ``SegformerDecoder`` logits and names."""
 
 from seg.heads._blocks import ConvModule, DecodeHead
 from seg.heads.fcn import AuxFCNHead
+from seg.heads.segformer import SegFormerHead
 from seg.heads.semantic_fpn import FPN, SemanticFPNHead
 from seg.heads.uper import PPM, UPerHead
 
-__all__ = ["PPM", "AuxFCNHead", "ConvModule", "DecodeHead", "FPN", "SemanticFPNHead", "UPerHead"]
+__all__ = ["PPM", "AuxFCNHead", "ConvModule", "DecodeHead", "FPN", "SegFormerHead", "SemanticFPNHead", "UPerHead"]

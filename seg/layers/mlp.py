@@ -7,22 +7,23 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from seg.kernels.depthwise import depthwise_tokens
 from seg.kernels.onednn import Linear, linear_gelu
 
 __all__ = ["DWConv", "Mlp"]
 
 
 class DWConv(nn.Module):
-    """3x3 depthwise conv over the token grid (PVT v2's MLP)."""
+    """3x3 depthwise conv over the token grid (PVT v2's Mix-FFN), run channels-last like the tokens
+    (:func:`seg.kernels.depthwise.depthwise_tokens`: no layout copy around it)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        B, N, C = x.shape
-        x = self.dwconv(x.transpose(1, 2).reshape(B, C, *size))  # (B, C, H, W)
-        return x.flatten(2).transpose(1, 2)  # (B, N, C)
+        """(B, N, C) tokens of an H x W grid ``size`` -> (B, N, C)."""
+        return depthwise_tokens(x, size, self.dwconv.weight, self.dwconv.bias)
 
 
 class Mlp(nn.Module):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seg.kernels.depthwise import DepthwiseConv, depthwise_conv_same
 from seg.kernels.focused_linear.reference import DENOM_EPS, KERNEL_EPS
 from seg.kernels.onednn import linear
 
@@ -237,53 +238,6 @@ class FocusedTokens(torch.autograd.Function):
         n = phi_k.shape[1]
         grad_k, grad_it_k = kernel_power_backward(kk, grad_phi, dot_k, dot_k / n, inv_temp, p, grad_scale=a)
         return grad_q, grad_k, grad_v, grad_it_q + grad_it_k, None, None
-
-
-class DepthwiseConv(torch.autograd.Function):
-    """Depthwise 'same' convolution (odd square kernel, stride 1) with a backward made of two convolutions.
-
-    dL/dx is the correlation of dL/dout with the flipped filters, and dL/dw[c] the correlation of the
-    padded input channel c with dL/dout[c] used as a filter: both run through fast depthwise kernels,
-    where the generic depthwise weight gradient is several times slower on CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        B, C = x.shape[:2]
-        pad = weight.shape[-1] // 2
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad_out, weight.flip(-2, -1), padding=pad, groups=C)
-        if ctx.needs_input_grad[1]:
-            grad_w = sum(  # (1, C, k, k) per image: its dL/dout[c] (H x W) is the filter for channel c
-                F.conv2d(x[i : i + 1], grad_out[i].unsqueeze(1), padding=pad, groups=C) for i in range(B)
-            ).view_as(weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(dim=(0, 2, 3))
-        return grad_x, grad_w, grad_b
-
-
-def depthwise_conv_same(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Depthwise convolution with 'same' padding: x (B, C, H, W), weight (C, 1, k, k)."""
-    k = weight.shape[-1]
-    if k % 2 == 0 or weight.shape[-2] != k:
-        return F.conv2d(x, weight, bias, padding="same", groups=x.shape[1])
-    device = x.device.type
-    if torch.is_autocast_enabled(device):  # cast as autocast would, so forward and backward agree on dtypes
-        dtype = torch.get_autocast_dtype(device)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device, enabled=False):
-            return DepthwiseConv.apply(x, weight, bias)
-    return DepthwiseConv.apply(x, weight, bias)
 
 
 __all__ = [
