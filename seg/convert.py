@@ -23,6 +23,7 @@ the file allows, so the optimizer state is never read into memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import sys
@@ -61,6 +62,14 @@ def _numpy_allowlist() -> list[Any]:
     return [*names, np.dtype, *dtypes]
 
 
+def _allowing(allowed: list[Any]) -> contextlib.AbstractContextManager:
+    """``torch.serialization.safe_globals`` (torch >= 2.5); torch 2.4 only has the process-wide allowlist."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(allowed)
+    torch.serialization.add_safe_globals(allowed)
+    return contextlib.nullcontext()
+
+
 def read_published(path: str | Path) -> dict[str, Any]:
     """A checkpoint dict, read with ``weights_only=True`` and the numpy-scalar allowlist, memory-mapped.
 
@@ -71,7 +80,7 @@ def read_published(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with torch.serialization.safe_globals(_numpy_allowlist()):
+    with _allowing(_numpy_allowlist()):
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as err:
