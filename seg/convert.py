@@ -23,6 +23,7 @@ the file allows, so the optimizer state is never read into memory.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
 import hashlib
@@ -57,8 +58,8 @@ def _numpy_allowlist() -> list[Any]:
     scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
     dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
     names = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
-    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch 2.4: objects only
-        names = [scalar]
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch 2.4: objects only, and the
+        names = [scalar, codecs.encode]  # scalar's bytes (``_codecs.encode``), allowed by default from torch 2.5
     return [*names, np.dtype, *dtypes]
 
 
