@@ -30,7 +30,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import numpy as np
 from seg.data.ade20k import _label_lut, read_label, read_rgb
 from seg.data.layout import ADE20K_LAYOUT, LAYOUTS, FolderLayout, layout_for
 from seg.data.prepare import index_split
-from seg.data.problems import Problem, Report, print_report
+from seg.data.problems import Problem, Report, print_report, run_jobs
 from seg.data.spec import ADE20K, SPECS, UINT8_MAX
 
 __all__ = ["LabelRules", "check_dataset", "check_sample", "main"]
@@ -108,10 +107,6 @@ def _strip_path(message: str, path: str) -> str:
     return message.strip(" :")
 
 
-def _check_args(args: tuple[str, str, LabelRules]) -> tuple[list[Problem], np.ndarray | None]:
-    return check_sample(*args)
-
-
 def _index(root: Path, split: str, layout: FolderLayout, report: Report) -> tuple[dict, dict] | None:
     """Images and label maps of one split by key, counted in ``report``; None (and a problem) when a folder is
     missing. The ADE20K layout also reports unexpected files and repeated stems."""
@@ -169,11 +164,7 @@ def check_dataset(
         for stem in sorted(set(images) & set(labels)):
             jobs.append((str(images[stem]), str(labels[stem]), rules))
             job_split.append(split)
-    if workers > 1 and len(jobs) > 32:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_check_args, jobs, chunksize=16))
-    else:
-        results = [check_sample(*job) for job in jobs]
+    results = run_jobs(check_sample, jobs, workers, min_parallel=32, chunksize=16)
     histograms = {split: np.zeros(256, np.int64) for split in report.counts}
     for split, (problems, histogram) in zip(job_split, results, strict=True):
         report.problems.extend(problems)

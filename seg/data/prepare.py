@@ -21,7 +21,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from seg.data import prepare_cityscapes
 from seg.data.archives import extract_zip
-from seg.data.problems import Problem, Report, print_report
+from seg.data.problems import Problem, Report, print_report, run_jobs
 from seg.data.spec import ADE20K
 
 __all__ = ["EXPECTED_COUNTS", "check_pair", "extract", "index_split", "main", "verify"]
@@ -82,10 +81,6 @@ def check_pair(image: str, label: str, max_label: int = ADE20K.num_classes) -> l
         detail = f"{label_size[0]}x{label_size[1]} (WxH) but image {image} is {image_size[0]}x{image_size[1]}"
         problems.append(Problem("size mismatch", label, detail))
     return problems
-
-
-def _check_pair_args(args: tuple[str, str, int]) -> list[Problem]:
-    return check_pair(*args)
 
 
 def _by_stem(folder: Path, suffixes: tuple[str, ...], report: Report) -> dict[str, Path]:
@@ -153,11 +148,7 @@ def verify(
             detail = f"no image {stem}.* in {image_dir}"
             report.problems.append(Problem("missing image", str(labels[stem]), detail))
         jobs += [(str(images[s]), str(labels[s]), max_label) for s in sorted(set(images) & set(labels))]
-    if workers > 1 and len(jobs) > 64:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_check_pair_args, jobs, chunksize=64))
-    else:
-        results = [check_pair(*job) for job in jobs]
+    results = run_jobs(check_pair, jobs, workers, min_parallel=64, chunksize=64)
     for problems in results:
         report.problems.extend(problems)
     return report

@@ -15,7 +15,6 @@ are kept. Reported, naming the files:
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -24,7 +23,7 @@ from seg.data.ade20k import read_label
 from seg.data.archives import extract_zip, first_member
 from seg.data.cityscapes import EXPECTED_FRAMES, LABEL_ID_SUFFIX, TRAIN_ID_SUFFIX, to_train_ids
 from seg.data.layout import CITYSCAPES_LAYOUT, files_by_key
-from seg.data.problems import Problem, Report
+from seg.data.problems import Problem, Report, run_jobs
 
 __all__ = ["FOLDER", "convert_one", "is_cityscapes", "prepare", "prepare_root"]
 
@@ -92,10 +91,6 @@ def convert_one(label_ids: str, image: str | None) -> list[Problem]:
     return problems
 
 
-def _convert_args(args: tuple[str, str | None]) -> list[Problem]:
-    return convert_one(*args)
-
-
 def _split_names(root: Path) -> list[str]:
     """The expected splits, then any other split folder found (``test``)."""
     found = set()
@@ -134,11 +129,7 @@ def prepare_root(root: Path, workers: int = 1, check_counts: bool = True) -> Rep
             if path.name.endswith(LABEL_ID_SUFFIX):
                 jobs.append((str(path), str(images[key]) if key in images else None))
     print(f"converting {len(jobs)} labelIds maps to trainIds in {root}")
-    if workers > 1 and len(jobs) > 32:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_convert_args, jobs, chunksize=16))
-    else:
-        results = [convert_one(*job) for job in jobs]
+    results = run_jobs(convert_one, jobs, workers, min_parallel=32, chunksize=16)
     for problems in results:
         report.problems.extend(problems)
     return report

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
-__all__ = ["Problem", "Report", "print_report"]
+__all__ = ["Problem", "Report", "print_report", "run_jobs"]
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -53,3 +58,13 @@ def print_report(report: Report, max_per_kind: int = 50) -> None:
     else:
         kinds = ", ".join(f"{k}: {n}" for k, n in sorted(report.kinds().items()))
         print(f"summary: {len(report.problems)} problems ({kinds})")
+
+
+def run_jobs(fn: Callable[..., R], jobs: Sequence[tuple[Any, ...]], workers: int, min_parallel: int,
+             chunksize: int) -> list[R]:
+    """``fn(*job)`` for every job, in order: in ``workers`` processes when there are more than ``min_parallel``
+    jobs (``fn`` must then be a module-level function), else in this process."""
+    if workers > 1 and len(jobs) > min_parallel:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(fn, *zip(*jobs, strict=True), chunksize=chunksize))
+    return [fn(*job) for job in jobs]
