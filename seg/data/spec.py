@@ -37,6 +37,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SPECS",
+    "SpecFacts",
     "UINT8_MAX",
     "CityscapesLabel",
     "DatasetSpec",
@@ -260,3 +261,24 @@ def as_spec(value: DatasetSpec | str | Mapping[str, Any]) -> DatasetSpec:
             raise ValueError(f"unknown data set spec fields {unknown}; valid: {', '.join(sorted(fields))}")
         return DatasetSpec(**value)
     raise TypeError(f"a data set spec is a DatasetSpec, a name or a mapping of fields, got {type(value).__name__}")
+
+
+class SpecFacts:
+    """The class facts of ``self.spec`` read as attributes: shared by the data module, the task and the predictor."""
+
+    spec: DatasetSpec
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training classes (the spec's)."""
+        return self.spec.num_classes
+
+    @property
+    def ignore_index(self) -> int:
+        """Label of unlabelled pixels, excluded from loss and metrics (the spec's)."""
+        return self.spec.ignore_index
+
+    @property
+    def class_names(self) -> list[str]:
+        """One name per training class (the spec's)."""
+        return list(self.spec.class_names)
