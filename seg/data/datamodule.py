@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 from seg.data.ade20k import ImageFolder, SegmentationFolder
 from seg.data.layout import LayoutName, layout_for
-from seg.data.spec import ADE20K, DatasetSpec, SpecFacts, as_spec
+from seg.data.spec import ADE20K, ADE20K_CROP, ADE20K_SCALE, DatasetSpec, SpecFacts, as_spec
 from seg.data.synthetic import ensure_demo_dataset
 from seg.data.transforms import eval_transform, train_transform
 from seg.safety import DEFAULT_MAX_PIXELS
@@ -216,10 +216,10 @@ class SegmentationDataModule(SpecFacts, pl.LightningDataModule):
         root: str,
         spec: DatasetSpec | str = ADE20K.name,
         layout: LayoutName | None = None,
-        crop_size: int | tuple[int, int] = 512,
+        crop_size: int | tuple[int, int] = ADE20K_CROP,
         batch_size: int = 2,
         num_workers: int = 4,
-        train_scale: tuple[int, int] = (2048, 512),
+        train_scale: tuple[int, int] = ADE20K_SCALE,
         train_split: str | None = None,
         val_split: str | None = None,
         predict_root: str | None = None,
