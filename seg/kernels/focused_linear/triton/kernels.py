@@ -149,6 +149,21 @@ def _load_vector(ptr, bh, D_PAD: tl.constexpr):
 
 
 @_jit
+def _token_block(
+    x_ptr, r_ptr, inv_ny_ptr, s_ptr, vec_ptr, H, T, d, stride_b, stride_t, S_OTHER: tl.constexpr,
+    BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
+):
+    # the block of tokens of a program on grid (B * h, blocks of T): its (image, head) pair bh = (b, head), first
+    # token t0, the _mapped_rows of x, and g . v per token for the pair's (D_PAD,) vector v at vec_ptr
+    bh, b, head = _image_and_head(H)
+    t0 = tl.program_id(1) * BLOCK
+    g, rows, s = _mapped_rows(x_ptr, r_ptr, inv_ny_ptr, s_ptr, b, head, t0, T, d, stride_b, stride_t, S_OTHER,
+                              BLOCK, D_PAD, P, P_INT)
+    g_v = tl.sum(g * _load_vector(vec_ptr, bh, D_PAD)[None, :], axis=1)
+    return bh, b, head, t0, g, rows, s, g_v
+
+
+@_jit
 def _load_columns(ptr, bh, c0, D_PAD: tl.constexpr, WIDTH: tl.constexpr):
     # columns [c0, c0 + WIDTH) of the (D_PAD, D_PAD) float32 matrix of one (image, head) pair: (D_PAD, WIDTH)
     i = tl.arange(0, D_PAD)
@@ -262,12 +277,9 @@ def apply_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # out = (g_q . KV) / (g_q . k_mean + eps / s_q) for one block of queries of one (image, head)
-    bh, b, head = _image_and_head(H)
-    t0 = tl.program_id(1) * BLOCK
-    g, _, s_q = _mapped_rows(q_ptr, r_ptr, inv_ny_ptr, s_ptr, b, head, t0, N, d, q_sb, q_st, 1.0,
-                             BLOCK, D_PAD, P, P_INT)
-    km = _load_vector(km_ptr, bh, D_PAD)
-    rden = 1.0 / (tl.sum(g * km[None, :], axis=1) + _DENOM_EPS / s_q)
+    bh, b, head, t0, g, _, s_q, g_km = _token_block(q_ptr, r_ptr, inv_ny_ptr, s_ptr, km_ptr, H, N, d, q_sb, q_st,
+                                                    1.0, BLOCK, D_PAD, P, P_INT)
+    rden = 1.0 / (g_km + _DENOM_EPS / s_q)
     for c0 in range(0, D_PAD, DC):
         num = tl.dot(g, _load_columns(kv_ptr, bh, c0, D_PAD, DC), input_precision=DOT_PRECISION)
         _store_tile(out_ptr, num * rden[:, None], b, head, t0, N, d, o_sb, o_st, c0, BLOCK, DC)
@@ -321,13 +333,9 @@ def key_grad_kernel(
 ):
     # dL/dv = a g_k dL/dKV (phi(k) / n = a g_k), and per (token, head)
     # dL/dphi . g_k = v . (g_k dL/dKV) + g_k . dL/dk_mean (dL/dphi = v dL/dKV^T + dL/dk_mean)
-    bh, b, head = _image_and_head(H)
-    t0 = tl.program_id(1) * BLOCK
-    g, rows, s = _mapped_rows(k_ptr, r_ptr, inv_ny_ptr, s_ptr, b, head, t0, n, d, k_sb, k_st, 0.0,
-                              BLOCK, D_PAD, P, P_INT)
+    bh, b, head, t0, g, rows, s, dot = _token_block(k_ptr, r_ptr, inv_ny_ptr, s_ptr, grad_km_ptr, H, n, d, k_sb,
+                                                    k_st, 0.0, BLOCK, D_PAD, P, P_INT)
     a = s * inv_n
-    grad_km = _load_vector(grad_km_ptr, bh, D_PAD)
-    dot = tl.sum(g * grad_km[None, :], axis=1)
     for c0 in range(0, D_PAD, DC):
         gm = tl.dot(g, _load_columns(grad_kv_ptr, bh, c0, D_PAD, DC), input_precision=DOT_PRECISION)
         _store_tile(grad_v_ptr, gm * a[:, None], b, head, t0, n, d, gv_sb, gv_st, c0, BLOCK, DC)
