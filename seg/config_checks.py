@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from seg.data.spec import UINT8_MAX
+from seg.data.spec import ADE20K_CROP, ADE20K_STRIDE, UINT8_MAX
 
 __all__ = [
     "LIMITS",
@@ -236,7 +236,7 @@ def check_inference_section(path: Path, inference: Any) -> None:
     for key in ("mode", "multiscale_mode"):
         if key in inference and not isinstance(inference[key], str):
             raise _fail(path, f"inference.{key}", f"must be a string, got {inference[key]!r}")
-    crop, stride = inference.get("crop_size", 512), inference.get("stride", 341)
+    crop, stride = inference.get("crop_size", ADE20K_CROP), inference.get("stride", ADE20K_STRIDE)
     _side_pair(path, "inference.crop_size", crop)
     crops = crop if isinstance(crop, list) else [crop, crop]
     strides = stride if isinstance(stride, list) else [stride, stride]

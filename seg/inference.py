@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seg.data.spec import ADE20K_CROP, ADE20K_STRIDE
 from seg.data.transforms import fit_size
 
 __all__ = [
@@ -75,7 +76,7 @@ def whole_inference(model: Model, image: Tensor, out_size: Size | None = None) -
 
 
 def slide_windows(
-    height: int, width: int, crop_size: Size = 512, stride: Size = 341
+    height: int, width: int, crop_size: Size = ADE20K_CROP, stride: Size = ADE20K_STRIDE
 ) -> list[tuple[int, int, int, int]]:
     """Window boxes ``(y1, y2, x1, x2)`` of mmseg's sliding-window inference, row by row.
 
@@ -108,8 +109,8 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 def slide_inference(
     model: Model,
     image: Tensor,
-    crop_size: Size = 512,
-    stride: Size = 341,
+    crop_size: Size = ADE20K_CROP,
+    stride: Size = ADE20K_STRIDE,
     num_classes: int | None = None,
     out_size: Size | None = None,
     batch_windows: int = 1,
@@ -251,8 +252,8 @@ class InferenceConfig:
     """
 
     mode: Literal["whole", "slide", "multiscale"] = "whole"
-    crop_size: int | tuple[int, int] = 512
-    stride: int | tuple[int, int] = 341
+    crop_size: int | tuple[int, int] = ADE20K_CROP
+    stride: int | tuple[int, int] = ADE20K_STRIDE
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     flip: bool = False
     multiscale_mode: Literal["whole", "slide"] = "whole"

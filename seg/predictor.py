@@ -27,7 +27,7 @@ from torch import Tensor
 
 from seg import hub
 from seg.data.ade20k import image_to_tensor
-from seg.data.spec import ADE20K, DatasetSpec, as_spec
+from seg.data.spec import ADE20K, DatasetSpec, SpecFacts, as_spec
 from seg.data.transforms import eval_transform
 from seg.inference import InferenceConfig
 from seg.limits import DEFAULT_MAX_PIXELS, check_pixels, labels_at, predict_labels
@@ -39,7 +39,7 @@ DEFAULT_TEST_SCALE: tuple[int, int] = ADE20K.test_scale
 
 
 @dataclass
-class Predictor:
+class Predictor(SpecFacts):
     """A segmentor with the facts of its data set (classes, colours, ignore label, preprocessing) and its
     inference mode.
 
@@ -76,11 +76,6 @@ class Predictor:
         if self.spec.num_classes != k:
             raise ValueError(f"data set spec {self.spec.name!r} has {self.spec.num_classes} classes for a model of "
                              f"{k} classes")
-
-    @property
-    def class_names(self) -> list[str]:
-        """One name per class (the spec's)."""
-        return list(self.spec.class_names)
 
     @property
     def palette(self) -> np.ndarray:

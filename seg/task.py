@@ -12,7 +12,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from seg.data.spec import DatasetSpec, as_spec
+from seg.data.spec import DatasetSpec, SpecFacts, as_spec
 from seg.inference import InferenceConfig, SettingError, run_inference
 from seg.legacy import upgrade_state
 from seg.limits import predict_labels
@@ -34,7 +34,7 @@ def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
 
 
-class SegmentationTask(pl.LightningModule):
+class SegmentationTask(SpecFacts, pl.LightningModule):
     """Semantic segmentation with a :class:`~seg.models.Segmentor`.
 
     Args:
@@ -116,16 +116,6 @@ class SegmentationTask(pl.LightningModule):
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         except SettingError as err:
             raise SettingError(f"{checkpoint_path}: hyper_parameters.{err}") from err
-
-    @property
-    def ignore_index(self) -> int:
-        """Label excluded from loss and metrics (the spec's)."""
-        return self.spec.ignore_index
-
-    @property
-    def class_names(self) -> list[str]:
-        """One name per class (the spec's)."""
-        return list(self.spec.class_names)
 
     def configure_model(self) -> None:
         """Work out the weight-decay groups from the unwrapped model, then compile the training forward when

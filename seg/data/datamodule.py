@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 from seg.data.ade20k import ImageFolder, SegmentationFolder
 from seg.data.layout import LayoutName, layout_for
-from seg.data.spec import ADE20K, DatasetSpec, as_spec
+from seg.data.spec import ADE20K, ADE20K_CROP, ADE20K_SCALE, DatasetSpec, SpecFacts, as_spec
 from seg.data.synthetic import ensure_demo_dataset
 from seg.data.transforms import eval_transform, train_transform
 from seg.safety import DEFAULT_MAX_PIXELS
@@ -183,7 +183,7 @@ class SkippingDataLoader(DataLoader):
         self.ledger.end_pass(kept)
 
 
-class SegmentationDataModule(pl.LightningDataModule):
+class SegmentationDataModule(SpecFacts, pl.LightningDataModule):
     """ADE20K-layout data (``root/images/{split}/*.jpg|png``, ``root/annotations/{split}/*.png``) or Cityscapes
     (``root/leftImg8bit/{split}/<city>/*_leftImg8bit.png``, ``root/gtFine/{split}/<city>/*_labelTrainIds.png``).
 
@@ -216,10 +216,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         root: str,
         spec: DatasetSpec | str = ADE20K.name,
         layout: LayoutName | None = None,
-        crop_size: int | tuple[int, int] = 512,
+        crop_size: int | tuple[int, int] = ADE20K_CROP,
         batch_size: int = 2,
         num_workers: int = 4,
-        train_scale: tuple[int, int] = (2048, 512),
+        train_scale: tuple[int, int] = ADE20K_SCALE,
         train_split: str | None = None,
         val_split: str | None = None,
         predict_root: str | None = None,
@@ -265,21 +265,6 @@ class SegmentationDataModule(pl.LightningDataModule):
             return
         for logger in getattr(trainer, "loggers", []):
             logger.log_metrics({name: value}, step=trainer.global_step)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of training classes (the spec's)."""
-        return self.spec.num_classes
-
-    @property
-    def ignore_index(self) -> int:
-        """Label of unlabelled pixels, excluded from loss and metrics (the spec's)."""
-        return self.spec.ignore_index
-
-    @property
-    def class_names(self) -> list[str]:
-        """One name per training class (the spec's)."""
-        return list(self.spec.class_names)
 
     @property
     def test_scale(self) -> tuple[int, int]:

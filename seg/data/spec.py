@@ -29,6 +29,9 @@ from seg.data.scenes import DEMO_CLASS_NAMES
 __all__ = [
     "ADE20K",
     "ADE20K_CLASSES",
+    "ADE20K_CROP",
+    "ADE20K_SCALE",
+    "ADE20K_STRIDE",
     "CITYSCAPES",
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_LABELS",
@@ -37,6 +40,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SPECS",
+    "SpecFacts",
     "UINT8_MAX",
     "CityscapesLabel",
     "DatasetSpec",
@@ -48,6 +52,10 @@ UINT8_MAX = 255  # largest value of an 8-bit pixel or label
 IGNORE_INDEX = 255  # the usual label of unlabelled pixels: excluded from loss and metrics
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, on the 8-bit pixel scale
 IMAGENET_STD = (58.395, 57.12, 57.375)
+# The ADE20K recipe's sizes, the defaults of the spec, the data module, the transforms and the inference config.
+ADE20K_SCALE: tuple[int, int] = (2048, 512)  # (long, short) rescale box: training (before the random ratio), test
+ADE20K_CROP = 512  # side of the training crop and of the sliding window, px
+ADE20K_STRIDE = 341  # step of the sliding window, px (two thirds of the window)
 
 # The 150 classes of ADEChallengeData2016 in label order (raw label k + 1, training label k).
 ADE20K_CLASSES: tuple[str, ...] = (
@@ -175,7 +183,7 @@ class DatasetSpec:
     palette: tuple[tuple[int, int, int], ...] = ()
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    test_scale: tuple[int, int] = (2048, 512)
+    test_scale: tuple[int, int] = ADE20K_SCALE
 
     def __post_init__(self) -> None:
         if not 0 < self.num_classes <= UINT8_MAX:  # before the defaults below are sized by it
@@ -260,3 +268,24 @@ def as_spec(value: DatasetSpec | str | Mapping[str, Any]) -> DatasetSpec:
             raise ValueError(f"unknown data set spec fields {unknown}; valid: {', '.join(sorted(fields))}")
         return DatasetSpec(**value)
     raise TypeError(f"a data set spec is a DatasetSpec, a name or a mapping of fields, got {type(value).__name__}")
+
+
+class SpecFacts:
+    """The class facts of ``self.spec`` read as attributes: shared by the data module, the task and the predictor."""
+
+    spec: DatasetSpec
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training classes (the spec's)."""
+        return self.spec.num_classes
+
+    @property
+    def ignore_index(self) -> int:
+        """Label of unlabelled pixels, excluded from loss and metrics (the spec's)."""
+        return self.spec.ignore_index
+
+    @property
+    def class_names(self) -> list[str]:
+        """One name per training class (the spec's)."""
+        return list(self.spec.class_names)

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "DEMO_CLASS_NAMES",
     "DEMO_STUFF",
     "DEMO_THINGS",
+    "DemoSettings",
     "ensure_demo_dataset",
     "is_demo_dataset_complete",
     "make_demo_dataset",
@@ -43,7 +45,30 @@ _FORMAT_VERSION = 2
 _MARKER = ".complete"
 _SPLITS = {"training": "demo_train", "validation": "demo_val"}
 _OWN_ENTRIES = {"images", "annotations", "class_names.txt", _MARKER}
-_NUM_TRAIN, _NUM_VAL, _SEED, _MIN_SIZE, _MAX_SIZE = 160, 40, 0, 160, 320
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What a demo set is generated from; the keyword arguments of the functions below.
+
+    Args:
+        num_train: number of training images.
+        num_val: number of validation images.
+        seed: random seed; the same settings give byte-identical files.
+        min_size: smallest image side in px.
+        max_size: largest image side in px.
+    """
+
+    num_train: int = 160
+    num_val: int = 40
+    seed: int = 0
+    min_size: int = 160
+    max_size: int = 320
+
+    def record(self) -> dict[str, int]:
+        """The settings as recorded in the completion marker."""
+        return {"version": _FORMAT_VERSION, **asdict(self)}
+
 
 def _draw_size(rng: Rng, min_size: int, max_size: int) -> tuple[int, int]:
     """A random (height, width) in px within [min_size, max_size], never square."""
@@ -60,7 +85,7 @@ def _jpeg_bytes(image: Array, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _write_split(folder: Path, split: str, count: int, seed: int, min_size: int, max_size: int) -> None:
+def _write_split(folder: Path, split: str, count: int, settings: DemoSettings) -> None:
     """Render ``count`` samples of one split into ``folder`` (images/ and annotations/ sub-folders)."""
     prefix = _SPLITS[split]
     image_dir, label_dir = folder / "images" / split, folder / "annotations" / split
@@ -69,8 +94,8 @@ def _write_split(folder: Path, split: str, count: int, seed: int, min_size: int,
     split_key = list(_SPLITS).index(split)
     for index in range(count):
         # One independent stream per sample: a sample does not depend on how many others are drawn.
-        rng = np.random.default_rng([seed, split_key, index])
-        height, width = _draw_size(rng, min_size, max_size)
+        rng = np.random.default_rng([settings.seed, split_key, index])
+        height, width = _draw_size(rng, settings.min_size, settings.max_size)
         image, label = render_demo_sample(rng, height, width, index)
         stem = f"{prefix}_{index:05d}"
         (image_dir / f"{stem}.jpg").write_bytes(_jpeg_bytes(image, int(rng.integers(70, 96))))
@@ -81,49 +106,23 @@ def _write_split(folder: Path, split: str, count: int, seed: int, min_size: int,
 # Public entry points
 
 
-def _settings(num_train: int, num_val: int, seed: int, min_size: int, max_size: int) -> dict[str, int]:
-    """The generation settings recorded in the completion marker."""
-    return {
-        "version": _FORMAT_VERSION,
-        "num_train": num_train,
-        "num_val": num_val,
-        "seed": seed,
-        "min_size": min_size,
-        "max_size": max_size,
-    }
-
-
-def is_demo_dataset_complete(
-    root: str | Path,
-    num_train: int = _NUM_TRAIN,
-    num_val: int = _NUM_VAL,
-    seed: int = _SEED,
-    min_size: int = _MIN_SIZE,
-    max_size: int = _MAX_SIZE,
-) -> bool:
-    """Whether ``root`` holds a fully written demo set made with these settings (see `make_demo_dataset`)."""
-    root = Path(root)
+def is_demo_dataset_complete(root: str | Path, **settings: int) -> bool:
+    """Whether ``root`` holds a fully written demo set made with these `DemoSettings` (see `make_demo_dataset`)."""
+    root, wanted = Path(root), DemoSettings(**settings)
     try:
         recorded = json.loads((root / _MARKER).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    if recorded != _settings(num_train, num_val, seed, min_size, max_size):
+    if recorded != wanted.record():
         return False
-    for split, count in (("training", num_train), ("validation", num_val)):
+    for split, count in (("training", wanted.num_train), ("validation", wanted.num_val)):
         for folder, suffix in (("images", ".jpg"), ("annotations", ".png")):
             if len(list((root / folder / split).glob(f"*{suffix}"))) != count:
                 return False
     return True
 
 
-def make_demo_dataset(
-    root: str | Path,
-    num_train: int = _NUM_TRAIN,
-    num_val: int = _NUM_VAL,
-    seed: int = _SEED,
-    min_size: int = _MIN_SIZE,
-    max_size: int = _MAX_SIZE,
-) -> Path:
+def make_demo_dataset(root: str | Path, **settings: int) -> Path:
     """Write the demo data set to ``root``, replacing an earlier demo set there.
 
     Files are rendered into a hidden sibling folder, marked complete, then moved into place, so an interrupted
@@ -131,11 +130,7 @@ def make_demo_dataset(
 
     Args:
         root: destination folder; must be missing, empty, or an earlier demo set.
-        num_train: number of training images.
-        num_val: number of validation images.
-        seed: random seed; the same settings give byte-identical files.
-        min_size: smallest image side in px.
-        max_size: largest image side in px.
+        **settings: fields of `DemoSettings` (image counts, seed, side range); the rest keep their defaults.
 
     Returns:
         ``root`` as a `Path`.
@@ -143,8 +138,9 @@ def make_demo_dataset(
     Raises:
         FileExistsError: ``root`` holds files that are not part of a demo set (nothing is deleted then).
     """
-    if not 8 <= min_size < max_size:
-        raise ValueError(f"need 8 <= min_size < max_size, got {min_size}, {max_size}")
+    chosen = DemoSettings(**settings)
+    if not 8 <= chosen.min_size < chosen.max_size:
+        raise ValueError(f"need 8 <= min_size < max_size, got {chosen.min_size}, {chosen.max_size}")
     root = Path(root)
     if root.exists():
         foreign = sorted(p.name for p in root.iterdir() if p.name not in _OWN_ENTRIES)
@@ -155,11 +151,10 @@ def make_demo_dataset(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
-        _write_split(staging, "training", num_train, seed, min_size, max_size)
-        _write_split(staging, "validation", num_val, seed, min_size, max_size)
+        _write_split(staging, "training", chosen.num_train, chosen)
+        _write_split(staging, "validation", chosen.num_val, chosen)
         (staging / "class_names.txt").write_text("\n".join(DEMO_CLASS_NAMES) + "\n")
-        settings = _settings(num_train, num_val, seed, min_size, max_size)
-        (staging / _MARKER).write_text(json.dumps(settings, sort_keys=True) + "\n")
+        (staging / _MARKER).write_text(json.dumps(chosen.record(), sort_keys=True) + "\n")
         if root.exists():
             shutil.rmtree(root)
         os.replace(staging, root)
@@ -168,19 +163,12 @@ def make_demo_dataset(
     return root
 
 
-def ensure_demo_dataset(
-    root: str | Path,
-    num_train: int = _NUM_TRAIN,
-    num_val: int = _NUM_VAL,
-    seed: int = _SEED,
-    min_size: int = _MIN_SIZE,
-    max_size: int = _MAX_SIZE,
-) -> Path:
+def ensure_demo_dataset(root: str | Path, **settings: int) -> Path:
     """Return ``root``, generating the demo set there first unless a complete one with these settings exists.
 
     Arguments are those of `make_demo_dataset`. A missing, partial or differently seeded folder is
     (re)written; a complete one is left untouched.
     """
-    if not is_demo_dataset_complete(root, num_train, num_val, seed, min_size, max_size):
-        make_demo_dataset(root, num_train, num_val, seed, min_size, max_size)
+    if not is_demo_dataset_complete(root, **settings):
+        make_demo_dataset(root, **settings)
     return Path(root)

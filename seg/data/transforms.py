@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from albumentations.core.type_definitions import Targets
 
-from seg.data.spec import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, UINT8_MAX
+from seg.data.spec import ADE20K_CROP, ADE20K_SCALE, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, UINT8_MAX
 
 __all__ = [
     "CatMaxRatioCrop",
@@ -57,7 +57,7 @@ class RandomRescale(A.DualTransform):
 
     def __init__(
         self,
-        scale: tuple[int, int] = (2048, 512),
+        scale: tuple[int, int] = ADE20K_SCALE,
         ratio_range: tuple[float, float] = (0.5, 2.0),
         p: float = 1.0,
     ) -> None:
@@ -104,7 +104,7 @@ class CatMaxRatioCrop(A.DualTransform):
 
     def __init__(
         self,
-        crop_size: tuple[int, int] = (512, 512),
+        crop_size: tuple[int, int] = (ADE20K_CROP, ADE20K_CROP),
         cat_max_ratio: float = 0.75,
         ignore_index: int = IGNORE_INDEX,
         max_tries: int = 10,

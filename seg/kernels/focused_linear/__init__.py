@@ -4,26 +4,7 @@
 :mod:`seg.kernels.focused_linear.dispatch`.
 """
 
-from seg.kernels.focused_linear.dispatch import (
-    BACKENDS,
-    AttnBackend,
-    Mode,
-    attention,
-    check_backend,
-    fused_inference,
-    rank_restoration,
-    select_mode,
-    set_backend,
-)
+from seg.kernels.focused_linear import dispatch
+from seg.kernels.focused_linear.dispatch import *  # noqa: F403  (the names of dispatch.__all__)
 
-__all__ = [
-    "BACKENDS",
-    "AttnBackend",
-    "Mode",
-    "attention",
-    "check_backend",
-    "fused_inference",
-    "rank_restoration",
-    "select_mode",
-    "set_backend",
-]
+__all__ = dispatch.__all__  # the package exports the dispatch's public names

@@ -131,6 +131,39 @@ def _kernel_tile(
 
 
 @_jit
+def _mapped_rows(
+    x_ptr, r_ptr, inv_ny_ptr, s_ptr, b, head, t0, T, d, stride_b, stride_t, S_OTHER: tl.constexpr,
+    BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
+):
+    # g = u^p of the tile of _kernel_tile (BLOCK, D_PAD), its token indices, and s per token (S_OTHER outside)
+    _, _, _, _, g, _, rows = _kernel_tile(x_ptr, r_ptr, inv_ny_ptr, b, head, t0, T, d, stride_b, stride_t,
+                                          BLOCK, D_PAD, P, P_INT)
+    s = tl.load(s_ptr + b * T + rows, mask=rows < T, other=S_OTHER)
+    return g, rows, s
+
+
+@_jit
+def _load_vector(ptr, bh, D_PAD: tl.constexpr):
+    # the (D_PAD,) float32 vector of one (image, head) pair
+    return tl.load(ptr + bh * D_PAD + tl.arange(0, D_PAD))
+
+
+@_jit
+def _token_block(
+    x_ptr, r_ptr, inv_ny_ptr, s_ptr, vec_ptr, H, T, d, stride_b, stride_t, S_OTHER: tl.constexpr,
+    BLOCK: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, P_INT: tl.constexpr,
+):
+    # the block of tokens of a program on grid (B * h, blocks of T): its (image, head) pair bh = (b, head), first
+    # token t0, the _mapped_rows of x, and g . v per token for the pair's (D_PAD,) vector v at vec_ptr
+    bh, b, head = _image_and_head(H)
+    t0 = tl.program_id(1) * BLOCK
+    g, rows, s = _mapped_rows(x_ptr, r_ptr, inv_ny_ptr, s_ptr, b, head, t0, T, d, stride_b, stride_t, S_OTHER,
+                              BLOCK, D_PAD, P, P_INT)
+    g_v = tl.sum(g * _load_vector(vec_ptr, bh, D_PAD)[None, :], axis=1)
+    return bh, b, head, t0, g, rows, s, g_v
+
+
+@_jit
 def _load_columns(ptr, bh, c0, D_PAD: tl.constexpr, WIDTH: tl.constexpr):
     # columns [c0, c0 + WIDTH) of the (D_PAD, D_PAD) float32 matrix of one (image, head) pair: (D_PAD, WIDTH)
     i = tl.arange(0, D_PAD)
@@ -215,10 +248,9 @@ def summary_kernel(
     first, last = _split_range(blocks_per_split, n, BLOCK)
     for blk in range(first, last):
         t0 = blk * BLOCK
-        _, _, _, _, g, _, rows = _kernel_tile(k_ptr, r_ptr, inv_ny_ptr, b, head, t0, n, d, k_sb, k_st,
-                                              BLOCK, D_PAD, P, P_INT)
-        a = tl.load(s_ptr + b * n + rows, mask=rows < n, other=0.0) * inv_n  # phi(k) / n = a g
-        phi = g * a[:, None]
+        g, _, s = _mapped_rows(k_ptr, r_ptr, inv_ny_ptr, s_ptr, b, head, t0, n, d, k_sb, k_st, 0.0,
+                               BLOCK, D_PAD, P, P_INT)
+        phi = g * (s * inv_n)[:, None]  # phi(k) / n = a g with a = s / n
         v = _load_tile(v_ptr, b, head, t0, n, d, v_sb, v_st, c0, BLOCK, DC)
         acc_kv = tl.dot(tl.trans(phi), v, acc_kv, input_precision=DOT_PRECISION)
         acc_km += tl.sum(phi, axis=0)
@@ -245,13 +277,9 @@ def apply_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # out = (g_q . KV) / (g_q . k_mean + eps / s_q) for one block of queries of one (image, head)
-    bh, b, head = _image_and_head(H)
-    t0 = tl.program_id(1) * BLOCK
-    _, _, _, _, g, _, rows = _kernel_tile(q_ptr, r_ptr, inv_ny_ptr, b, head, t0, N, d, q_sb, q_st,
-                                          BLOCK, D_PAD, P, P_INT)
-    s_q = tl.load(s_ptr + b * N + rows, mask=rows < N, other=1.0)
-    km = tl.load(km_ptr + bh * D_PAD + tl.arange(0, D_PAD))
-    rden = 1.0 / (tl.sum(g * km[None, :], axis=1) + _DENOM_EPS / s_q)
+    bh, b, head, t0, g, _, s_q, g_km = _token_block(q_ptr, r_ptr, inv_ny_ptr, s_ptr, km_ptr, H, N, d, q_sb, q_st,
+                                                    1.0, BLOCK, D_PAD, P, P_INT)
+    rden = 1.0 / (g_km + _DENOM_EPS / s_q)
     for c0 in range(0, D_PAD, DC):
         num = tl.dot(g, _load_columns(kv_ptr, bh, c0, D_PAD, DC), input_precision=DOT_PRECISION)
         _store_tile(out_ptr, num * rden[:, None], b, head, t0, N, d, o_sb, o_st, c0, BLOCK, DC)
@@ -271,16 +299,15 @@ def query_grad_summary_kernel(
     bh, b, head = _image_and_head(H)
     chunk = tl.program_id(2)
     c0 = chunk * DC
-    km = tl.load(km_ptr + bh * D_PAD + tl.arange(0, D_PAD))
+    km = _load_vector(km_ptr, bh, D_PAD)
     acc_kv = tl.zeros((D_PAD, DC), dtype=tl.float32)
     acc_km = tl.zeros((D_PAD,), dtype=tl.float32)
     first, last = _split_range(blocks_per_split, N, BLOCK)
     for blk in range(first, last):
         t0 = blk * BLOCK
-        _, _, _, _, g, _, rows = _kernel_tile(q_ptr, r_ptr, inv_ny_ptr, b, head, t0, N, d, q_sb, q_st,
-                                              BLOCK, D_PAD, P, P_INT)
+        g, rows, s_q = _mapped_rows(q_ptr, r_ptr, inv_ny_ptr, s_ptr, b, head, t0, N, d, q_sb, q_st, 1.0,
+                                    BLOCK, D_PAD, P, P_INT)
         row_ok = rows < N
-        s_q = tl.load(s_ptr + b * N + rows, mask=row_ok, other=1.0)
         g_km = tl.sum(g * km[None, :], axis=1)
         rden = 1.0 / (g_km + _DENOM_EPS / s_q)
         total = _numerator_dot(g, kv_ptr, bh, grad_out_ptr, b, head, t0, N, d, go_sb, go_st,
@@ -306,19 +333,14 @@ def key_grad_kernel(
 ):
     # dL/dv = a g_k dL/dKV (phi(k) / n = a g_k), and per (token, head)
     # dL/dphi . g_k = v . (g_k dL/dKV) + g_k . dL/dk_mean (dL/dphi = v dL/dKV^T + dL/dk_mean)
-    bh, b, head = _image_and_head(H)
-    t0 = tl.program_id(1) * BLOCK
-    _, _, _, _, g, _, rows = _kernel_tile(k_ptr, r_ptr, inv_ny_ptr, b, head, t0, n, d, k_sb, k_st,
-                                          BLOCK, D_PAD, P, P_INT)
-    row_ok = rows < n
-    a = tl.load(s_ptr + b * n + rows, mask=row_ok, other=0.0) * inv_n
-    grad_km = tl.load(grad_km_ptr + bh * D_PAD + tl.arange(0, D_PAD))
-    dot = tl.sum(g * grad_km[None, :], axis=1)
+    bh, b, head, t0, g, rows, s, dot = _token_block(k_ptr, r_ptr, inv_ny_ptr, s_ptr, grad_km_ptr, H, n, d, k_sb,
+                                                    k_st, 0.0, BLOCK, D_PAD, P, P_INT)
+    a = s * inv_n
     for c0 in range(0, D_PAD, DC):
         gm = tl.dot(g, _load_columns(grad_kv_ptr, bh, c0, D_PAD, DC), input_precision=DOT_PRECISION)
         _store_tile(grad_v_ptr, gm * a[:, None], b, head, t0, n, d, gv_sb, gv_st, c0, BLOCK, DC)
         dot += tl.sum(_load_tile(v_ptr, b, head, t0, n, d, v_sb, v_st, c0, BLOCK, DC) * gm, axis=1)
-    tl.store(dot_ptr + (b * n + rows) * H + head, dot, mask=row_ok)
+    tl.store(dot_ptr + (b * n + rows) * H + head, dot, mask=rows < n)
 
 
 @_jit
