@@ -4,15 +4,15 @@ classifier API, and the list of the names the families registered."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from timm import list_models
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, model_entrypoint
+from timm.models import build_model_with_cfg, generate_default_cfgs, model_entrypoint
 from torch import Tensor, nn
 
-__all__ = ["build_encoder", "encoder_names", "imagenet_cfg", "init_transformer_weights"]
+__all__ = ["build_encoder", "encoder_names", "imagenet_cfg", "imagenet_cfgs", "init_transformer_weights"]
 
 
 def encoder_names(pattern: str = "*") -> list[str]:
@@ -52,6 +52,11 @@ def imagenet_cfg(first_conv: str, **kwargs) -> dict:
         interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         first_conv=first_conv, classifier="head", **kwargs,
     )
+
+
+def imagenet_cfgs(first_conv: str, variants: Iterable[str]) -> dict:
+    """timm's default configs of the ImageNet classifiers ``variants`` (:func:`imagenet_cfg` each)."""
+    return generate_default_cfgs({name: imagenet_cfg(first_conv) for name in variants})
 
 
 def init_transformer_weights(m: nn.Module) -> None:

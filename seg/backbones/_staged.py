@@ -25,7 +25,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from seg.backbones._registry import ClassifierBackbone
+from seg.backbones._registry import ClassifierBackbone, init_transformer_weights
 from seg.kernels import set_backend
 
 __all__ = ["AttentionFactory", "StagedEncoder", "stage_factories"]
@@ -108,6 +108,13 @@ class StagedEncoder(ClassifierBackbone):
         name = self._add_output_norm(i, *norm) if norm is not None else None
         module = f"{name}{norm_leaf}" if name else module
         self.feature_info.append(dict(num_chs=num_chs, reduction=reduction, module=module))
+
+    def _finish(self, num_classes: int, global_pool: str, attn_backend: str,
+                init: Callable[[nn.Module], None] = init_transformer_weights) -> None:
+        """After the stages: the classifier, every module's ``init`` and the attention backend."""
+        self.reset_classifier(num_classes, global_pool)
+        self.apply(init)
+        self.set_attn_backend(attn_backend)
 
     def _part(self, i: int, stem: str) -> Any:
         """Stage i's numbered attribute ``stem`` (``_part(0, 'block')`` is ``block1``), None if absent."""

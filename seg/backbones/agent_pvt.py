@@ -85,7 +85,7 @@ class AgentPVT(FLattenPVT):
         **kwargs,
     ) -> None:
         shapes = per_stage(agent_num, agent_shapes)
-        letters = [dict(pvt_attention_letters(qkv_bias, drop_rate, attn_drop=attn_drop_rate),
+        letters = [dict(pvt_attention_letters(qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate),
                         **agent_letters(agent_num[i], shapes[i], qkv_bias, attn_drop_rate, drop_rate))
                    for i in range(len(shapes))]
         factories = stage_factories(attn_type, letters, attn_layers, num_stages=len(shapes), aliases={"B": "S"})

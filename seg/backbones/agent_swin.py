@@ -74,11 +74,11 @@ class AgentSwin(FLattenSwin):
         agent_shapes: agent grid per stage (an int n for n x n, or (rows, columns)); None: sqrt(agent_num) square
             grids (classification). The published segmentation configs use (9, 12, 14, 7) for T / B, (9, 12, 7, 7)
             for S.
-        window_size: window side of the ``S`` blocks.
+        attn_layers: one attention factory per stage (overrides ``attn_type``).
         qkv_bias: bias in the qkv projections.
         drop_rate: dropout after the patch embedding, attention and MLP projections.
         attn_drop_rate: dropout on the attention weights.
-        attn_layers: one attention factory per stage (overrides ``attn_type``).
+        window_size: window side of the ``S`` blocks.
         **kwargs: the skeleton's other arguments (:class:`~seg.backbones.swin.FLattenSwin`).
     """
 
@@ -87,18 +87,19 @@ class AgentSwin(FLattenSwin):
         attn_type: str = "AAAB",
         agent_num: Sequence[int] = (9, 16, 49, 49),
         agent_shapes: Sequence[AgentShape] | None = None,
-        window_size: int = 7,
+        attn_layers: Sequence[AttentionFactory] | None = None,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
-        attn_layers: Sequence[AttentionFactory] | None = None,
+        window_size: int = 7,
         **kwargs,
     ) -> None:
         kinds = stage_types(attn_type, len(agent_num))
         shapes = per_stage(agent_num, agent_shapes)
         letters = []
         for i, kind in enumerate(kinds):
-            stage = dict(swin_attention_letters(window_size, qkv_bias, drop_rate, attn_drop_rate),
+            stage = dict(swin_attention_letters(qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                                                window_size=window_size),
                          **agent_letters(agent_num[i], shapes[i], qkv_bias, attn_drop_rate, drop_rate, fused_qkv=True))
             stage["M"] = _MixedStage(stage["A"], stage["S"], int(kind[1:] or 0))
             letters.append(stage)

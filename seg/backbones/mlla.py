@@ -25,10 +25,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import Tensor, nn
 
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import build_encoder, imagenet_cfgs
 from seg.backbones._staged import AttentionFactory, StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.kernels.onednn import Linear
@@ -247,9 +247,7 @@ class MLLA(StagedEncoder):
             ))
             self._add_stage(i, dims[i], PATCH * 2**i, f"layers.{i}", norm=(f"norm{i}", nn.LayerNorm(dims[i])))
         self.norm = nn.LayerNorm(self.num_features)
-        self.reset_classifier(num_classes, global_pool)
-        self.apply(init_transformer_weights)
-        self.set_attn_backend(attn_backend)
+        self._finish(num_classes, global_pool, attn_backend)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -281,32 +279,32 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> MLLA:
     return build_encoder(MLLA, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
-    name: imagenet_cfg("patch_embed.conv1.conv") for name in ("mlla_tiny", "mlla_small", "mlla_base", "test_mlla")
-})
+default_cfgs = imagenet_cfgs("patch_embed.conv1.conv", ("mlla_tiny", "mlla_small", "mlla_base", "test_mlla"))
 
-_TEST = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), mlp_ratio=2.0)
+_ARCHS = {
+    "mlla_tiny": dict(embed_dim=64, depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16)),
+    "mlla_small": dict(embed_dim=64, depths=(3, 6, 21, 6), num_heads=(2, 4, 8, 16)),
+    "mlla_base": dict(embed_dim=96, depths=(3, 6, 21, 6), num_heads=(3, 6, 12, 24)),
+    "test_mlla": dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), mlp_ratio=2.0),
+}
 
 
 @register_model
 def mlla_tiny(pretrained: bool = False, **kwargs) -> MLLA:
-    arch = dict(embed_dim=64, depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16))
-    return _create("mlla_tiny", pretrained, **dict(arch, **kwargs))
+    return _create("mlla_tiny", pretrained, **dict(_ARCHS["mlla_tiny"], **kwargs))
 
 
 @register_model
 def mlla_small(pretrained: bool = False, **kwargs) -> MLLA:
-    arch = dict(embed_dim=64, depths=(3, 6, 21, 6), num_heads=(2, 4, 8, 16))
-    return _create("mlla_small", pretrained, **dict(arch, **kwargs))
+    return _create("mlla_small", pretrained, **dict(_ARCHS["mlla_small"], **kwargs))
 
 
 @register_model
 def mlla_base(pretrained: bool = False, **kwargs) -> MLLA:
-    arch = dict(embed_dim=96, depths=(3, 6, 21, 6), num_heads=(3, 6, 12, 24))
-    return _create("mlla_base", pretrained, **dict(arch, **kwargs))
+    return _create("mlla_base", pretrained, **dict(_ARCHS["mlla_base"], **kwargs))
 
 
 @register_model
 def test_mlla(pretrained: bool = False, **kwargs) -> MLLA:
     """Tiny variant (16-128 channels, depths 1-1-2-1, head dims 16 and 32) for CPU tests."""
-    return _create("test_mlla", pretrained, **dict(_TEST, **kwargs))
+    return _create("test_mlla", pretrained, **dict(_ARCHS["test_mlla"], **kwargs))

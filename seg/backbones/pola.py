@@ -61,7 +61,7 @@ class PolaPVT(FLattenPVT):
         attn_layers: Sequence[AttentionFactory] | None = None,
         **kwargs,
     ) -> None:
-        letters = [dict(pvt_attention_letters(qkv_bias, drop_rate), L=partial(
+        letters = [dict(pvt_attention_letters(qkv_bias=qkv_bias, drop=drop_rate), L=partial(
             _pola_pvt_layer, qkv_bias=qkv_bias, la_sr_ratio=sr, alpha=alpha, kernel_size=kernel_size, drop=drop_rate))
             for sr in la_sr_ratios]
         attn_layers = stage_factories(attn_type, letters, attn_layers, num_stages=len(letters))
@@ -86,8 +86,8 @@ class PolaSwin(FLattenSwin):
         depths: blocks per stage.
         alpha: range of the learned power, p in (1, 1 + alpha).
         kernel_size: kernel of the rank-restoring depthwise conv.
-        window_size: window side of the ``S`` stages.
         qkv_bias: bias in the projections.
+        window_size: window side of the ``S`` stages.
         drop_rate: dropout after the patch embedding, attention and MLP projections.
         attn_drop_rate: dropout on the softmax attention weights.
         attn_layers: one attention factory per stage (overrides ``attn_type``).
@@ -100,14 +100,15 @@ class PolaSwin(FLattenSwin):
         depths: Sequence[int] = (2, 2, 6, 2),
         alpha: float = 4.0,
         kernel_size: int = 5,
-        window_size: int = 7,
         qkv_bias: bool = True,
+        window_size: int = 7,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         attn_layers: Sequence[AttentionFactory] | None = None,
         **kwargs,
     ) -> None:
-        letters = swin_attention_letters(window_size, qkv_bias, drop_rate, attn_drop_rate)
+        letters = swin_attention_letters(qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                                         window_size=window_size)
         letters["L"] = lambda dim, heads, grid, sr, shift: PolaLinearAttention(
             dim, heads, grid, qkv_bias=qkv_bias, alpha=alpha, kernel_size=kernel_size, proj_drop=drop_rate,
             fused_qkv=True)

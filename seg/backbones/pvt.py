@@ -28,11 +28,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import Tensor, nn
 
 from seg.backbones._blocks import Block
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import build_encoder, imagenet_cfgs, init_transformer_weights
 from seg.backbones._staged import AttentionFactory, StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict
 from seg.layers import FocusedLinearAttention, SoftAttention, SpatialReductionAttention, resize_token_grid
@@ -64,11 +64,12 @@ class PatchEmbed(nn.Module):
 
 
 def pvt_attention_letters(
-    qkv_bias: bool = True,
-    drop: float = 0.0,
+    la_sr_ratio: int = 1,
+    *,
     focusing_factor: float = 3.0,
     kernel_size: int = 5,
-    la_sr_ratio: int = 1,
+    qkv_bias: bool = True,
+    drop: float = 0.0,
     attn_drop: float = 0.0,
 ) -> dict[str, AttentionFactory]:
     """The ``attn_type`` shorthand of the PVT skeleton: ``L`` focused linear attention (keys reduced by
@@ -100,7 +101,6 @@ class FLattenPVT(StagedEncoder):
         mlp_ratios: MLP expansion per stage.
         depths: blocks per stage.
         sr_ratios: spatial reduction of the softmax (``S``) stages; bottleneck reduction of the SOFT (``G``) ones.
-        la_sr_ratios: spatial reduction of the focused linear (``L``) stages (1 in every published model).
         attn_type: one letter per stage, ``L`` focused linear, ``S`` softmax or ``G`` SOFT (Gaussian kernel).
         attn_layers: one attention factory per stage (:data:`~seg.backbones._staged.AttentionFactory`, called
             with the stage's ``sr_ratio``, no shift); overrides ``attn_type`` (which is the shorthand that builds
@@ -110,6 +110,7 @@ class FLattenPVT(StagedEncoder):
         qkv_bias: bias in the q / kv projections.
         drop_rate: dropout after attention and MLP projections.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
+        la_sr_ratios: spatial reduction of the focused linear (``L``) stages (1 in every published model).
         focusing_factor: power p of the focusing function.
         kernel_size: kernel of the rank-restoring depthwise conv.
         global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
@@ -132,7 +133,6 @@ class FLattenPVT(StagedEncoder):
         mlp_ratios: Sequence[float] = (8, 8, 4, 4),
         depths: Sequence[int] = (2, 2, 2, 2),
         sr_ratios: Sequence[int] = (8, 4, 2, 1),
-        la_sr_ratios: Sequence[int] = (1, 1, 1, 1),
         attn_type: str = "LLLL",
         attn_layers: Sequence[AttentionFactory] | None = None,
         attn_backend: str = "auto",
@@ -140,6 +140,7 @@ class FLattenPVT(StagedEncoder):
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        la_sr_ratios: Sequence[int] = (1, 1, 1, 1),
         focusing_factor: float = 3.0,
         kernel_size: int = 5,
         global_pool: str = "avg",
@@ -155,8 +156,8 @@ class FLattenPVT(StagedEncoder):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         total = sum(depths)
         dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # linear decay rule
-        letters = [pvt_attention_letters(qkv_bias, drop_rate, focusing_factor, kernel_size, la_sr_ratios[i])
-                   for i in range(4)]
+        letters = [pvt_attention_letters(sr, qkv_bias=qkv_bias, drop=drop_rate, focusing_factor=focusing_factor,
+                                         kernel_size=kernel_size) for sr in la_sr_ratios]
         factories = stage_factories(attn_type, letters, attn_layers)
         for i in range(4):
             stride = 4 * 2**i
@@ -183,13 +184,11 @@ class FLattenPVT(StagedEncoder):
                 self._add_stage(i, embed_dims[i], stride, f"block{i + 1}", norm=(f"norm{i + 1}",
                                                                                 LayerNorm6(embed_dims[i])))
         self.pos_drop = nn.Dropout(drop_rate)
-        self.reset_classifier(num_classes, global_pool)
         self._num_stages = 4
-        self.apply(_init_weights)
+        self._finish(num_classes, global_pool, attn_backend, _init_weights)
         if version == 1:
             for i in range(4):
-                trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
-        self.set_attn_backend(attn_backend)
+                trunc_normal_(self._part(i, "pos_embed"), std=0.02)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -252,17 +251,11 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> FLattenPVT:
     return build_encoder(FLattenPVT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return imagenet_cfg("patch_embed1.proj", **kwargs)
-
-
-default_cfgs = generate_default_cfgs({
-    name: _cfg() for name in (
-        "flatten_pvt_tiny", "flatten_pvt_small", "flatten_pvt_medium", "flatten_pvt_large",
-        "flatten_pvt_v2_b0", "flatten_pvt_v2_b1", "flatten_pvt_v2_b2", "flatten_pvt_v2_b3",
-        "flatten_pvt_v2_b4", "flatten_pvt_v2_b5", "test_flatten_pvt", "test_flatten_pvt_v2",
-    )
-})
+default_cfgs = imagenet_cfgs("patch_embed1.proj", (
+    "flatten_pvt_tiny", "flatten_pvt_small", "flatten_pvt_medium", "flatten_pvt_large",
+    "flatten_pvt_v2_b0", "flatten_pvt_v2_b1", "flatten_pvt_v2_b2", "flatten_pvt_v2_b3",
+    "flatten_pvt_v2_b4", "flatten_pvt_v2_b5", "test_flatten_pvt", "test_flatten_pvt_v2",
+))
 
 _PVT = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4))
 _TEST = dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 1, 1))

@@ -243,10 +243,8 @@ class RAVLT(StagedEncoder):
         self.proj = nn.Conv2d(embed_dims[-1], projection, 1)
         self.norm = nn.BatchNorm2d(projection)
         self.act = nn.SiLU()  # Swish
-        self.reset_classifier(num_classes, global_pool)
         self._num_stages = 4
-        self.apply(_init_weights)
-        self.set_attn_backend(attn_backend)
+        self._finish(num_classes, global_pool, attn_backend, _init_weights)
 
     def _begin(self, x: Tensor) -> Tensor:
         return self.patch_embed(x)  # (B, C, H/4, W/4)

@@ -32,11 +32,11 @@ from typing import Literal
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import Tensor, nn
 
 from seg.backbones._blocks import Block
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import build_encoder, imagenet_cfgs, init_transformer_weights
 from seg.backbones._staged import AttentionFactory, StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.layers import SpatialReductionAttention, resize_token_grid
@@ -78,13 +78,13 @@ class SOFT(StagedEncoder):
         img_size: training resolution; fixes the grids the position tables are stored at.
         in_chans: input channels.
         num_classes: classifier outputs (0: no classifier).
+        normalize: SOFT-Norm in stages 1-3.
         embed_dims: channels per stage.
         num_heads: heads per stage (head dim 32 in the published models).
         depths: blocks per stage.
         sr_ratios: bottleneck reduction of the SOFT stages 1-3.
         kernel_sizes: DWConv kernels of the SOFT stages 1-3.
         mlp_ratio: MLP expansion of every block.
-        normalize: SOFT-Norm in stages 1-3.
         landmarks: bottleneck tokens by ``'conv'`` (published) or ``'pool'`` (average pooling).
         newton_iters: Newton-Raphson iterations of the inverse.
         drop_rate: dropout after the position tables and the attention / MLP projections.
@@ -105,13 +105,13 @@ class SOFT(StagedEncoder):
         img_size: int = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
+        normalize: bool = False,
         embed_dims: Sequence[int] = (64, 128, 320, 512),
         num_heads: Sequence[int] = (2, 4, 10, 16),
         depths: Sequence[int] = (1, 2, 3, 2),
         sr_ratios: Sequence[int] = (8, 4, 2),
         kernel_sizes: Sequence[int] = (9, 5, 3),
         mlp_ratio: float = 4.0,
-        normalize: bool = False,
         landmarks: Literal["conv", "pool"] = "conv",
         newton_iters: int = NEWTON_ITERS,
         drop_rate: float = 0.0,
@@ -250,16 +250,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> SOFT:
     return build_encoder(SOFT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return imagenet_cfg("patch_embed1.proj.0", **kwargs)
-
-
-default_cfgs = generate_default_cfgs({
-    name: _cfg() for name in (
-        "soft_tiny", "soft_small", "soft_medium", "soft_tiny_norm", "soft_small_norm", "soft_medium_norm",
-        "test_soft",
-    )
-})
+default_cfgs = imagenet_cfgs("patch_embed1.proj.0", (
+    "soft_tiny", "soft_small", "soft_medium", "soft_tiny_norm", "soft_small_norm", "soft_medium_norm", "test_soft",
+))
 
 _TINY = dict(embed_dims=(64, 128, 320, 512), num_heads=(2, 4, 10, 16), depths=(1, 2, 3, 2))
 _SMALL = dict(_TINY, depths=(1, 3, 20, 4))

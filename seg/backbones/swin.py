@@ -27,11 +27,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import Tensor, nn
 
 from seg.backbones._blocks import Block
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import build_encoder, imagenet_cfgs
 from seg.backbones._staged import AttentionFactory, StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.kernels.onednn import Linear
@@ -85,12 +85,13 @@ class PatchMerging(nn.Module):
 
 
 def swin_attention_letters(
-    window_size: int = 7,
-    qkv_bias: bool = True,
+    *,
     drop: float = 0.0,
     attn_drop: float = 0.0,
     focusing_factor: float = 3.0,
     kernel_size: int = 5,
+    window_size: int = 7,
+    qkv_bias: bool = True,
 ) -> dict[str, AttentionFactory]:
     """The ``attn_type`` shorthand of the Swin skeleton: ``L`` global focused linear attention over the stage
     map, ``S`` Swin's own (shifted) window softmax attention."""
@@ -184,8 +185,9 @@ class FLattenSwin(StagedEncoder):
         self.pos_drop = nn.Dropout(drop_rate)
         n_blocks = sum(depths)  # python floats, so the model also builds on the meta device
         dpr = [drop_path_rate * j / max(n_blocks - 1, 1) for j in range(n_blocks)]
-        letters = swin_attention_letters(window_size, qkv_bias, drop_rate, attn_drop_rate, focusing_factor,
-                                         kernel_size)
+        letters = swin_attention_letters(qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                                         focusing_factor=focusing_factor, kernel_size=kernel_size,
+                                         window_size=window_size)
         factories = stage_factories(attn_type, letters, attn_layers, num_stages=self._num_stages)
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
@@ -198,9 +200,7 @@ class FLattenSwin(StagedEncoder):
             ))
             self._add_stage(i, dims[i], stride, f"layers.{i}", norm=(f"norm{i}", nn.LayerNorm(dims[i])))
         self.norm = nn.LayerNorm(self.num_features)
-        self.reset_classifier(num_classes, global_pool)
-        self.apply(init_transformer_weights)
-        self.set_attn_backend(attn_backend)
+        self._finish(num_classes, global_pool, attn_backend)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -241,34 +241,29 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> FLattenSwin:
     return build_encoder(FLattenSwin, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return imagenet_cfg("patch_embed.proj", **kwargs)
+default_cfgs = imagenet_cfgs("patch_embed.proj", (
+    "flatten_swin_tiny", "flatten_swin_small", "flatten_swin_base", "test_flatten_swin",
+))
 
-
-default_cfgs = generate_default_cfgs({
-    name: _cfg()
-    for name in ("flatten_swin_tiny", "flatten_swin_small", "flatten_swin_base", "test_flatten_swin")
-})
-
+_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 _TEST = dict(embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), mlp_ratio=2.0)
 
 
 @register_model
 def flatten_swin_tiny(pretrained: bool = False, **kwargs) -> FLattenSwin:
-    arch = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
-    return _create("flatten_swin_tiny", pretrained, **dict(arch, **kwargs))
+    return _create("flatten_swin_tiny", pretrained, **dict(_TINY, **kwargs))
 
 
 @register_model
 def flatten_swin_small(pretrained: bool = False, **kwargs) -> FLattenSwin:
-    arch = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
-    return _create("flatten_swin_small", pretrained, **dict(arch, **kwargs))
+    return _create("flatten_swin_small", pretrained, **dict(_SMALL, **kwargs))
 
 
 @register_model
 def flatten_swin_base(pretrained: bool = False, **kwargs) -> FLattenSwin:
-    arch = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
-    return _create("flatten_swin_base", pretrained, **dict(arch, **kwargs))
+    return _create("flatten_swin_base", pretrained, **dict(_BASE, **kwargs))
 
 
 @register_model

@@ -29,14 +29,8 @@ __all__ = ["MALAttention", "magnitude_aware_linear_attention"]
 
 
 def magnitude_aware_linear_attention(q: Tensor, k: Tensor, v: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-    """MALA without the LePE term and the gate, returned in v's dtype.
-
-    Args:
-        q: raw query projections (B, h, N, d).
-        k: raw key projections (B, h, N, d).
-        v: values (B, h, N, d).
-        sin, cos: RoPE tables (N, d) of the token grid (:class:`seg.layers.rope.RoPE`).
-    """
+    """MALA without the LePE term and the gate, returned in v's dtype; q, k raw projections, v values, each
+    (B, h, N, d), and the RoPE tables sin, cos (N, d), as :func:`~seg.layers.rala.rank_augmented_linear_attention`."""
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k, vf, sin, cos = elu_feature_inputs(q, k, v, sin, cos)
         N, d = k.shape[-2], k.shape[-1]

@@ -78,11 +78,11 @@ class PolaLinearAttention(ProjectedAttention):
         num_heads: heads h; head dim d = C / h (even).
         grid_size: (H, W) token grid the positional encoding is stored at (the 224 x 224 training grid); it is
             resized bilinearly to any other grid.
+        alpha: range of the learned power, p in (1, 1 + alpha).
+        kernel_size: DWC kernel.
         qkv_bias: bias in the q / g / k / v projections.
         sr_ratio: spatial reduction of keys and values (conv k = s = sr, then LayerNorm); v is brought back to
             the H x W grid for the DWC by a 2-D bilinear resize.
-        alpha: range of the learned power, p in (1, 1 + alpha).
-        kernel_size: DWC kernel.
         proj_drop: dropout after the output projection.
         fused_qkv: one ``qkvg`` projection (Swin naming) instead of ``qg`` and ``kv``.
     """
@@ -92,10 +92,11 @@ class PolaLinearAttention(ProjectedAttention):
         dim: int,
         num_heads: int,
         grid_size: tuple[int, int] = (56, 56),
-        qkv_bias: bool = True,
-        sr_ratio: int = 1,
+        *,
         alpha: float = 4.0,
         kernel_size: int = 5,
+        qkv_bias: bool = True,
+        sr_ratio: int = 1,
         proj_drop: float = 0.0,
         fused_qkv: bool = False,
     ) -> None:
