@@ -12,6 +12,8 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, model_entrypoint
 from torch import Tensor, nn
 
+from seg.kernels.onednn import Linear
+
 __all__ = ["build_encoder", "encoder_names", "imagenet_cfg", "imagenet_cfgs", "init_transformer_weights"]
 
 
@@ -98,7 +100,7 @@ class ClassifierBackbone(nn.Module):
                 raise ValueError(f"global_pool {global_pool!r} is not one of {pools} for {type(self).__name__}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def pool_features(self, x: Tensor) -> Tensor:
         """:meth:`forward_features`' output -> pre-logits (B, C), or ``x`` itself when ``global_pool`` is ''."""
