@@ -1,18 +1,23 @@
 """The staged-encoder base of every encoder family: timm's feature API over four stages, the classifier,
-gradient checkpointing and the attention backend switch, written once. FLatten-PVT / PVTv2, FLatten-Swin, SOFT,
-MLLA and RAVLT subclass it directly; Agent-PVT and Agent-Swin through the PVT and Swin classes.
+gradient checkpointing, the attention backend switch and the one check of ``attn_type``, written once.
+FLatten-PVT / PVTv2, FLatten-Swin, SOFT, MLLA and RAVLT subclass it directly; Agent-PVT, Agent-Swin, MALA and
+the PolaFormers through those classes.
 
-A family describes its trunk with four small methods: :meth:`~StagedEncoder._begin` (before stage 0),
+The trunk runs through four methods: :meth:`~StagedEncoder._begin` (before stage 0),
 :meth:`~StagedEncoder._stage` (one stage: the state for the next stage and, when asked, the stage's NCHW
 feature map), :meth:`~StagedEncoder._end` (the output of a complete or early-stopped trunk) and
-:meth:`~StagedEncoder._prune` (drop the modules of stages and norms that are no longer used). Pooling and
-the classifier are :class:`~seg.backbones._registry.ClassifierBackbone`'s.
+:meth:`~StagedEncoder._prune` (drop the modules of stages and norms that are no longer used). Their defaults
+are the token pyramid of Swin and MLLA (a ``layers`` list of stages with ``blocks`` and ``downsample``, then the
+final ``norm``); PVT and SOFT run their published numbered stage attributes, RAVLT its maps. A family registers
+each stage with :meth:`~StagedEncoder._add_stage` (its ``feature_info`` entry and output norm) and ends its
+constructor with :meth:`~StagedEncoder._finish`. Pooling and the classifier are
+:class:`~seg.backbones._registry.ClassifierBackbone`'s.
 
 Per-stage output norms (LayerNorms on the feature maps, the segmentation backbones' ``norm0..3``) exist only
 in models built for features (``feature_norms=True``, which ``features_only=True`` sets): a classifier never
 uses them, and a parameter without a gradient breaks the classifier's training (timm's contract: every
-parameter gets a gradient) and DDP. Families register them with :meth:`~StagedEncoder._add_output_norm`;
-the base applies them to the returned feature maps and prunes them with the stages.
+parameter gets a gradient) and DDP. The base applies them to the returned feature maps and prunes them with
+the stages.
 """
 
 from __future__ import annotations

@@ -69,8 +69,10 @@ class AgentPVT(FLattenPVT):
         drop_rate: dropout after attention and MLP projections.
         attn_drop_rate: dropout on the attention weights.
         attn_layers: one attention factory per stage (overrides ``attn_type``).
+        feature_norms: build the per-stage output norms ``norm1..4`` (``features_only=True`` sets it; the
+            published segmentation backbone has none: ``feature_norms=False``).
         **kwargs: the skeleton's other arguments (:class:`~seg.backbones.pvt.FLattenPVT`, ``version=1``); the
-            published segmentation backbone sets ``feature_norms=False, patch_floor=True``.
+            published segmentation backbone sets ``patch_floor=True``.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class AgentPVT(FLattenPVT):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         attn_layers: Sequence[AttentionFactory] | None = None,
+        feature_norms: bool = False,
         **kwargs,
     ) -> None:
         shapes = per_stage(agent_num, agent_shapes)
@@ -90,7 +93,7 @@ class AgentPVT(FLattenPVT):
                    for i in range(len(shapes))]
         factories = stage_factories(attn_type, letters, attn_layers, num_stages=len(shapes), aliases={"B": "S"})
         super().__init__(attn_type=attn_type, attn_layers=factories, version=1, qkv_bias=qkv_bias,
-                         drop_rate=drop_rate, **kwargs)
+                         drop_rate=drop_rate, feature_norms=feature_norms, **kwargs)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -79,6 +79,7 @@ class AgentSwin(FLattenSwin):
         drop_rate: dropout after the patch embedding, attention and MLP projections.
         attn_drop_rate: dropout on the attention weights.
         window_size: window side of the ``S`` blocks.
+        feature_norms: build the per-stage output norms ``norm0..3`` (``features_only=True`` sets it).
         **kwargs: the skeleton's other arguments (:class:`~seg.backbones.swin.FLattenSwin`).
     """
 
@@ -92,6 +93,7 @@ class AgentSwin(FLattenSwin):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         window_size: int = 7,
+        feature_norms: bool = False,
         **kwargs,
     ) -> None:
         kinds = stage_types(attn_type, len(agent_num))
@@ -106,7 +108,7 @@ class AgentSwin(FLattenSwin):
         factories = stage_factories("".join(kind[0] for kind in kinds), letters, attn_layers, num_stages=len(kinds),
                                     aliases={"B": "S"})
         super().__init__(attn_type=attn_type, attn_layers=factories, window_size=window_size, qkv_bias=qkv_bias,
-                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, **kwargs)
+                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, feature_norms=feature_norms, **kwargs)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
