@@ -80,9 +80,11 @@ def test_module_rejects_a_wrong_grid_and_a_non_square_agent_count() -> None:
 def test_swin_stage_types_parse_the_published_strings() -> None:
     assert stage_types("AAAB") == ["A", "A", "A", "B"]
     assert stage_types("AAMB2") == ["A", "A", "M2", "B"]
-    for bad in ("AAB", "AAXB", "AAMB", "AAAB2"):
+    for bad in ("AAB", "AAMB", "AAAB2"):
         with pytest.raises(ValueError, match="attn_type"):
             stage_types(bad)
+    with pytest.raises(ValueError, match="unknown letter"):
+        timm.create_model("test_agent_swin", attn_type="AAXB")
 
 
 def test_swin_m2_stage_has_two_agent_blocks_then_windows() -> None:

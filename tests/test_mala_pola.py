@@ -15,10 +15,13 @@ from seg.backbones._weights import CheckpointMismatchError
 from seg.layers import (
     MALAttention,
     PolaLinearAttention,
+    RALAttention,
+    RoPE,
+    RoPESoftmaxAttention,
+    apply_rope,
     magnitude_aware_linear_attention,
     polarity_aware_linear_attention,
 )
-from seg.layers.rala import RALAttention, RoPE, RoPESoftmaxAttention, apply_rope
 from seg.layers.softmax import SpatialReductionAttention
 from seg.layers.window import WindowAttention
 
@@ -126,6 +129,8 @@ def test_attention_letters() -> None:
     assert [type(stage.blocks[0].attn) for stage in swin.layers] == [
         PolaLinearAttention, PolaLinearAttention, WindowAttention, WindowAttention]
     assert swin.layers[0].blocks[0].attn.positional_encoding.shape[1] == 56 * 56  # the 224 stage-1 grid
+    assert [type(stage.blocks[0].attn) for stage in timm.create_model("test_mala", attn_type="LSLS").layers] == [
+        MALAttention, RoPESoftmaxAttention, MALAttention, RoPESoftmaxAttention]  # one alphabet, l / v its aliases
     with pytest.raises(ValueError, match="unknown letter"):
         timm.create_model("test_mala", attn_type="lvxv")
 

@@ -13,68 +13,74 @@ import torch.nn.functional as F
 
 import seg.backbones.mlla  # noqa: F401  (registers mlla_*)
 from seg.backbones._weights import CheckpointMismatchError
-from seg.layers.mlla import MllaAttention, RoPE, mlla_linear_attention, rope_angles, rope_rotate
+from seg.layers import MllaAttention, RoPE, apply_rope, mlla_linear_attention
 from seg.models import Segmentor
 
 torch.manual_seed(0)
 
 
+def mlla_tables(size: tuple[int, int], C: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLLA's RoPE over all C channels, split into h heads: (sin, cos) (h, N, d) each."""
+    return tuple(t.view(-1, h, C // h).transpose(0, 1) for t in RoPE(C, endpoint=False, persistent=False)(size))
+
+
 def test_rope_angles_split_rows_and_columns_at_half_the_channels() -> None:
     """C = 16: K = 4 frequencies 10000^(-k/4); pairs 0-3 turn with the row, pairs 4-7 with the column."""
     H, W, C = 3, 5, 16
-    angles = rope_angles((H, W), C).view(H, W, C // 2)
+    sin, cos = (t.view(H, W, C // 2, 2) for t in RoPE(C, endpoint=False)((H, W)))
+    torch.testing.assert_close(sin[..., 0], sin[..., 1])  # both channels of a pair turn by the same angle
     theta = torch.tensor([10000.0 ** (-k / 4) for k in range(4)])
     for y in range(H):
         for x in range(W):
-            torch.testing.assert_close(angles[y, x], torch.cat([y * theta, x * theta]))
+            angles = torch.cat([y * theta, x * theta])
+            torch.testing.assert_close(sin[y, x, :, 0], angles.sin())
+            torch.testing.assert_close(cos[y, x, :, 0], angles.cos())
     with pytest.raises(ValueError, match="divisible by 4"):
-        rope_angles((H, W), 18)
+        RoPE(18, endpoint=False)
 
 
 def test_rope_is_a_rotation_whose_dot_products_depend_on_offsets_only() -> None:
-    rope = RoPE(16, 2)
     size = (6, 7)
+    sin, cos = (t.double() for t in mlla_tables(size, 16, 2))
+    rope = lambda x: apply_rope(x, sin, cos)  # noqa: E731
     q, k = torch.randn(2, 1, 2, 42, 8, dtype=torch.float64).unbind(0)  # (B, h, N, d) each
-    torch.testing.assert_close(rope(q, size).norm(dim=-1), q.norm(dim=-1))
+    torch.testing.assert_close(rope(q).norm(dim=-1), q.norm(dim=-1))
     # the same q at (1, 2) and k at (3, 5), then both moved by (+2, +1): equal dot products
     at = lambda y, x: y * size[1] + x  # noqa: E731
     qs = q[..., at(1, 2), :].unsqueeze(-2).expand_as(q)
     ks = k[..., at(3, 5), :].unsqueeze(-2).expand_as(k)
-    qr, kr = rope(qs, size), rope(ks, size)
+    qr, kr = rope(qs), rope(ks)
     dot = lambda i, j: (qr[..., i, :] * kr[..., j, :]).sum(-1)  # noqa: E731
     torch.testing.assert_close(dot(at(1, 2), at(3, 5)), dot(at(3, 3), at(5, 6)))
     assert not torch.allclose(dot(at(1, 2), at(3, 5)), dot(at(1, 2), at(3, 4)))
     # a head sees only its own pairs: with 2 heads of 8 channels at C = 16, head 0 turns with rows only
-    moved = rope_rotate(qs, rope.angles(size, q.device))
-    torch.testing.assert_close(moved[:, 0, at(1, 2)], moved[:, 0, at(1, 6)])
-    assert not torch.allclose(moved[:, 1, at(1, 2)], moved[:, 1, at(1, 6)])
+    torch.testing.assert_close(qr[:, 0, at(1, 2)], qr[:, 0, at(1, 6)])
+    assert not torch.allclose(qr[:, 1, at(1, 2)], qr[:, 1, at(1, 6)])
 
 
-def naive_mlla(q, k, v, angles):
+def naive_mlla(q, k, v, sin, cos):
     """o_i = sum_j (rho(q_i) . rho(k_j)) v_j / N / (q_i . mean_j k_j + 1e-6), quadratic in N."""
     q, k = F.elu(q) + 1, F.elu(k) + 1
-    q_rot, k_rot = rope_rotate(q, angles), rope_rotate(k, angles)
+    q_rot, k_rot = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
     N = q.shape[-2]
     scores = q_rot @ k_rot.transpose(-2, -1) / N  # (B, h, N, N)
     return (scores @ v) / (q @ k.mean(-2, keepdim=True).transpose(-2, -1) + 1e-6)
 
 
 def test_linear_attention_equals_its_quadratic_definition() -> None:
-    rope = RoPE(32, 2)
     size = (5, 9)
     q, k, v = torch.randn(3, 2, 2, 45, 16, dtype=torch.float64).unbind(0)
-    angles = rope.angles(size, q.device).double()
-    torch.testing.assert_close(mlla_linear_attention(q, k, v, angles), naive_mlla(q, k, v, angles))
+    tables = [t.double() for t in mlla_tables(size, 32, 2)]
+    torch.testing.assert_close(mlla_linear_attention(q, k, v, *tables), naive_mlla(q, k, v, *tables))
 
 
 def test_half_precision_runs_in_float32_without_overflow() -> None:
     """fp16 inputs over 128 x 128 tokens: the mean-based summary stays finite and equals the float32 result."""
-    rope = RoPE(64, 2)
     size = (128, 128)
     q, k, v = (torch.randn(3, 1, 2, 128 * 128, 32) * 4).unbind(0)
-    angles = rope.angles(size, q.device)
-    expected = mlla_linear_attention(q, k, v, angles)
-    got = mlla_linear_attention(q.half(), k.half(), v.half(), angles)
+    tables = mlla_tables(size, 64, 2)
+    expected = mlla_linear_attention(q, k, v, *tables)
+    got = mlla_linear_attention(q.half(), k.half(), v.half(), *tables)
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -89,8 +95,8 @@ def test_attention_layer_equals_its_pieces() -> None:
     x = torch.randn(2, 24, 32, dtype=torch.float64)
     q, k = (x @ attn.qk.weight.T + attn.qk.bias).chunk(2, dim=-1)
     heads = lambda t: t.view(2, 24, 2, 16).transpose(1, 2)  # noqa: E731
-    angles = rope_angles(size, 32).double().view(24, 2, 8).transpose(0, 1)
-    o = naive_mlla(heads(q), heads(k), heads(x), angles).transpose(1, 2).reshape(2, 24, 32)
+    tables = [t.double() for t in mlla_tables(size, 32, 2)]
+    o = naive_mlla(heads(q), heads(k), heads(x), *tables).transpose(1, 2).reshape(2, 24, 32)
     lepe = attn.lepe(x.transpose(1, 2).reshape(2, 32, *size)).flatten(2).transpose(1, 2)
     torch.testing.assert_close(attn(x, size), o + lepe)
     with pytest.raises(ValueError, match="do not form a 5 x 5 grid"):
@@ -124,12 +130,12 @@ def test_forward_intermediates_and_pruning() -> None:
 
 
 def test_attention_factories_replace_mlla_attention_in_the_same_blocks() -> None:
-    """The staged base's factory contract: (dim, num_heads, grid at 224, sr_ratio) per stage."""
+    """The staged base's factory contract: (dim, num_heads, grid at 224, sr_ratio, shift) per stage."""
     from seg.layers import FocusedLinearAttention
 
     seen = []
 
-    def flatten(dim: int, heads: int, grid: tuple[int, int], sr: int) -> torch.nn.Module:
+    def flatten(dim: int, heads: int, grid: tuple[int, int], sr: int, shift: bool) -> torch.nn.Module:
         seen.append((dim, heads, grid, sr))
         return FocusedLinearAttention(dim, heads, grid, sr_ratio=sr)
 

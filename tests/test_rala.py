@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seg.layers.rala import (
+from seg.layers import (
     RALAttention,
     RoPE,
     RoPESoftmaxAttention,

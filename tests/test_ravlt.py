@@ -117,8 +117,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_attn_type_letters() -> None:
-    model = _tiny(attn_type="vvvv")
-    assert all(isinstance(s.blocks[0].attn, RoPESoftmaxAttention) for s in model.layers)
+    for attn_type in ("vvvv", "SSSS"):  # the published letter and the alphabet's softmax
+        model = _tiny(attn_type=attn_type)
+        assert all(isinstance(s.blocks[0].attn, RoPESoftmaxAttention) for s in model.layers)
+    assert isinstance(_tiny(attn_type="LLSS").layers[1].blocks[0].attn, RALAttention)
     with pytest.raises(ValueError, match="unknown letter.*x"):
         _tiny(attn_type="llvx")
 

@@ -4,15 +4,17 @@ classifier API, and the list of the names the families registered."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from timm import list_models
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, model_entrypoint
+from timm.models import build_model_with_cfg, generate_default_cfgs, model_entrypoint
 from torch import Tensor, nn
 
-__all__ = ["build_encoder", "encoder_names", "imagenet_cfg", "init_transformer_weights"]
+from seg.kernels.onednn import Linear
+
+__all__ = ["build_encoder", "encoder_names", "imagenet_cfg", "imagenet_cfgs", "init_transformer_weights"]
 
 
 def encoder_names(pattern: str = "*") -> list[str]:
@@ -54,6 +56,11 @@ def imagenet_cfg(first_conv: str, **kwargs) -> dict:
     )
 
 
+def imagenet_cfgs(first_conv: str, variants: Iterable[str]) -> dict:
+    """timm's default configs of the ImageNet classifiers ``variants`` (:func:`imagenet_cfg` each)."""
+    return generate_default_cfgs({name: imagenet_cfg(first_conv) for name in variants})
+
+
 def init_transformer_weights(m: nn.Module) -> None:
     """Linear: truncated normal (std 0.02), zero bias; LayerNorm: identity. Other modules keep their own init."""
     if isinstance(m, nn.Linear):
@@ -93,7 +100,7 @@ class ClassifierBackbone(nn.Module):
                 raise ValueError(f"global_pool {global_pool!r} is not one of {pools} for {type(self).__name__}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def pool_features(self, x: Tensor) -> Tensor:
         """:meth:`forward_features`' output -> pre-logits (B, C), or ``x`` itself when ``global_pool`` is ''."""

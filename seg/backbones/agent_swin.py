@@ -2,9 +2,9 @@
 
 The Swin skeleton of :mod:`seg.backbones.swin` with one stage type per stage, written as the published
 ``attn_type`` strings: ``A`` agent attention (:class:`seg.layers.AgentAttention`) over the whole stage map (the
-published "window" of 56 is the whole stage-1 map at 224: no windows, no shift), ``B`` Swin's 7 x 7
-shifted-window softmax attention, ``M`` a mixed stage whose first k blocks are ``A`` and the rest ``B``, k being
-the digits after the four letters (Agent-Swin-B: ``AAMB2``).
+published "window" of 56 is the whole stage-1 map at 224: no windows, no shift), ``S`` Swin's 7 x 7
+shifted-window softmax attention (published as ``B``, an alias), ``M`` a mixed stage whose first k blocks are
+``A`` and the rest ``S``, k being the digits after the four letters (Agent-Swin-B: ``AAMB2``).
 
 Any input of at least 32 x 32 (see :mod:`seg.backbones.swin` for padding and merging). Agents per stage:
 ``agent_num`` (9, 16, 49, 49) on a p x p grid, or the grids ``agent_shapes`` of the published segmentation
@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._registry import build_encoder, imagenet_cfg
+from seg.backbones._staged import AttentionFactory, stage_factories
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
-from seg.backbones.agent_pvt import AGENT_TABLES, AgentShape, resize_agent_tables
+from seg.backbones.agent_pvt import AGENT_TABLES, AgentShape, agent_letters, per_stage, resize_agent_tables
 from seg.backbones.swin import FLattenSwin, _resize_bias_tables, swin_attention_letters
-from seg.layers import AgentAttention
 
 __all__ = ["AgentSwin", "checkpoint_filter_fn", "stage_types"]
 
@@ -40,98 +39,76 @@ Size = tuple[int, int]
 
 
 def stage_types(attn_type: str, num_stages: int = 4) -> list[str]:
-    """The published ``attn_type`` string -> one stage type per stage: ``'AAMB2'`` -> ``['A', 'A', 'M2', 'B']``."""
+    """The published ``attn_type`` string -> one stage type per stage: ``'AAMB2'`` -> ``['A', 'A', 'M2', 'B']``
+    (the letters themselves are checked by :func:`~seg.backbones._staged.stage_factories`)."""
     letters, digits = attn_type[:num_stages], attn_type[num_stages:]
-    if len(letters) != num_stages or set(letters) - {"A", "B", "M"} or not re.fullmatch(r"\d*", digits):
-        raise ValueError(f"attn_type {attn_type!r} must be {num_stages} letters of A (agent) / B (window softmax) / "
-                         "M (mixed), then the number of agent blocks of the M stages (e.g. 'AAMB2')")
+    if len(letters) != num_stages or not letters.isalpha() or not re.fullmatch(r"\d*", digits):
+        raise ValueError(f"attn_type {attn_type!r} must be {num_stages} letters of A (agent) / S or B (window "
+                         "softmax) / M (mixed) / L, then the number of agent blocks of the M stages (e.g. 'AAMB2')")
     if ("M" in letters) != bool(digits):
         raise ValueError(f"attn_type {attn_type!r}: an M stage needs its number of agent blocks after the letters, "
                          "and only an M stage has one")
     return [letter + digits if letter == "M" else letter for letter in letters]
 
 
-def _agent_factory(agent_num: int, agent_shape: AgentShape, qkv_bias: bool, attn_drop: float, drop: float,
-                   dim: int, heads: int, grid: Size, shift: bool) -> nn.Module:
-    return AgentAttention(dim, heads, grid, agent_num, agent_shape, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                          proj_drop=drop, fused_qkv=True)
+class _MixedStage:
+    """The factory of an ``M`` stage: its first ``agent_blocks`` blocks agent attention, the rest windows (the
+    stage builds its blocks in order, one call each)."""
+
+    def __init__(self, agent: AttentionFactory, window: AttentionFactory, agent_blocks: int) -> None:
+        self.agent, self.window, self.agent_blocks, self.built = agent, window, agent_blocks, 0
+
+    def __call__(self, dim: int, num_heads: int, grid: Size, sr_ratio: int, shift: bool) -> nn.Module:
+        self.built += 1
+        factory = self.agent if self.built <= self.agent_blocks else self.window
+        return factory(dim, num_heads, grid, sr_ratio, shift)
 
 
 class AgentSwin(FLattenSwin):
     """Agent-Swin: Swin with agent attention in the ``A`` stages and the first blocks of ``M`` stages.
 
     Args:
-        img_size: training resolution; fixes the grid the row / column bias tables are stored at.
-        patch_size: side of the stem's patches.
-        in_chans: input channels.
-        num_classes: classifier outputs (0: no classifier).
-        embed_dim: channels of stage 1 (doubled per stage).
-        depths: blocks per stage.
-        num_heads: heads per stage.
-        window_size: window side of the ``B`` blocks.
-        mlp_ratio: MLP expansion.
-        attn_type: the published stage string: 4 letters of ``A`` / ``B`` / ``M``, then the agent blocks of ``M``.
+        attn_type: the published stage string: 4 letters of ``A`` (agent), ``S`` (Swin's shifted-window softmax;
+            the published ``B`` is an alias), ``M`` (mixed) or the skeleton's ``L``, then the agent blocks of ``M``.
         agent_num: stored agents per stage (square numbers; the bias tables' agent axis).
         agent_shapes: agent grid per stage (an int n for n x n, or (rows, columns)); None: sqrt(agent_num) square
             grids (classification). The published segmentation configs use (9, 12, 14, 7) for T / B, (9, 12, 7, 7)
             for S.
-        attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
+        attn_layers: one attention factory per stage (overrides ``attn_type``).
         qkv_bias: bias in the qkv projections.
         drop_rate: dropout after the patch embedding, attention and MLP projections.
         attn_drop_rate: dropout on the attention weights.
-        drop_path_rate: stochastic depth, linearly increasing over blocks.
-        global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
+        window_size: window side of the ``S`` blocks.
         feature_norms: build the per-stage output norms ``norm0..3`` (``features_only=True`` sets it).
+        **kwargs: the skeleton's other arguments (:class:`~seg.backbones.swin.FLattenSwin`).
     """
 
     def __init__(
         self,
-        img_size: int | Size = 224,
-        patch_size: int = 4,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 96,
-        depths: Sequence[int] = (2, 2, 6, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: int = 7,
-        mlp_ratio: float = 4.0,
         attn_type: str = "AAAB",
         agent_num: Sequence[int] = (9, 16, 49, 49),
         agent_shapes: Sequence[AgentShape] | None = None,
-        attn_backend: str = "auto",
+        attn_layers: Sequence[AttentionFactory] | None = None,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        global_pool: str = "avg",
+        window_size: int = 7,
         feature_norms: bool = False,
+        **kwargs,
     ) -> None:
-        kinds = stage_types(attn_type, len(depths))
-        shapes = list(agent_shapes) if agent_shapes is not None else [None] * len(depths)
-        if len(agent_num) != len(depths) or len(shapes) != len(depths):
-            raise ValueError(f"agent_num {tuple(agent_num)} and agent_shapes {agent_shapes} need one entry per stage "
-                             f"({len(depths)})")
-        window = swin_attention_letters(window_size, qkv_bias, drop_rate, attn_drop_rate)["S"]
-        agents = [partial(_agent_factory, agent_num[i], shapes[i], qkv_bias, attn_drop_rate, drop_rate)
-                  for i in range(len(depths))]
-        factories = [agents[i] if kind == "A" else window for i, kind in enumerate(kinds)]
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-                         embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
-                         mlp_ratio=mlp_ratio, attn_type="".join(kind[0] for kind in kinds), attn_layers=factories,
-                         attn_backend=attn_backend, qkv_bias=qkv_bias, drop_rate=drop_rate,
-                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, global_pool=global_pool,
-                         feature_norms=feature_norms)
-        self.attn_type = attn_type
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        for i, kind in enumerate(kinds):  # M stages: the first k blocks built as B become agent blocks
-            if not kind.startswith("M"):
-                continue
-            stride = patch_size * 2**i
-            grid = (img_size[0] // stride, img_size[1] // stride)
-            for block in self.layers[i].blocks[: int(kind[1:])]:
-                block.attn = agents[i](embed_dim * 2**i, num_heads[i], grid, False)
-                block.attn.apply(init_transformer_weights)
-        self.set_attn_backend(attn_backend)
+        kinds = stage_types(attn_type, len(agent_num))
+        shapes = per_stage(agent_num, agent_shapes)
+        letters = []
+        for i, kind in enumerate(kinds):
+            stage = dict(swin_attention_letters(qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                                                window_size=window_size),
+                         **agent_letters(agent_num[i], shapes[i], qkv_bias, attn_drop_rate, drop_rate, fused_qkv=True))
+            stage["M"] = _MixedStage(stage["A"], stage["S"], int(kind[1:] or 0))
+            letters.append(stage)
+        factories = stage_factories("".join(kind[0] for kind in kinds), letters, attn_layers, num_stages=len(kinds),
+                                    aliases={"B": "S"})
+        super().__init__(attn_type=attn_type, attn_layers=factories, window_size=window_size, qkv_bias=qkv_bias,
+                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, feature_norms=feature_norms, **kwargs)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

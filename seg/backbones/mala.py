@@ -3,16 +3,17 @@ where the network is called MAViT) for timm.
 
 RAVLT's skeleton (:mod:`seg.backbones.ravlt`: conv stem, RoPE blocks with layer scale, 3x3 conv merges) with
 magnitude-aware linear attention (:mod:`seg.layers.mala`) in stages 1-2 (``attn_type='llvv'``, the published
-layout; ``v`` is RAVLT's RoPE softmax attention) and a wider classifier projection: 1x1 conv to 2048 channels
-(Tiny / Small / Base) or 2560 (Large) against RAVLT's 1024. Any input of at least 32 x 32; features, output norms
-``extra_norms.{i}.norm`` and the classifier as in RAVLT, and so are the parameter names: MALA and RAVLT
-checkpoints share every backbone key, and the projection width tells them apart (a RAVLT file is refused here).
+layout, = ``LLSS``; ``S`` / ``v`` is RAVLT's RoPE softmax attention) and a wider classifier projection: 1x1
+conv to 2048 channels (Tiny / Small / Base) or 2560 (Large) against RAVLT's 1024. Any input of at least
+32 x 32; features, output norms ``extra_norms.{i}.norm`` and the classifier as in RAVLT, and so are the
+parameter names: MALA and RAVLT checkpoints share every backbone key, and the projection width tells them apart
+(a RAVLT file is refused here).
 Parameter counts with the 1000-class head: Tiny 16.45M, Small 27.14M, Base 49.79M, Large 97.77M.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from timm.models import generate_default_cfgs, register_model
@@ -21,7 +22,6 @@ from torch import nn
 from seg.backbones._registry import build_encoder, imagenet_cfg
 from seg.backbones.ravlt import RAVLT, checkpoint_filter_fn
 from seg.layers.mala import MALAttention
-from seg.layers.rala import RoPESoftmaxAttention
 
 __all__ = ["MALA"]
 
@@ -31,11 +31,12 @@ class MALA(RAVLT):
 
     Args:
         projection: channels of the classifier's 1x1 conv (2048; 2560 for Large).
-        attn_type: one letter per stage, ``l`` magnitude-aware linear attention, ``v`` RoPE softmax attention.
+        attn_type: one letter per stage, ``L`` magnitude-aware linear attention, ``S`` RoPE softmax attention
+            (the published ``l`` / ``v`` are aliases).
         **kwargs: the skeleton's other arguments (:class:`~seg.backbones.ravlt.RAVLT`).
     """
 
-    attention_letters: ClassVar[dict[str, type[nn.Module]]] = {"l": MALAttention, "v": RoPESoftmaxAttention}
+    linear_attention: ClassVar[Callable[[int, int], nn.Module]] = MALAttention
 
     def __init__(self, projection: int = 2048, attn_type: str = "llvv", **kwargs) -> None:
         super().__init__(projection=projection, attn_type=attn_type, **kwargs)

@@ -24,13 +24,16 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import DropPath
+from timm.models import register_model
 from torch import Tensor, nn
 
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
-from seg.backbones._staged import AttentionFactory, StagedEncoder
+from seg.backbones._registry import build_encoder, imagenet_cfgs
+from seg.backbones._staged import AttentionFactory, StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
-from seg.layers.mlla import MllaBlock
+from seg.kernels.onednn import Linear
+from seg.layers.mlla import MllaAttention, conv_tokens
+from seg.layers.mlp import Mlp
 
 __all__ = ["MLLA", "checkpoint_filter_fn"]
 
@@ -108,6 +111,58 @@ class PatchMerging(nn.Module):
         return x.flatten(2).transpose(1, 2), size  # (B, N', 2C)
 
 
+class MllaBlock(nn.Module):
+    """The MLLA block (x: (B, N, C) tokens of an H x W grid):
+
+    x += CPE1(x); x = x + DropPath(out_proj(Attn(SiLU(DWC(in_proj(LN1 x)))) * SiLU(act_proj(LN1 x))));
+    x += CPE2(x); x = x + DropPath(MLP(LN2 x)).
+
+    Args:
+        dim: channels C.
+        num_heads: heads of the attention.
+        mlp_ratio: MLP expansion.
+        qkv_bias: bias in the attention's ``qk`` projection.
+        drop: dropout in the MLP.
+        drop_path: stochastic depth of both residual branches.
+        attn_layer: builds the attention, a module taking ((B, N, C), (H, W)); None:
+            :class:`~seg.layers.mlla.MllaAttention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        attn_layer: Callable[[], nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.in_proj = Linear(dim, dim)
+        self.act_proj = Linear(dim, dim)
+        self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.act = nn.SiLU()
+        self.attn = attn_layer() if attn_layer is not None else MllaAttention(dim, num_heads, qkv_bias)
+        self.out_proj = Linear(dim, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: Tensor, size: Size) -> Tensor:
+        """(B, N, C) tokens of an H x W grid -> (B, N, C)."""
+        x = x + conv_tokens(self.cpe1, x, size)
+        u = self.norm1(x)
+        gate = self.act(self.act_proj(u))
+        t = self.act(conv_tokens(self.dwc, self.in_proj(u), size))
+        x = x + self.drop_path(self.out_proj(self.attn(t, size) * gate))
+        x = x + conv_tokens(self.cpe2, x, size)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
 class MllaStage(nn.Module):
     """The blocks of one stage and the patch merging after them."""
 
@@ -144,9 +199,9 @@ class MLLA(StagedEncoder):
         drop_rate: dropout after the stem and in the MLPs.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         img_size: training resolution; only gives replacement attentions (``attn_layers``) their stage grid.
-        attn_layers: one attention factory per stage, ``(dim, num_heads, grid_size, sr_ratio) -> module``
-            taking ((B, N, C), (H, W)), called with sr_ratio 1; replaces MLLA's linear attention inside the
-            same blocks (None: MLLA attention everywhere).
+        attn_layers: one attention factory per stage (:data:`~seg.backbones._staged.AttentionFactory`, called
+            with sr_ratio 1, no shift) of modules taking ((B, N, C), (H, W)); replaces MLLA's linear attention
+            inside the same blocks (None: MLLA attention everywhere).
         attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
         global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
         feature_norms: build the per-stage output norms ``norm0..3`` (``features_only=True`` sets it).
@@ -172,8 +227,8 @@ class MLLA(StagedEncoder):
         super().__init__(feature_norms)
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} need one entry per stage")
-        if attn_layers is not None and len(attn_layers) != len(depths):
-            raise ValueError(f"attn_layers needs one factory per stage ({len(depths)}), got {len(attn_layers)}")
+        if attn_layers is not None:
+            attn_layers = stage_factories("", {}, attn_layers, num_stages=len(depths))
         self.num_classes = num_classes
         self._num_stages = len(depths)
         dims = [embed_dim * 2**i for i in range(self._num_stages)]
@@ -183,52 +238,21 @@ class MLLA(StagedEncoder):
         n_blocks = sum(depths)  # python floats, so the model also builds on the meta device
         dpr = [drop_path_rate * j / max(n_blocks - 1, 1) for j in range(n_blocks)]
         self.layers = nn.ModuleList()
-        self.feature_info = []
         for i, depth in enumerate(depths):
             self.layers.append(MllaStage(
                 dims[i], depth, num_heads[i], downsample=i < self._num_stages - 1,
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 drop=drop_rate, attn_layer=None if attn_layers is None else partial(
-                    attn_layers[i], dims[i], num_heads[i], (img_size // (PATCH * 2**i),) * 2, 1),
+                    attn_layers[i], dims[i], num_heads[i], (img_size // (PATCH * 2**i),) * 2, 1, False),
             ))
-            module = self._add_output_norm(i, f"norm{i}", nn.LayerNorm(dims[i])) or f"layers.{i}"
-            self.feature_info.append(dict(num_chs=dims[i], reduction=PATCH * 2**i, module=module))
+            self._add_stage(i, dims[i], PATCH * 2**i, f"layers.{i}", norm=(f"norm{i}", nn.LayerNorm(dims[i])))
         self.norm = nn.LayerNorm(self.num_features)
-        self.reset_classifier(num_classes, global_pool)
-        self.apply(init_transformer_weights)
-        self.set_attn_backend(attn_backend)
+        self._finish(num_classes, global_pool, attn_backend)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """MLLA has no position tables (RoPE is computed, not learned)."""
         return set()
-
-    def _begin(self, x: Tensor) -> tuple[Tensor, Size]:
-        x, size = self.patch_embed(x)  # (B, N, C)
-        return self.pos_drop(x), size
-
-    def _stage(self, i: int, state: tuple[Tensor, Size], feature: bool) -> tuple[tuple[Tensor, Size], Tensor | None]:
-        """Stage i on (B, N, C) tokens: (merged tokens for the next stage and their grid, feature map)."""
-        x, size = state
-        stage = self.layers[i]
-        out = self.run_blocks(stage.blocks, x, size)
-        feat = out.reshape(out.shape[0], *size, -1).permute(0, 3, 1, 2) if feature else None  # (B, C, H, W)
-        if stage.downsample is None:
-            return (out, size), feat
-        return stage.downsample(out, size), feat
-
-    def _end(self, state: tuple[Tensor, Size], complete: bool) -> Tensor:
-        """Last-stage tokens through the final ``norm`` as (B, C, H, W); when stopped early, the merged tokens."""
-        x, size = state
-        if complete:
-            x = self.norm(x)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, *size)
-
-    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
-        self.layers = self.layers[: max_index + 1]
-        self.layers[-1].downsample = None  # its output would feed no stage
-        if prune_norm or max_index < self._num_stages - 1:  # the final norm only fits the last stage
-            self.norm = nn.Identity()
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: MLLA) -> dict[str, Tensor]:
@@ -255,32 +279,32 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> MLLA:
     return build_encoder(MLLA, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
-    name: imagenet_cfg("patch_embed.conv1.conv") for name in ("mlla_tiny", "mlla_small", "mlla_base", "test_mlla")
-})
+default_cfgs = imagenet_cfgs("patch_embed.conv1.conv", ("mlla_tiny", "mlla_small", "mlla_base", "test_mlla"))
 
-_TEST = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), mlp_ratio=2.0)
+_ARCHS = {
+    "mlla_tiny": dict(embed_dim=64, depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16)),
+    "mlla_small": dict(embed_dim=64, depths=(3, 6, 21, 6), num_heads=(2, 4, 8, 16)),
+    "mlla_base": dict(embed_dim=96, depths=(3, 6, 21, 6), num_heads=(3, 6, 12, 24)),
+    "test_mlla": dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), mlp_ratio=2.0),
+}
 
 
 @register_model
 def mlla_tiny(pretrained: bool = False, **kwargs) -> MLLA:
-    arch = dict(embed_dim=64, depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16))
-    return _create("mlla_tiny", pretrained, **dict(arch, **kwargs))
+    return _create("mlla_tiny", pretrained, **dict(_ARCHS["mlla_tiny"], **kwargs))
 
 
 @register_model
 def mlla_small(pretrained: bool = False, **kwargs) -> MLLA:
-    arch = dict(embed_dim=64, depths=(3, 6, 21, 6), num_heads=(2, 4, 8, 16))
-    return _create("mlla_small", pretrained, **dict(arch, **kwargs))
+    return _create("mlla_small", pretrained, **dict(_ARCHS["mlla_small"], **kwargs))
 
 
 @register_model
 def mlla_base(pretrained: bool = False, **kwargs) -> MLLA:
-    arch = dict(embed_dim=96, depths=(3, 6, 21, 6), num_heads=(3, 6, 12, 24))
-    return _create("mlla_base", pretrained, **dict(arch, **kwargs))
+    return _create("mlla_base", pretrained, **dict(_ARCHS["mlla_base"], **kwargs))
 
 
 @register_model
 def test_mlla(pretrained: bool = False, **kwargs) -> MLLA:
     """Tiny variant (16-128 channels, depths 1-1-2-1, head dims 16 and 32) for CPU tests."""
-    return _create("test_mlla", pretrained, **dict(_TEST, **kwargs))
+    return _create("test_mlla", pretrained, **dict(_ARCHS["test_mlla"], **kwargs))

@@ -61,20 +61,17 @@ class PolaPVT(FLattenPVT):
         attn_layers: Sequence[AttentionFactory] | None = None,
         **kwargs,
     ) -> None:
-        if attn_layers is None and len(attn_type) == 4 and len(la_sr_ratios) == 4:
-            attn_layers = []
-            for i in range(4):
-                letters = pvt_attention_letters(qkv_bias, drop_rate)
-                letters["L"] = partial(_pola_pvt_layer, qkv_bias=qkv_bias, la_sr_ratio=la_sr_ratios[i], alpha=alpha,
-                                       kernel_size=kernel_size, drop=drop_rate)
-                attn_layers.append(stage_factories(attn_type, letters, None)[i])
+        letters = [dict(pvt_attention_letters(qkv_bias=qkv_bias, drop=drop_rate), L=partial(
+            _pola_pvt_layer, qkv_bias=qkv_bias, la_sr_ratio=sr, alpha=alpha, kernel_size=kernel_size, drop=drop_rate))
+            for sr in la_sr_ratios]
+        attn_layers = stage_factories(attn_type, letters, attn_layers, num_stages=len(letters))
         super().__init__(attn_type=attn_type, la_sr_ratios=la_sr_ratios, kernel_size=kernel_size, qkv_bias=qkv_bias,
                          drop_rate=drop_rate, attn_layers=attn_layers, version=1, **kwargs)
 
 
 def _pola_pvt_layer(
-    dim: int, heads: int, grid: tuple[int, int], sr: int, *, qkv_bias: bool, la_sr_ratio: int, alpha: float,
-    kernel_size: int, drop: float,
+    dim: int, heads: int, grid: tuple[int, int], sr: int, shift: bool, *, qkv_bias: bool, la_sr_ratio: int,
+    alpha: float, kernel_size: int, drop: float,
 ) -> nn.Module:
     """The ``L`` factory of the PVT skeleton; ``sr`` is the softmax stages' reduction, unused here."""
     return PolaLinearAttention(dim, heads, grid, qkv_bias=qkv_bias, sr_ratio=la_sr_ratio, alpha=alpha,
@@ -86,10 +83,11 @@ class PolaSwin(FLattenSwin):
 
     Args:
         attn_type: one letter per stage, ``L`` global polarity-aware linear, ``S`` shifted-window softmax.
+        depths: blocks per stage.
         alpha: range of the learned power, p in (1, 1 + alpha).
         kernel_size: kernel of the rank-restoring depthwise conv.
-        window_size: window side of the ``S`` stages.
         qkv_bias: bias in the projections.
+        window_size: window side of the ``S`` stages.
         drop_rate: dropout after the patch embedding, attention and MLP projections.
         attn_drop_rate: dropout on the softmax attention weights.
         attn_layers: one attention factory per stage (overrides ``attn_type``).
@@ -99,23 +97,25 @@ class PolaSwin(FLattenSwin):
     def __init__(
         self,
         attn_type: str = "LLSS",
+        depths: Sequence[int] = (2, 2, 6, 2),
         alpha: float = 4.0,
         kernel_size: int = 5,
-        window_size: int = 7,
         qkv_bias: bool = True,
+        window_size: int = 7,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         attn_layers: Sequence[AttentionFactory] | None = None,
         **kwargs,
     ) -> None:
-        if attn_layers is None:
-            letters = swin_attention_letters(window_size, qkv_bias, drop_rate, attn_drop_rate)
-            letters["L"] = lambda dim, heads, grid, shift: PolaLinearAttention(
-                dim, heads, grid, qkv_bias=qkv_bias, alpha=alpha, kernel_size=kernel_size, proj_drop=drop_rate,
-                fused_qkv=True)
-            attn_layers = stage_factories(attn_type, letters, None)
-        super().__init__(attn_type=attn_type, kernel_size=kernel_size, window_size=window_size, qkv_bias=qkv_bias,
-                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, attn_layers=attn_layers, **kwargs)
+        letters = swin_attention_letters(qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                                         window_size=window_size)
+        letters["L"] = lambda dim, heads, grid, sr, shift: PolaLinearAttention(
+            dim, heads, grid, qkv_bias=qkv_bias, alpha=alpha, kernel_size=kernel_size, proj_drop=drop_rate,
+            fused_qkv=True)
+        attn_layers = stage_factories(attn_type, letters, attn_layers, num_stages=len(depths))
+        super().__init__(attn_type=attn_type, depths=depths, kernel_size=kernel_size, window_size=window_size,
+                         qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                         attn_layers=attn_layers, **kwargs)
 
 
 def _create_pvt(variant: str, pretrained: bool, **kwargs) -> PolaPVT:

@@ -22,20 +22,20 @@ position entry are dropped.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import trunc_normal_
+from timm.models import register_model
 from torch import Tensor, nn
 
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._blocks import Block
+from seg.backbones._registry import build_encoder, imagenet_cfgs, init_transformer_weights
 from seg.backbones._staged import AttentionFactory, StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict
 from seg.layers import FocusedLinearAttention, SoftAttention, SpatialReductionAttention, resize_token_grid
-from seg.layers.mlp import Mlp
 
 __all__ = ["Block", "FLattenPVT", "checkpoint_filter_fn", "pvt_attention_letters"]
 
@@ -64,61 +64,33 @@ class PatchEmbed(nn.Module):
 
 
 def pvt_attention_letters(
-    qkv_bias: bool = True,
-    drop: float = 0.0,
+    la_sr_ratio: int = 1,
+    *,
     focusing_factor: float = 3.0,
     kernel_size: int = 5,
-    la_sr_ratio: int = 1,
+    qkv_bias: bool = True,
+    drop: float = 0.0,
+    attn_drop: float = 0.0,
 ) -> dict[str, AttentionFactory]:
     """The ``attn_type`` shorthand of the PVT skeleton: ``L`` focused linear attention (keys reduced by
-    ``la_sr_ratio``), ``S`` PVT's softmax spatial-reduction attention, ``G`` SOFT-Norm (bottleneck reduction
-    and DWConv kernel 9 / 5 / 3 for sr 8 / 4 / 2, as SOFT's stages)."""
+    ``la_sr_ratio``), ``S`` PVT's own softmax spatial-reduction attention (reduced by the stage's ``sr_ratio``),
+    ``G`` SOFT-Norm (bottleneck reduction and DWConv kernel 9 / 5 / 3 for sr 8 / 4 / 2, as SOFT's stages)."""
     return {
-        "L": lambda dim, heads, grid, sr: FocusedLinearAttention(
+        "L": lambda dim, heads, grid, sr, shift: FocusedLinearAttention(
             dim, heads, grid, qkv_bias=qkv_bias, sr_ratio=la_sr_ratio, focusing_factor=focusing_factor,
             kernel_size=kernel_size, proj_drop=drop),
-        "S": lambda dim, heads, grid, sr: SpatialReductionAttention(dim, heads, qkv_bias=qkv_bias, sr_ratio=sr,
-                                                                     proj_drop=drop),
-        "G": lambda dim, heads, grid, sr: SoftAttention(dim, heads, sr_ratio=sr, qkv_bias=qkv_bias, normalize=True,
-                                                         proj_drop=drop),
+        "S": lambda dim, heads, grid, sr, shift: SpatialReductionAttention(
+            dim, heads, qkv_bias=qkv_bias, sr_ratio=sr, attn_drop=attn_drop, proj_drop=drop),
+        "G": lambda dim, heads, grid, sr, shift: SoftAttention(
+            dim, heads, sr_ratio=sr, qkv_bias=qkv_bias, normalize=True, proj_drop=drop),
     }
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block around any attention that maps (tokens (B, N, C), (H, W)) -> (B, N, C).
-
-    Args:
-        dim: channels C.
-        mlp_ratio: MLP expansion.
-        attn_layer: builds the block's attention (a closure over its heads, grid and reduction).
-        conv_mlp: PVT v2's 3x3 depthwise conv inside the MLP.
-        drop: dropout after the MLP's activation and projection.
-        drop_path: stochastic depth rate of the two residual branches.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        mlp_ratio: float,
-        attn_layer: Callable[[], nn.Module],
-        conv_mlp: bool = False,
-        drop: float = 0.0,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.norm1 = LayerNorm6(dim)
-        self.attn = attn_layer()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm6(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), conv=conv_mlp, drop=drop)
-
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), size))
-        return x + self.drop_path(self.mlp(self.norm2(x), size))
 
 
 class FLattenPVT(StagedEncoder):
     """FLatten-PVT (``version=1``) and FLatten-PVTv2 (``version=2``).
+
+    Stage i is the published numbered attributes ``patch_embed{i+1}``, ``pos_embed{i+1}`` (v1), ``block{i+1}``
+    and ``norm{i+1}``; there is no final norm.
 
     Args:
         img_size: training resolution; fixes the grid the position tables are stored at.
@@ -129,15 +101,16 @@ class FLattenPVT(StagedEncoder):
         mlp_ratios: MLP expansion per stage.
         depths: blocks per stage.
         sr_ratios: spatial reduction of the softmax (``S``) stages; bottleneck reduction of the SOFT (``G``) ones.
-        la_sr_ratios: spatial reduction of the focused linear (``L``) stages (1 in every published model).
         attn_type: one letter per stage, ``L`` focused linear, ``S`` softmax or ``G`` SOFT (Gaussian kernel).
-        attn_layers: one attention factory per stage, ``(dim, num_heads, grid_size, sr_ratio) -> module``;
-            overrides ``attn_type`` (which is the shorthand that builds them).
+        attn_layers: one attention factory per stage (:data:`~seg.backbones._staged.AttentionFactory`, called
+            with the stage's ``sr_ratio``, no shift); overrides ``attn_type`` (which is the shorthand that builds
+            them).
         attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
         version: 1 (non-overlapping patches, absolute position tables) or 2 (overlapping patches, conv MLP).
         qkv_bias: bias in the q / kv projections.
         drop_rate: dropout after attention and MLP projections.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
+        la_sr_ratios: spatial reduction of the focused linear (``L``) stages (1 in every published model).
         focusing_factor: power p of the focusing function.
         kernel_size: kernel of the rank-restoring depthwise conv.
         global_pool: ``avg`` (mean of the stage-4 map) or ``''`` (no pooling).
@@ -146,6 +119,9 @@ class FLattenPVT(StagedEncoder):
             completing it with zeros (the published Agent-PVT segmentation backbone's sizes: 85 columns at
             stride 4 for a width of 342, where padding gives 86).
     """
+
+    _stage_parts = ("patch_embed", "pos_embed", "block", "norm")
+    _final_modules = ()  # no final norm: v1's published one is unused (dropped on load), v2 has none
 
     def __init__(
         self,
@@ -157,7 +133,6 @@ class FLattenPVT(StagedEncoder):
         mlp_ratios: Sequence[float] = (8, 8, 4, 4),
         depths: Sequence[int] = (2, 2, 2, 2),
         sr_ratios: Sequence[int] = (8, 4, 2, 1),
-        la_sr_ratios: Sequence[int] = (1, 1, 1, 1),
         attn_type: str = "LLLL",
         attn_layers: Sequence[AttentionFactory] | None = None,
         attn_backend: str = "auto",
@@ -165,6 +140,7 @@ class FLattenPVT(StagedEncoder):
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        la_sr_ratios: Sequence[int] = (1, 1, 1, 1),
         focusing_factor: float = 3.0,
         kernel_size: int = 5,
         global_pool: str = "avg",
@@ -172,9 +148,6 @@ class FLattenPVT(StagedEncoder):
         patch_floor: bool = False,
     ) -> None:
         super().__init__(feature_norms)
-        if len(attn_type) != 4:
-            raise ValueError(f"attn_type {attn_type!r} must be 4 letters of L (focused linear) / S (softmax) / "
-                             "G (SOFT)")
         if version not in (1, 2):
             raise ValueError(f"version must be 1 or 2, got {version}")
         self.version = version
@@ -183,12 +156,9 @@ class FLattenPVT(StagedEncoder):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         total = sum(depths)
         dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # linear decay rule
-        factories = [
-            stage_factories(attn_type, pvt_attention_letters(qkv_bias, drop_rate, focusing_factor, kernel_size,
-                                                             la_sr_ratios[i]), attn_layers)[i]
-            for i in range(4)
-        ]
-        self.feature_info = []
+        letters = [pvt_attention_letters(sr, qkv_bias=qkv_bias, drop=drop_rate, focusing_factor=focusing_factor,
+                                         kernel_size=kernel_size) for sr in la_sr_ratios]
+        factories = stage_factories(attn_type, letters, attn_layers)
         for i in range(4):
             stride = 4 * 2**i
             grid = (img_size // stride, img_size // stride)
@@ -200,53 +170,49 @@ class FLattenPVT(StagedEncoder):
             if version == 1:
                 self.register_parameter(f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid[0] * grid[1],
                                                                                        embed_dims[i])))
-            attn_layer = partial(factories[i], embed_dims[i], num_heads[i], grid, sr_ratios[i])
+            attn_layer = partial(factories[i], embed_dims[i], num_heads[i], grid, sr_ratios[i], False)
             blocks = [
                 Block(embed_dims[i], mlp_ratios[i], attn_layer, conv_mlp=version == 2, drop=drop_rate,
-                      drop_path=dpr[sum(depths[:i]) + j])
+                      drop_path=dpr[sum(depths[:i]) + j], norm_layer=LayerNorm6)
                 for j in range(depths[i])
             ]
             self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
             if version == 2:  # inside the trunk
                 self.add_module(f"norm{i + 1}", LayerNorm6(embed_dims[i]))
-                module = f"norm{i + 1}"
+                self._add_stage(i, embed_dims[i], stride, f"norm{i + 1}")
             else:
-                module = self._add_output_norm(i, f"norm{i + 1}", LayerNorm6(embed_dims[i])) or f"block{i + 1}"
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=module))
+                self._add_stage(i, embed_dims[i], stride, f"block{i + 1}", norm=(f"norm{i + 1}",
+                                                                                LayerNorm6(embed_dims[i])))
         self.pos_drop = nn.Dropout(drop_rate)
-        self.reset_classifier(num_classes, global_pool)
         self._num_stages = 4
-        self.apply(_init_weights)
+        self._finish(num_classes, global_pool, attn_backend, _init_weights)
         if version == 1:
             for i in range(4):
-                trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
-        self.set_attn_backend(attn_backend)
+                trunc_normal_(self._part(i, "pos_embed"), std=0.02)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {f"pos_embed{i + 1}" for i in range(4)}
 
+    def _begin(self, x: Tensor) -> Tensor:
+        """The image: every stage starts with its own patch embedding."""
+        return x
+
     def _stage(self, i: int, x: Tensor, feature: bool) -> tuple[Tensor, Tensor | None]:
         """Stage i on an NCHW map: (trunk map for the next stage, feature map: the same map)."""
         B = x.shape[0]
-        x, size = getattr(self, f"patch_embed{i + 1}")(x)  # (B, N, C)
+        x, size = self._part(i, "patch_embed")(x)  # (B, N, C)
         if self.version == 1:
-            x = self.pos_drop(x + resize_token_grid(getattr(self, f"pos_embed{i + 1}"), size))
-        x = self.run_blocks(getattr(self, f"block{i + 1}"), x, size)
+            x = self.pos_drop(x + resize_token_grid(self._part(i, "pos_embed"), size))
+        x = self.run_blocks(self._part(i, "block"), x, size)
         if self.version == 2:
-            x = getattr(self, f"norm{i + 1}")(x)  # v2 normalises inside the trunk
+            x = self._part(i, "norm")(x)  # v2 normalises inside the trunk
         x = x.view(B, *size, -1).permute(0, 3, 1, 2)  # (B, N, C) -> (B, C, H, W), channels-last
         return x, x if feature else None
 
     def _end(self, state: Tensor, complete: bool) -> Tensor:
         """The trunk map of the last stage run (B, C, H/32, W/32 when complete)."""
         return state
-
-    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
-        for i in range(max_index + 1, self._num_stages):
-            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}", f"pos_embed{i + 1}"):
-                if hasattr(self, name):
-                    delattr(self, name)
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -285,17 +251,11 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> FLattenPVT:
     return build_encoder(FLattenPVT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return imagenet_cfg("patch_embed1.proj", **kwargs)
-
-
-default_cfgs = generate_default_cfgs({
-    name: _cfg() for name in (
-        "flatten_pvt_tiny", "flatten_pvt_small", "flatten_pvt_medium", "flatten_pvt_large",
-        "flatten_pvt_v2_b0", "flatten_pvt_v2_b1", "flatten_pvt_v2_b2", "flatten_pvt_v2_b3",
-        "flatten_pvt_v2_b4", "flatten_pvt_v2_b5", "test_flatten_pvt", "test_flatten_pvt_v2",
-    )
-})
+default_cfgs = imagenet_cfgs("patch_embed1.proj", (
+    "flatten_pvt_tiny", "flatten_pvt_small", "flatten_pvt_medium", "flatten_pvt_large",
+    "flatten_pvt_v2_b0", "flatten_pvt_v2_b1", "flatten_pvt_v2_b2", "flatten_pvt_v2_b3",
+    "flatten_pvt_v2_b4", "flatten_pvt_v2_b5", "test_flatten_pvt", "test_flatten_pvt_v2",
+))
 
 _PVT = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4))
 _TEST = dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 1, 1))

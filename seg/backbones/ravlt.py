@@ -23,7 +23,7 @@ checkpoints'. Parameter counts with the 1000-class head: Tiny 14.90M, Small 25.5
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import ClassVar
 
@@ -32,15 +32,25 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from seg.backbones._registry import build_encoder, imagenet_cfg
-from seg.backbones._staged import StagedEncoder
+from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
+from seg.backbones._staged import AttentionFactory, StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
-from seg.layers.rala import RALAttention, RoPE, RoPESoftmaxAttention
+from seg.layers.rala import RALAttention, RoPESoftmaxAttention
+from seg.layers.rope import RoPE
 
-__all__ = ["RAVLT", "checkpoint_filter_fn"]
+__all__ = ["LETTER_ALIASES", "RAVLT", "checkpoint_filter_fn", "ravlt_attention_letters"]
 
-ATTENTIONS: dict[str, type[nn.Module]] = {"l": RALAttention, "v": RoPESoftmaxAttention}
 Rope = tuple[Tensor, Tensor]
+LETTER_ALIASES = {"l": "L", "v": "S"}  # the published letters: l linear, v ("vanilla") softmax
+
+
+def ravlt_attention_letters(linear: Callable[[int, int], nn.Module] = RALAttention) -> dict[str, AttentionFactory]:
+    """The ``attn_type`` shorthand of the RAVLT skeleton: ``L`` the family's linear attention (``linear(dim,
+    num_heads)``: RALA, or MALA's), ``S`` the skeleton's RoPE softmax attention."""
+    return {
+        "L": lambda dim, heads, grid, sr, shift: linear(dim, heads),
+        "S": lambda dim, heads, grid, sr, shift: RoPESoftmaxAttention(dim, heads),
+    }
 
 
 class LayerNorm2d(nn.Module):
@@ -86,8 +96,7 @@ class Block(nn.Module):
 
     Args:
         dim: channels C.
-        attn_layer: the attention, built from (dim, num_heads).
-        num_heads: heads h.
+        attn_layer: builds the block's attention, a module taking ((B, C, H, W), RoPE tables).
         hidden: FFN hidden channels.
         drop_path: stochastic depth of both residual branches.
         layer_scale: initial value of ``gamma_1`` / ``gamma_2``.
@@ -96,8 +105,7 @@ class Block(nn.Module):
     def __init__(
         self,
         dim: int,
-        attn_layer: type[nn.Module],
-        num_heads: int,
+        attn_layer: Callable[[], nn.Module],
         hidden: int,
         drop_path: float = 0.0,
         layer_scale: float = 1.0,
@@ -105,7 +113,7 @@ class Block(nn.Module):
         super().__init__()
         self.pos = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
         self.norm1 = LayerNorm2d(dim)
-        self.attn = attn_layer(dim, num_heads)
+        self.attn = attn_layer()
         self.norm2 = LayerNorm2d(dim)
         self.ffn = FeedForward(dim, hidden)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -162,8 +170,8 @@ class PatchEmbed(nn.Module):
 
 
 class RAVLT(StagedEncoder):
-    """RAVLT backbone with the published convolutional classifier; subclasses swap the attention of a letter
-    through :attr:`attention_letters` (MALA, :mod:`seg.backbones.mala`).
+    """RAVLT backbone with the published convolutional classifier; subclasses swap the linear attention through
+    :attr:`linear_attention` (MALA, :mod:`seg.backbones.mala`).
 
     Args:
         in_chans: input channels.
@@ -172,7 +180,12 @@ class RAVLT(StagedEncoder):
         depths: blocks per stage.
         num_heads: heads per stage (every head dim a multiple of 4).
         mlp_ratio: FFN expansion.
-        attn_type: one letter per stage, ``l`` rank-augmented linear attention, ``v`` RoPE softmax attention.
+        attn_type: one letter per stage, ``L`` rank-augmented linear attention, ``S`` RoPE softmax attention (the
+            published ``l`` / ``v`` are aliases: ``llvv`` is ``LLSS``).
+        attn_layers: one attention factory per stage (:data:`~seg.backbones._staged.AttentionFactory`, called
+            with the stage grid at ``img_size``, sr_ratio 1, no shift) of modules taking ((B, C, H, W), RoPE
+            tables); overrides ``attn_type``.
+        img_size: training resolution; only gives ``attn_layers`` their stage grid.
         layer_scales: initial layer-scale value per stage.
         projection: channels of the classifier's 1x1 conv.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
@@ -181,7 +194,8 @@ class RAVLT(StagedEncoder):
         feature_norms: build the per-stage output norms ``extra_norms`` (``features_only=True`` sets it).
     """
 
-    attention_letters: ClassVar[dict[str, type[nn.Module]]] = ATTENTIONS
+    linear_attention: ClassVar[Callable[[int, int], nn.Module]] = RALAttention
+    _final_modules = ("proj", "norm", "act")  # the classifier's conv, BatchNorm and Swish fit stage 4 only
 
     def __init__(
         self,
@@ -192,6 +206,8 @@ class RAVLT(StagedEncoder):
         num_heads: Sequence[int] = (1, 2, 4, 8),
         mlp_ratio: float = 3.5,
         attn_type: str = "llvv",
+        attn_layers: Sequence[AttentionFactory] | None = None,
+        img_size: int = 224,
         layer_scales: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
         projection: int = 1024,
         drop_path_rate: float = 0.1,
@@ -201,39 +217,34 @@ class RAVLT(StagedEncoder):
     ) -> None:
         super().__init__(feature_norms)
         for name, value in (("embed_dims", embed_dims), ("depths", depths), ("num_heads", num_heads),
-                            ("attn_type", attn_type), ("layer_scales", layer_scales)):
+                            ("layer_scales", layer_scales)):
             if len(value) != 4:
                 raise ValueError(f"{name} needs one entry per stage (4), got {len(value)}")
-        unknown = set(attn_type) - set(self.attention_letters)
-        if unknown:
-            raise ValueError(f"attn_type {attn_type!r}: unknown letter(s) {', '.join(sorted(unknown))}; "
-                             f"valid: {', '.join(self.attention_letters)}")
+        factories = stage_factories(attn_type, ravlt_attention_letters(type(self).linear_attention), attn_layers,
+                                    aliases=LETTER_ALIASES)
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = projection
         total = sum(depths)
         dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # python floats: meta-safe
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
         self.layers = nn.ModuleList()
-        self.feature_info = []
         if feature_norms:
             self.extra_norms = nn.ModuleDict()  # stage index -> its output norm
         for i in range(4):
             drops = dpr[sum(depths[:i]):sum(depths[:i + 1])]
             hidden = int(mlp_ratio * embed_dims[i])
-            make = partial(Block, embed_dims[i], self.attention_letters[attn_type[i]], num_heads[i], hidden,
-                           layer_scale=layer_scales[i])
+            grid = (img_size // (4 * 2**i),) * 2
+            attn_layer = partial(factories[i], embed_dims[i], num_heads[i], grid, 1, False)
+            make = partial(Block, embed_dims[i], attn_layer, hidden, layer_scale=layer_scales[i])
             downsample = PatchMerging(embed_dims[i], embed_dims[i + 1]) if i < 3 else None
             self.layers.append(Stage([make(drop_path=p) for p in drops], embed_dims[i] // num_heads[i], downsample))
-            norm = self._add_output_norm(i, f"extra_norms.{i}", ChannelNorm(embed_dims[i]))
-            module = f"{norm}.norm" if norm else f"layers.{i}"  # the LayerNorm itself, or the stage
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=module))
+            self._add_stage(i, embed_dims[i], 4 * 2**i, f"layers.{i}", norm=(f"extra_norms.{i}",
+                            ChannelNorm(embed_dims[i])), norm_leaf=".norm")  # the LayerNorm itself, or the stage
         self.proj = nn.Conv2d(embed_dims[-1], projection, 1)
         self.norm = nn.BatchNorm2d(projection)
         self.act = nn.SiLU()  # Swish
-        self.reset_classifier(num_classes, global_pool)
         self._num_stages = 4
-        self.apply(_init_weights)
-        self.set_attn_backend(attn_backend)
+        self._finish(num_classes, global_pool, attn_backend, _init_weights)
 
     def _begin(self, x: Tensor) -> Tensor:
         return self.patch_embed(x)  # (B, C, H/4, W/4)
@@ -255,24 +266,14 @@ class RAVLT(StagedEncoder):
         ``forward_intermediates(norm=True)`` has no final norm to apply to a stage map."""
         return super()._feature(i, x, final_norm=False)
 
-    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
-        self.layers = self.layers[: max_index + 1]
-        self.layers[-1].downsample = None  # its output would feed no stage
-        if prune_norm or max_index < self._num_stages - 1:  # the classifier's conv and norm fit stage 4 only
-            self.proj = nn.Identity()
-            self.norm = nn.Identity()
-            self.act = nn.Identity()
-
 
 def _init_weights(m: nn.Module) -> None:
-    """Convs and Linears: truncated normal (std 0.02), zero bias; LayerNorm: identity (the published init)."""
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
+    """The shared Linear / LayerNorm init, and convs like the Linears: truncated normal (std 0.02), zero bias."""
+    init_transformer_weights(m)
+    if isinstance(m, nn.Conv2d):
         trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def _head_as_linear(name: str, value: Tensor, target: Tensor) -> Tensor | None:

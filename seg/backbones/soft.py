@@ -26,21 +26,20 @@ SOFT-Small as 24M, but its model definition builds 38.86M; this follows the defi
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Literal
 
 import torch
-from timm.layers import DropPath, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import trunc_normal_
+from timm.models import register_model
 from torch import Tensor, nn
 
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
-from seg.backbones._staged import AttentionFactory, StagedEncoder
+from seg.backbones._blocks import Block
+from seg.backbones._registry import build_encoder, imagenet_cfgs, init_transformer_weights
+from seg.backbones._staged import AttentionFactory, StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
-from seg.backbones.pvt import Block as SoftmaxBlock
 from seg.layers import SpatialReductionAttention, resize_token_grid
-from seg.layers.mlp import Mlp
 from seg.layers.soft import NEWTON_ITERS, SoftAttention
 
 __all__ = ["SOFT", "checkpoint_filter_fn"]
@@ -48,6 +47,8 @@ __all__ = ["SOFT", "checkpoint_filter_fn"]
 Size = tuple[int, int]
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 STEM_WIDTH = 32
+
+SoftBlock = Block  # the name FSDP wrap policies use (configs/trainer/fsdp.yaml): the shared block class
 
 
 class ConvEmbed(nn.Module):
@@ -70,29 +71,6 @@ class ConvEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), size  # (B, H'*W', C)
 
 
-class SoftBlock(nn.Module):
-    """Post-norm block: x = LN(x + attn(x)); x = LN(x + MLP(x)), tanh-GELU MLP."""
-
-    def __init__(
-        self,
-        dim: int,
-        attn_layer: Callable[[], nn.Module],
-        mlp_ratio: float = 4.0,
-        drop: float = 0.0,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.attn = attn_layer()
-        self.norm1 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, act_layer=partial(nn.GELU, approximate="tanh"))
-        self.norm2 = nn.LayerNorm(dim)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: Tensor, size: Size) -> Tensor:
-        x = self.norm1(x + self.drop_path(self.attn(x, size)))
-        return self.norm2(x + self.drop_path(self.mlp(x)))
-
-
 class SOFT(StagedEncoder):
     """SOFT / SOFT-Norm backbone with a class-token classifier.
 
@@ -100,19 +78,19 @@ class SOFT(StagedEncoder):
         img_size: training resolution; fixes the grids the position tables are stored at.
         in_chans: input channels.
         num_classes: classifier outputs (0: no classifier).
+        normalize: SOFT-Norm in stages 1-3.
         embed_dims: channels per stage.
         num_heads: heads per stage (head dim 32 in the published models).
         depths: blocks per stage.
         sr_ratios: bottleneck reduction of the SOFT stages 1-3.
         kernel_sizes: DWConv kernels of the SOFT stages 1-3.
         mlp_ratio: MLP expansion of every block.
-        normalize: SOFT-Norm in stages 1-3.
         landmarks: bottleneck tokens by ``'conv'`` (published) or ``'pool'`` (average pooling).
         newton_iters: Newton-Raphson iterations of the inverse.
         drop_rate: dropout after the position tables and the attention / MLP projections.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
-        attn_layers: one attention factory per stage, ``(dim, num_heads, grid_size, sr_ratio) -> module``,
-            replacing SOFT (stages 1-3) and softmax (stage 4) attention.
+        attn_layers: one attention factory per stage (:data:`~seg.backbones._staged.AttentionFactory`, called
+            with the stage's reduction, no shift), replacing SOFT (stages 1-3) and softmax (stage 4) attention.
         attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
         global_pool: ``token`` (class token), ``avg`` (mean of the stage-4 grid tokens) or ``''`` (no pooling).
         feature_norms: build the per-stage output norms ``norm1..4`` (``features_only=True`` sets it).
@@ -120,19 +98,20 @@ class SOFT(StagedEncoder):
 
     output_fmt = "NLC"
     num_prefix_tokens = 1
+    _stage_parts = ("patch_embed", "pos_embed", "block")  # as published; the output norms are the base's
 
     def __init__(
         self,
         img_size: int = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
+        normalize: bool = False,
         embed_dims: Sequence[int] = (64, 128, 320, 512),
         num_heads: Sequence[int] = (2, 4, 10, 16),
         depths: Sequence[int] = (1, 2, 3, 2),
         sr_ratios: Sequence[int] = (8, 4, 2),
         kernel_sizes: Sequence[int] = (9, 5, 3),
         mlp_ratio: float = 4.0,
-        normalize: bool = False,
         landmarks: Literal["conv", "pool"] = "conv",
         newton_iters: int = NEWTON_ITERS,
         drop_rate: float = 0.0,
@@ -143,8 +122,8 @@ class SOFT(StagedEncoder):
         feature_norms: bool = False,
     ) -> None:
         super().__init__(feature_norms)
-        if attn_layers is not None and len(attn_layers) != 4:
-            raise ValueError(f"attn_layers needs one factory per stage (4), got {len(attn_layers)}")
+        if attn_layers is not None:
+            attn_layers = stage_factories("", {}, attn_layers)
         if len(embed_dims) != 4 or len(num_heads) != 4 or len(depths) != 4:
             raise ValueError("embed_dims, num_heads and depths need one entry per stage (4)")
         self.num_classes = num_classes
@@ -152,7 +131,6 @@ class SOFT(StagedEncoder):
         total = sum(depths)
         dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # python floats: meta-safe
         self.pos_drop = nn.Dropout(drop_rate)
-        self.feature_info = []
         for i in range(4):
             stride = 4 * 2**i
             c_in = in_chans if i == 0 else embed_dims[i - 1]
@@ -163,7 +141,7 @@ class SOFT(StagedEncoder):
             grid = (img_size // stride, img_size // stride)
             sr = sr_ratios[i] if i < 3 else 1
             if attn_layers is not None:
-                attn_layer = partial(attn_layers[i], embed_dims[i], num_heads[i], grid, sr)
+                attn_layer = partial(attn_layers[i], embed_dims[i], num_heads[i], grid, sr, False)
             elif i < 3:
                 attn_layer = partial(SoftAttention, embed_dims[i], num_heads[i], sr, kernel_sizes[i], qkv_bias=True,
                                      landmarks=landmarks, normalize=normalize, newton_iters=newton_iters,
@@ -171,14 +149,11 @@ class SOFT(StagedEncoder):
             else:
                 attn_layer = partial(SpatialReductionAttention, embed_dims[i], num_heads[i], qkv_bias=True,
                                      proj_drop=drop_rate)
-            if i < 3:
-                blocks = [SoftBlock(embed_dims[i], attn_layer, mlp_ratio, drop_rate, p) for p in drops]
-            else:
-                blocks = [SoftmaxBlock(embed_dims[i], mlp_ratio, attn_layer, drop=drop_rate, drop_path=p)
-                          for p in drops]
+            soft = dict(norm_layer=nn.LayerNorm, act_layer=partial(nn.GELU, approximate="tanh"), post_norm=True)
+            blocks = [Block(embed_dims[i], mlp_ratio, attn_layer, drop=drop_rate, drop_path=p,
+                            **(soft if i < 3 else dict(norm_layer=LayerNorm6))) for p in drops]
             self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
-            module = self._add_output_norm(i, f"norm{i + 1}", LayerNorm6(embed_dims[i])) or f"block{i + 1}"
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=module))
+            self._add_stage(i, embed_dims[i], stride, f"block{i + 1}", norm=(f"norm{i + 1}", LayerNorm6(embed_dims[i])))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[3]))
         self.norm = LayerNorm6(embed_dims[3])
         self.reset_classifier(num_classes, global_pool)
@@ -200,14 +175,14 @@ class SOFT(StagedEncoder):
         stage 4), feature map: the trunk map)."""
         x = state[0]
         B = x.shape[0]
-        x, size = getattr(self, f"patch_embed{i + 1}")(x)  # (B, N, C)
-        pos = getattr(self, f"pos_embed{i + 1}")
+        x, size = self._part(i, "patch_embed")(x)  # (B, N, C)
+        pos = self._part(i, "pos_embed")
         if i == 3:
             cls = (self.cls_token + pos[:, :1]).expand(B, -1, -1)  # (B, 1, C)
             x = torch.cat([cls, x + resize_token_grid(pos[:, 1:], size)], dim=1)  # (B, 1 + N, C)
         else:
             x = x + resize_token_grid(pos, size)
-        tokens = self.run_blocks(getattr(self, f"block{i + 1}"), self.pos_drop(x), size)
+        tokens = self.run_blocks(self._part(i, "block"), self.pos_drop(x), size)
         grid_tokens = tokens[:, 1:] if i == 3 else tokens
         trunk_map = grid_tokens.transpose(1, 2).reshape(B, -1, *size)  # (B, N, C) -> (B, C, H, W)
         return (trunk_map, tokens), trunk_map if feature else None
@@ -222,13 +197,10 @@ class SOFT(StagedEncoder):
         return self.norm(tokens) if complete else trunk_map
 
     def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
-        for i in range(max_index + 1, self._num_stages):
-            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"pos_embed{i + 1}"):
-                delattr(self, name)
+        """The base's pruning; the class token goes with stage 4."""
+        super()._prune(max_index, take_indices, prune_norm)
         if max_index < 3:
             del self.cls_token
-        if prune_norm or max_index < 3:  # the final norm only serves the classifier
-            self.norm = nn.Identity()
 
 
 # published name pattern -> this model's (block{i}.{j}.att.mha.* and friends of the released files)
@@ -278,16 +250,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> SOFT:
     return build_encoder(SOFT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return imagenet_cfg("patch_embed1.proj.0", **kwargs)
-
-
-default_cfgs = generate_default_cfgs({
-    name: _cfg() for name in (
-        "soft_tiny", "soft_small", "soft_medium", "soft_tiny_norm", "soft_small_norm", "soft_medium_norm",
-        "test_soft",
-    )
-})
+default_cfgs = imagenet_cfgs("patch_embed1.proj.0", (
+    "soft_tiny", "soft_small", "soft_medium", "soft_tiny_norm", "soft_small_norm", "soft_medium_norm", "test_soft",
+))
 
 _TINY = dict(embed_dims=(64, 128, 320, 512), num_heads=(2, 4, 10, 16), depths=(1, 2, 3, 2))
 _SMALL = dict(_TINY, depths=(1, 3, 20, 4))

@@ -27,21 +27,22 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import Tensor, nn
 
-from seg.backbones._registry import build_encoder, imagenet_cfg, init_transformer_weights
-from seg.backbones._staged import StagedEncoder, stage_factories
+from seg.backbones._blocks import Block
+from seg.backbones._registry import build_encoder, imagenet_cfgs
+from seg.backbones._staged import AttentionFactory, StagedEncoder, stage_factories
 from seg.backbones._weights import adapt_state_dict, unwrap_checkpoint
 from seg.kernels.onednn import Linear
 from seg.layers import FocusedLinearAttention
-from seg.layers.mlp import Mlp
 from seg.layers.window import WindowAttention, resize_bias_table
 
 __all__ = ["FLattenSwin", "checkpoint_filter_fn"]
 
 Size = tuple[int, int]
+
+SwinBlock = Block  # the name FSDP wrap policies use (configs/trainer/fsdp.yaml): the shared block class
 
 
 class PatchEmbed(nn.Module):
@@ -84,46 +85,23 @@ class PatchMerging(nn.Module):
 
 
 def swin_attention_letters(
-    window_size: int = 7,
-    qkv_bias: bool = True,
+    *,
     drop: float = 0.0,
     attn_drop: float = 0.0,
     focusing_factor: float = 3.0,
     kernel_size: int = 5,
-) -> dict[str, Callable[[int, int, Size, bool], nn.Module]]:
-    """The ``attn_type`` shorthand of the Swin skeleton, factories ``(dim, num_heads, grid_size, shift)``:
-    ``L`` global focused linear attention over the stage map, ``S`` (shifted) window softmax attention."""
+    window_size: int = 7,
+    qkv_bias: bool = True,
+) -> dict[str, AttentionFactory]:
+    """The ``attn_type`` shorthand of the Swin skeleton: ``L`` global focused linear attention over the stage
+    map, ``S`` Swin's own (shifted) window softmax attention."""
     return {
-        "L": lambda dim, heads, grid, shift: FocusedLinearAttention(
+        "L": lambda dim, heads, grid, sr, shift: FocusedLinearAttention(
             dim, heads, grid, qkv_bias=qkv_bias, focusing_factor=focusing_factor, kernel_size=kernel_size,
             proj_drop=drop, fused_qkv=True),
-        "S": lambda dim, heads, grid, shift: WindowAttention(dim, heads, window_size, shift=shift, qkv_bias=qkv_bias,
-                                                             attn_drop=attn_drop, proj_drop=drop),
+        "S": lambda dim, heads, grid, sr, shift: WindowAttention(
+            dim, heads, window_size, shift=shift, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop),
     }
-
-
-class SwinBlock(nn.Module):
-    """Pre-norm block around any attention mapping (tokens (B, N, C), (H, W)) -> (B, N, C)."""
-
-    def __init__(
-        self,
-        dim: int,
-        attn_layer: Callable[[], nn.Module],
-        mlp_ratio: float = 4.0,
-        drop: float = 0.0,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = attn_layer()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-
-    def forward(self, x: Tensor, size: Size) -> Tensor:
-        """(B, N, C) tokens of an H x W grid -> (B, N, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x), size))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class SwinStage(nn.Module):
@@ -141,7 +119,8 @@ class SwinStage(nn.Module):
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, partial(attn_layer, j % 2 == 1), mlp_ratio, drop, drop_path[j]) for j in range(depth)
+            Block(dim, mlp_ratio, partial(attn_layer, j % 2 == 1), drop=drop, drop_path=drop_path[j])
+            for j in range(depth)
         )
         self.downsample = PatchMerging(dim) if downsample else None
 
@@ -160,8 +139,8 @@ class FLattenSwin(StagedEncoder):
         window_size: window side of the ``S`` stages.
         mlp_ratio: MLP expansion.
         attn_type: one letter per stage, ``L`` global focused linear or ``S`` shifted-window softmax.
-        attn_layers: one attention factory per stage, ``(dim, num_heads, grid_size, shift) -> module``;
-            overrides ``attn_type`` (which is the shorthand that builds them).
+        attn_layers: one attention factory per stage (:data:`~seg.backbones._staged.AttentionFactory`, called
+            with sr_ratio 1 and the block's shift); overrides ``attn_type`` (which is the shorthand that builds them).
         attn_backend: ``auto`` / ``reference`` / ``cpu`` / ``triton`` fast paths (see :mod:`seg.kernels`).
         qkv_bias: bias in the qkv projections.
         drop_rate: dropout after the patch embedding, attention and MLP projections.
@@ -185,7 +164,7 @@ class FLattenSwin(StagedEncoder):
         window_size: int = 7,
         mlp_ratio: float = 4.0,
         attn_type: str = "LLSS",
-        attn_layers: Sequence[Callable[[int, int, Size, bool], nn.Module]] | None = None,
+        attn_layers: Sequence[AttentionFactory] | None = None,
         attn_backend: str = "auto",
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
@@ -197,9 +176,6 @@ class FLattenSwin(StagedEncoder):
         feature_norms: bool = False,
     ) -> None:
         super().__init__(feature_norms)
-        if len(attn_type) != len(depths):
-            raise ValueError(f"attn_type {attn_type!r} must be {len(depths)} letters of L (focused linear) / "
-                             "S (softmax)")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.num_classes = num_classes
         self._num_stages = len(depths)
@@ -209,58 +185,28 @@ class FLattenSwin(StagedEncoder):
         self.pos_drop = nn.Dropout(drop_rate)
         n_blocks = sum(depths)  # python floats, so the model also builds on the meta device
         dpr = [drop_path_rate * j / max(n_blocks - 1, 1) for j in range(n_blocks)]
-        letters = swin_attention_letters(window_size, qkv_bias, drop_rate, attn_drop_rate, focusing_factor,
-                                         kernel_size)
-        factories = stage_factories(attn_type, letters, attn_layers)
+        letters = swin_attention_letters(qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                                         focusing_factor=focusing_factor, kernel_size=kernel_size,
+                                         window_size=window_size)
+        factories = stage_factories(attn_type, letters, attn_layers, num_stages=self._num_stages)
         self.layers = nn.ModuleList()
-        self.feature_info = []
         for i, depth in enumerate(depths):
             stride = patch_size * 2**i
             grid = (img_size[0] // stride, img_size[1] // stride)
             self.layers.append(SwinStage(
                 dims[i], depth, downsample=i < self._num_stages - 1,
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
-                attn_layer=partial(factories[i], dims[i], num_heads[i], grid), mlp_ratio=mlp_ratio, drop=drop_rate,
+                attn_layer=partial(factories[i], dims[i], num_heads[i], grid, 1), mlp_ratio=mlp_ratio, drop=drop_rate,
             ))
-            module = self._add_output_norm(i, f"norm{i}", nn.LayerNorm(dims[i])) or f"layers.{i}"
-            self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=module))
+            self._add_stage(i, dims[i], stride, f"layers.{i}", norm=(f"norm{i}", nn.LayerNorm(dims[i])))
         self.norm = nn.LayerNorm(self.num_features)
-        self.reset_classifier(num_classes, global_pool)
-        self.apply(init_transformer_weights)
-        self.set_attn_backend(attn_backend)
+        self._finish(num_classes, global_pool, attn_backend)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Full names of the position tables and temperatures (the recipe puts no weight decay on them)."""
         keys = ("relative_position_bias_table", "positional_encoding", "attn.scale")
         return {name for name, _ in self.named_parameters() if name.endswith(keys)}
-
-    def _begin(self, x: Tensor) -> tuple[Tensor, Size]:
-        x, size = self.patch_embed(x)  # (B, N, C)
-        return self.pos_drop(x), size
-
-    def _stage(self, i: int, state: tuple[Tensor, Size], feature: bool) -> tuple[tuple[Tensor, Size], Tensor | None]:
-        """Stage i on (B, N, C) tokens: (merged tokens for the next stage and their grid, feature map)."""
-        x, size = state
-        stage = self.layers[i]
-        out = self.run_blocks(stage.blocks, x, size)
-        feat = out.reshape(out.shape[0], *size, -1).permute(0, 3, 1, 2) if feature else None  # (B, C, H, W)
-        if stage.downsample is None:
-            return (out, size), feat
-        return stage.downsample(out, size), feat
-
-    def _end(self, state: tuple[Tensor, Size], complete: bool) -> Tensor:
-        """Last-stage tokens through the final ``norm`` as (B, C, H, W); when stopped early, the merged tokens."""
-        x, size = state
-        if complete:
-            x = self.norm(x)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, *size)
-
-    def _prune(self, max_index: int, take_indices: list[int], prune_norm: bool) -> None:
-        self.layers = self.layers[: max_index + 1]
-        self.layers[-1].downsample = None  # its output would feed no stage
-        if prune_norm or max_index < self._num_stages - 1:  # the final norm only fits the last stage
-            self.norm = nn.Identity()
 
 
 def _resize_bias_tables(name: str, value: Tensor, target: Tensor) -> Tensor | None:
@@ -295,34 +241,29 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> FLattenSwin:
     return build_encoder(FLattenSwin, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return imagenet_cfg("patch_embed.proj", **kwargs)
+default_cfgs = imagenet_cfgs("patch_embed.proj", (
+    "flatten_swin_tiny", "flatten_swin_small", "flatten_swin_base", "test_flatten_swin",
+))
 
-
-default_cfgs = generate_default_cfgs({
-    name: _cfg()
-    for name in ("flatten_swin_tiny", "flatten_swin_small", "flatten_swin_base", "test_flatten_swin")
-})
-
+_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 _TEST = dict(embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), mlp_ratio=2.0)
 
 
 @register_model
 def flatten_swin_tiny(pretrained: bool = False, **kwargs) -> FLattenSwin:
-    arch = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
-    return _create("flatten_swin_tiny", pretrained, **dict(arch, **kwargs))
+    return _create("flatten_swin_tiny", pretrained, **dict(_TINY, **kwargs))
 
 
 @register_model
 def flatten_swin_small(pretrained: bool = False, **kwargs) -> FLattenSwin:
-    arch = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
-    return _create("flatten_swin_small", pretrained, **dict(arch, **kwargs))
+    return _create("flatten_swin_small", pretrained, **dict(_SMALL, **kwargs))
 
 
 @register_model
 def flatten_swin_base(pretrained: bool = False, **kwargs) -> FLattenSwin:
-    arch = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
-    return _create("flatten_swin_base", pretrained, **dict(arch, **kwargs))
+    return _create("flatten_swin_base", pretrained, **dict(_BASE, **kwargs))
 
 
 @register_model

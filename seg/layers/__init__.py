@@ -12,34 +12,54 @@ from seg.kernels.focused_linear.reference import (
 from seg.layers.agent import AgentAttention, agent_attention, agent_position_biases
 from seg.layers.focused_linear import FocusedLinearAttention
 from seg.layers.mala import MALAttention, magnitude_aware_linear_attention
+from seg.layers.mlla import MllaAttention, conv_tokens, mlla_linear_attention
+from seg.layers.mlp import DWConv, Mlp
 from seg.layers.plugin import FocusedLinearAttention2d
 from seg.layers.pola import PolaLinearAttention, polarity_aware_linear_attention
+from seg.layers.precision import at_least_fp32, elu_feature_inputs
+from seg.layers.rala import RALAttention, RoPESoftmaxAttention, rank_augmented_linear_attention, rope_softmax_attention
+from seg.layers.rope import RoPE, apply_rope, rope_frequencies, rotate_pairs
 from seg.layers.soft import NewtonInverse, SoftAttention, gaussian_kernel, newton_inverse, newton_pinv, soft_attention
 from seg.layers.softmax import SpatialReductionAttention
 from seg.layers.window import WindowAttention, resize_bias_table
 
 __all__ = [
     "AgentAttention",
+    "DWConv",
     "FocusedLinearAttention",
     "FocusedLinearAttention2d",
     "MALAttention",
+    "MllaAttention",
+    "Mlp",
     "NewtonInverse",
     "PolaLinearAttention",
+    "RALAttention",
+    "RoPE",
+    "RoPESoftmaxAttention",
     "SoftAttention",
     "SpatialReductionAttention",
     "WindowAttention",
     "agent_attention",
     "agent_position_biases",
+    "apply_rope",
+    "at_least_fp32",
+    "conv_tokens",
+    "elu_feature_inputs",
     "focus",
     "focused_kernel",
     "focused_linear_attention",
     "gaussian_kernel",
     "linear_attention",
     "magnitude_aware_linear_attention",
+    "mlla_linear_attention",
     "newton_inverse",
     "newton_pinv",
     "polarity_aware_linear_attention",
+    "rank_augmented_linear_attention",
     "resize_bias_table",
     "resize_token_grid",
+    "rope_frequencies",
+    "rope_softmax_attention",
+    "rotate_pairs",
     "soft_attention",
 ]

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from seg.kernels.onednn import Linear
+
 __all__ = ["AgentAttention", "agent_attention", "agent_grid", "agent_position_biases"]
 
 Size = tuple[int, int]
@@ -156,11 +158,11 @@ class AgentAttention(nn.Module):
         self.attn_drop = attn_drop
         self.fused_qkv = fused_qkv
         if fused_qkv:
-            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+            self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         else:
-            self.q = nn.Linear(dim, dim, bias=qkv_bias)
-            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+            self.q = Linear(dim, dim, bias=qkv_bias)
+            self.kv = Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.pool = nn.AdaptiveAvgPool2d(self.agent_shape)

@@ -13,12 +13,12 @@ from torch import Tensor, nn
 
 from seg.kernels.focused_linear import attention, check_backend, fused_inference, rank_restoration, select_mode
 from seg.kernels.focused_linear.reference import resize_token_grid
-from seg.kernels.onednn import Linear
+from seg.layers.projections import ProjectedAttention
 
 __all__ = ["FocusedLinearAttention"]
 
 
-class FocusedLinearAttention(nn.Module):
+class FocusedLinearAttention(ProjectedAttention):
     """Focused linear attention over an H x W token grid, as in the published FLatten models.
 
     Parameter names match the published checkpoints: ``q``, ``kv`` (or ``qkv`` when ``fused_qkv``),
@@ -53,26 +53,10 @@ class FocusedLinearAttention(nn.Module):
         fused_qkv: bool = False,
         attn_backend: str = "auto",
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if fused_qkv and sr_ratio > 1:
-            raise ValueError("fused_qkv projects q, k and v from the same tokens: it needs sr_ratio=1")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.sr_ratio = sr_ratio
+        super().__init__(dim, num_heads, {"qkv": 3} if fused_qkv else {"q": 1, "kv": 2}, qkv_bias, sr_ratio,
+                         proj_drop, fused=fused_qkv)
         self.focusing_factor = focusing_factor
         self.fused_qkv = fused_qkv
-        if fused_qkv:
-            self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        else:
-            self.q = Linear(dim, dim, bias=qkv_bias)
-            self.kv = Linear(dim, dim * 2, bias=qkv_bias)
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim)
-        self.proj = Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(self.head_dim, self.head_dim, kernel_size, padding=kernel_size // 2,
                              groups=self.head_dim)
         self.scale = nn.Parameter(torch.zeros(1, 1, dim))
@@ -94,14 +78,6 @@ class FocusedLinearAttention(nn.Module):
             wk, wv = self.kv.weight.chunk(2)
             bk, bv = self.kv.bias.chunk(2) if self.kv.bias is not None else (None, None)
         return wq, bq, wk, bk, wv, bv
-
-    def key_value_tokens(self, x: Tensor, size: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
-        """The tokens keys and values are projected from: x itself, or its sr-reduced grid (B, n, C)."""
-        if self.sr_ratio == 1:
-            return x, size
-        B, N, C = x.shape
-        x_map = self.sr(x.transpose(1, 2).reshape(B, C, *size))  # (B, C, H', W')
-        return self.norm(x_map.flatten(2).transpose(1, 2)), (x_map.shape[2], x_map.shape[3])  # (B, n, C)
 
     def project(self, x: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
         """q (B, N, C), k with the positional encoding and v (B, n, C), and the key grid (H', W')."""

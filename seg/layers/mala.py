@@ -19,28 +19,20 @@ under autocast (float64 stays float64); the result is cast back to v's dtype.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from seg.layers.rala import DENOM_EPS, _at_least_fp32, _GatedRoPEAttention, apply_rope
+from seg.layers.precision import elu_feature_inputs
+from seg.layers.rala import DENOM_EPS, _GatedRoPEAttention
+from seg.layers.rope import apply_rope
 
 __all__ = ["MALAttention", "magnitude_aware_linear_attention"]
 
 
 def magnitude_aware_linear_attention(q: Tensor, k: Tensor, v: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-    """MALA without the LePE term and the gate, returned in v's dtype.
-
-    Args:
-        q: raw query projections (B, h, N, d).
-        k: raw key projections (B, h, N, d).
-        v: values (B, h, N, d).
-        sin, cos: RoPE tables (N, d) of the token grid (:class:`seg.layers.rala.RoPE`).
-    """
+    """MALA without the LePE term and the gate, returned in v's dtype; q, k raw projections, v values, each
+    (B, h, N, d), and the RoPE tables sin, cos (N, d), as :func:`~seg.layers.rala.rank_augmented_linear_attention`."""
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q = F.elu(_at_least_fp32(q)) + 1.0
-        k = F.elu(_at_least_fp32(k)) + 1.0
-        vf = _at_least_fp32(v)
-        sin, cos = sin.to(q.dtype), cos.to(q.dtype)
+        q, k, vf, sin, cos = elu_feature_inputs(q, k, v, sin, cos)
         N, d = k.shape[-2], k.shape[-1]
         s = d**-0.5
         z = s * (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1))  # (B, h, N, 1), before the rotation

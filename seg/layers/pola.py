@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seg.kernels.focused_linear.reference import rank_restoration, resize_token_grid
-from seg.kernels.onednn import Linear
-from seg.layers.rala import DENOM_EPS, _at_least_fp32
+from seg.layers.precision import at_least_fp32
+from seg.layers.projections import ProjectedAttention
+from seg.layers.rala import DENOM_EPS
 
 __all__ = ["PolaLinearAttention", "polarity_aware_linear_attention"]
 
@@ -47,7 +48,7 @@ def polarity_aware_linear_attention(
         alpha: range of the power: p = 1 + alpha * sigmoid(power).
     """
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, vf = _at_least_fp32(q), _at_least_fp32(k), _at_least_fp32(v)
+        q, k, vf = at_least_fp32(q), at_least_fp32(k), at_least_fp32(v)
         t = F.softplus(scale.to(q.dtype))
         p = 1.0 + alpha * torch.sigmoid(power.to(q.dtype))  # (1, h, 1, d)
         q, k = q / t, k / t
@@ -65,7 +66,7 @@ def polarity_aware_linear_attention(
     return out.to(v.dtype)
 
 
-class PolaLinearAttention(nn.Module):
+class PolaLinearAttention(ProjectedAttention):
     """Polarity-aware linear attention over an H x W token grid, as in the published PolaFormer models.
 
     Parameter names match the published checkpoints: ``qg`` and ``kv`` (PVT naming) or ``qkvg`` (Swin naming,
@@ -77,11 +78,11 @@ class PolaLinearAttention(nn.Module):
         num_heads: heads h; head dim d = C / h (even).
         grid_size: (H, W) token grid the positional encoding is stored at (the 224 x 224 training grid); it is
             resized bilinearly to any other grid.
+        alpha: range of the learned power, p in (1, 1 + alpha).
+        kernel_size: DWC kernel.
         qkv_bias: bias in the q / g / k / v projections.
         sr_ratio: spatial reduction of keys and values (conv k = s = sr, then LayerNorm); v is brought back to
             the H x W grid for the DWC by a 2-D bilinear resize.
-        alpha: range of the learned power, p in (1, 1 + alpha).
-        kernel_size: DWC kernel.
         proj_drop: dropout after the output projection.
         fused_qkv: one ``qkvg`` projection (Swin naming) instead of ``qg`` and ``kv``.
     """
@@ -91,33 +92,20 @@ class PolaLinearAttention(nn.Module):
         dim: int,
         num_heads: int,
         grid_size: tuple[int, int] = (56, 56),
-        qkv_bias: bool = True,
-        sr_ratio: int = 1,
+        *,
         alpha: float = 4.0,
         kernel_size: int = 5,
+        qkv_bias: bool = True,
+        sr_ratio: int = 1,
         proj_drop: float = 0.0,
         fused_qkv: bool = False,
     ) -> None:
-        super().__init__()
         if dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f"dim {dim} / num_heads {num_heads} must give an even head dim")
-        if fused_qkv and sr_ratio > 1:
-            raise ValueError("fused_qkv projects q, k and v from the same tokens: it needs sr_ratio=1")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.sr_ratio = sr_ratio
+        super().__init__(dim, num_heads, {"qkvg": 4} if fused_qkv else {"qg": 2, "kv": 2}, qkv_bias, sr_ratio,
+                         proj_drop, fused=fused_qkv)
         self.alpha = alpha
         self.fused_qkv = fused_qkv
-        if fused_qkv:
-            self.qkvg = Linear(dim, 4 * dim, bias=qkv_bias)
-        else:
-            self.qg = Linear(dim, 2 * dim, bias=qkv_bias)
-            self.kv = Linear(dim, 2 * dim, bias=qkv_bias)
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim)
-        self.proj = Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(self.head_dim, self.head_dim, kernel_size, padding=kernel_size // 2,
                              groups=self.head_dim)
         self.power = nn.Parameter(torch.zeros(1, num_heads, 1, self.head_dim))
@@ -132,12 +120,7 @@ class PolaLinearAttention(nn.Module):
             kv_size = size
         else:
             q, g = self.qg(x).chunk(2, dim=-1)
-            x_kv, kv_size = x, size
-            if self.sr_ratio > 1:
-                B, N, C = x.shape
-                x_map = self.sr(x.transpose(1, 2).reshape(B, C, *size))  # (B, C, H', W')
-                kv_size = (x_map.shape[2], x_map.shape[3])
-                x_kv = self.norm(x_map.flatten(2).transpose(1, 2))  # (B, n, C)
+            x_kv, kv_size = self.key_value_tokens(x, size)
             k, v = self.kv(x_kv).chunk(2, dim=-1)
         pe = resize_token_grid(self.positional_encoding, kv_size).to(k.dtype)
         return q, g, k + pe, v, kv_size

@@ -26,35 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seg.layers.precision import at_least_fp32, elu_feature_inputs
+from seg.layers.rope import apply_rope
+
 __all__ = [
     "DENOM_EPS",
     "RALAttention",
-    "RoPE",
     "RoPESoftmaxAttention",
-    "apply_rope",
     "rank_augmented_linear_attention",
     "rope_softmax_attention",
-    "rotate_pairs",
 ]
 
 DENOM_EPS = 1e-6  # added to the normaliser kappa(q) . mean(k~)
-ROPE_BASE = 10000.0
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    """Half-precision tensors promoted to float32; float32 / float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def rotate_pairs(x: Tensor) -> Tensor:
-    """Each channel pair (2m, 2m+1) as the complex number a + ib, multiplied by i: (a, b) -> (-b, a)."""
-    a, b = x[..., 0::2], x[..., 1::2]
-    return torch.stack([-b, a], dim=-1).flatten(-2)  # (..., d)
-
-
-def apply_rope(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-    """Rotate every channel pair of x (..., N, d) by its angle: x cos + rotate_pairs(x) sin; sin, cos (N, d)."""
-    return x * cos + rotate_pairs(x) * sin
 
 
 def rank_augmented_linear_attention(q: Tensor, k: Tensor, v: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
@@ -64,13 +47,10 @@ def rank_augmented_linear_attention(q: Tensor, k: Tensor, v: Tensor, sin: Tensor
         q: raw query projections (B, h, N, d).
         k: raw key projections (B, h, N, d).
         v: values (B, h, N, d).
-        sin, cos: RoPE tables (N, d) of the token grid (:class:`RoPE`).
+        sin, cos: RoPE tables (N, d) of the token grid (:class:`seg.layers.rope.RoPE`).
     """
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q = F.elu(_at_least_fp32(q)) + 1.0
-        k = F.elu(_at_least_fp32(k)) + 1.0
-        vf = _at_least_fp32(v)
-        sin, cos = sin.to(q.dtype), cos.to(q.dtype)
+        q, k, vf, sin, cos = elu_feature_inputs(q, k, v, sin, cos)
         N, d = k.shape[-2], k.shape[-1]
         q_mean = q.mean(dim=-2, keepdim=True)  # (B, h, 1, d)
         alpha = torch.softmax(d**-0.5 * (q_mean @ k.transpose(-2, -1)), dim=-1)  # (B, h, 1, N)
@@ -88,37 +68,11 @@ def rope_softmax_attention(q: Tensor, k: Tensor, v: Tensor, sin: Tensor, cos: Te
     stores the N x N matrix where a memory-efficient kernel exists.
     """
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, vf = _at_least_fp32(q), _at_least_fp32(k), _at_least_fp32(v)
+        q, k, vf = at_least_fp32(q), at_least_fp32(k), at_least_fp32(v)
         sin, cos = sin.to(q.dtype), cos.to(q.dtype)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         out = F.scaled_dot_product_attention(q, k, vf, scale=q.shape[-1] ** -0.5)  # (B, h, N, d)
     return out.to(v.dtype)
-
-
-class RoPE(nn.Module):
-    """2-D rotary position tables for heads of d channels (d a multiple of 4).
-
-    The buffer ``angle`` (d/2) holds the frequencies 10000^-t for t = linspace(0, 1, d/4), each repeated twice
-    (one per channel of a pair). Channels [0, d/2) rotate by row * angle, channels [d/2, d) by column * angle.
-    """
-
-    def __init__(self, head_dim: int) -> None:
-        super().__init__()
-        if head_dim % 4:
-            raise ValueError(f"RoPE needs a head dim divisible by 4, got {head_dim}")
-        angle = ROPE_BASE ** -torch.linspace(0, 1, head_dim // 4)
-        self.register_buffer("angle", angle.repeat_interleave(2))
-
-    def forward(self, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """(sin, cos) tables (N, d) in float32 for an H x W grid, tokens in row-major order."""
-        H, W = size
-        angle = _at_least_fp32(self.angle)
-        rows = torch.arange(H, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (H, d/2)
-        cols = torch.arange(W, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (W, d/2)
-        half = angle.shape[0]
-        phase = torch.cat([rows[:, None].expand(H, W, half), cols[None].expand(H, W, half)], dim=-1)  # (H, W, d)
-        phase = phase.reshape(H * W, 2 * half)  # (N, d)
-        return phase.sin(), phase.cos()
 
 
 class _GatedRoPEAttention(nn.Module):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from seg.kernels.onednn import Linear
+from seg.layers.projections import ProjectedAttention
 
 __all__ = ["SpatialReductionAttention"]
 
 
-class SpatialReductionAttention(nn.Module):
+class SpatialReductionAttention(ProjectedAttention):
     """Multi-head softmax attention whose keys and values come from an sr-times reduced grid.
 
     Parameter names match PVT checkpoints (``q``, ``kv``, ``proj``, ``sr``, ``norm``). The attention
@@ -37,29 +37,16 @@ class SpatialReductionAttention(nn.Module):
         proj_drop: float = 0.0,
         fused: bool = True,
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.sr_ratio = sr_ratio
+        super().__init__(dim, num_heads, {"q": 1, "kv": 2}, qkv_bias, sr_ratio, proj_drop)
         self.attn_drop = attn_drop
         self.fused = fused
-        self.q = Linear(dim, dim, bias=qkv_bias)
-        self.kv = Linear(dim, dim * 2, bias=qkv_bias)
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim)
-        self.proj = Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """x: (B, N, C) tokens of an H x W grid -> (B, N, C)."""
         B, N, C = x.shape
         h = self.num_heads
         q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
-        if self.sr_ratio > 1:
-            x_map = x.transpose(1, 2).reshape(B, C, *size)  # (B, C, H, W)
-            x = self.norm(self.sr(x_map).flatten(2).transpose(1, 2))  # (B, n, C)
+        x, _ = self.key_value_tokens(x, size)  # (B, n, C)
         k, v = self.kv(x).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, n, d)
         drop = self.attn_drop if self.training else 0.0
         if self.fused:

@@ -117,7 +117,7 @@ class WindowAttention(nn.Module):
         shift: shift the windows by w // 2 (the odd blocks of a Swin stage).
         qkv_bias: bias in the qkv projection.
         attn_drop: dropout on the attention weights.
-        proj_drop: dropout after the output projection.
+        proj_drop: dropout after ``proj``.
     """
 
     def __init__(
@@ -125,6 +125,7 @@ class WindowAttention(nn.Module):
         dim: int,
         num_heads: int,
         window_size: int = 7,
+        *,
         shift: bool = False,
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
