@@ -1,6 +1,6 @@
 """python cli.py fit|validate|test|predict --config configs/<experiment>.yaml"""
 
-from seg.cli import main
+from seg.train.cli import main
 
 if __name__ == "__main__":
     main()

@@ -34,8 +34,8 @@ from _measure import (  # noqa: E402
 from published_flatten import published_like  # noqa: E402
 
 from seg.kernels import set_backend  # noqa: E402
-from seg.layers import FocusedLinearAttention, SpatialReductionAttention  # noqa: E402
-from seg.layers.soft import SoftAttention  # noqa: E402
+from seg.model.layers import FocusedLinearAttention, SpatialReductionAttention  # noqa: E402
+from seg.model.layers.soft import SoftAttention  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import seg  # noqa: F401  (registers the encoders)
-from seg.layers import FocusedLinearAttention, SpatialReductionAttention
+from seg.model.layers import FocusedLinearAttention, SpatialReductionAttention
 
 __all__ = ["attention_macs", "layer_macs"]
 

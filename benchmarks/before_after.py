@@ -47,7 +47,7 @@ def _child(tree: str, case: str, repeats: int) -> None:
     import torch
 
     import seg  # noqa: F401  (registers the encoders)
-    from seg.layers import FocusedLinearAttention
+    from seg.model.layers import FocusedLinearAttention
 
     try:
         from seg.kernels import set_backend

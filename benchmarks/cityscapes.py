@@ -17,7 +17,7 @@ alone (``benchmarks/products_only.py``: not attention, a bound for any element-w
 head with its upsampling to the full frame alone, on precomputed features (the time left if the encoder were free).
 
 Inference is what a user runs: ``model.eval()``, ``torch.inference_mode()``, logits at the full 1024 x 2048;
-our segmentors through ``seg.inference.whole_inference``. A training step is forward, cross-entropy (plus 0.4 x
+our segmentors through ``seg.model.inference.whole_inference``. A training step is forward, cross-entropy (plus 0.4 x
 the auxiliary head's for UperNet, as the recipe), backward and an AdamW step. All models of a family live in one
 process and are timed round by round, who goes first rotating, so drift of a shared machine reaches all alike;
 a time is the median over rounds of per-round medians, a ratio the median of the per-round ratios. Peak memory
@@ -52,8 +52,8 @@ from products_only import products_only  # noqa: E402
 
 import seg  # noqa: E402,F401  (registers the encoders)
 from seg.data.spec import CITYSCAPES  # noqa: E402
-from seg.inference import whole_inference  # noqa: E402
-from seg.models import Segmentor  # noqa: E402
+from seg.model.inference import whole_inference  # noqa: E402
+from seg.model.segmentor import Segmentor  # noqa: E402
 
 NUM_CLASSES = CITYSCAPES.num_classes
 FRAME_HW = (CITYSCAPES.test_scale[1], CITYSCAPES.test_scale[0])  # (1024, 2048): the whole frame

@@ -34,8 +34,8 @@ from _measure import configure_allocator, machine, measure_cases, median_time, p
 
 import seg  # noqa: E402,F401  (registers the encoders)
 from seg.kernels.onednn import set_onednn_linear  # noqa: E402
-from seg.layers import SpatialReductionAttention  # noqa: E402
-from seg.models import Segmentor  # noqa: E402
+from seg.model.layers import SpatialReductionAttention  # noqa: E402
+from seg.model.segmentor import Segmentor  # noqa: E402
 
 NUM_CLASSES = 150
 

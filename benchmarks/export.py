@@ -3,7 +3,7 @@
     python benchmarks/export.py --size 512 --repeats 10
 
 The demo config's segmentor (FLatten-PVTv2-B0 + smp FPN, 12 classes, random weights) is exported with
-:mod:`seg.export` (strict ``torch.export`` with dynamic H x W, then the dynamo ONNX exporter) and timed on a
+:mod:`seg.serve.export` (strict ``torch.export`` with dynamic H x W, then the dynamo ONNX exporter) and timed on a
 (1, 3, size, size) image: median wall time of ``repeats`` runs after one warm-up, eager under
 ``torch.inference_mode`` with the ``reference`` attention backend (what is exported) and the ``auto`` backend
 (the default CPU fast path), and onnxruntime's CPU provider with as many threads as torch.
@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine, median_time  # noqa: E402
 
-from seg.export import export_onnx, export_program, load_segmentor  # noqa: E402
 from seg.kernels import set_backend  # noqa: E402
+from seg.serve.export import export_onnx, export_program, load_segmentor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -42,9 +42,9 @@ from published_flatten import published_like  # noqa: E402
 import seg  # noqa: E402,F401  (registers the encoders)
 from seg.data.spec import ADE20K  # noqa: E402
 from seg.kernels import set_backend  # noqa: E402
-from seg.layers import FocusedLinearAttention  # noqa: E402
-from seg.models import Segmentor  # noqa: E402
-from seg.weight_decay import param_groups, plan_weight_decay  # noqa: E402
+from seg.model.layers import FocusedLinearAttention  # noqa: E402
+from seg.model.segmentor import Segmentor  # noqa: E402
+from seg.train.weight_decay import param_groups, plan_weight_decay  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -10,7 +10,7 @@ FPN paper config, shrunk to the ``test_flatten_pvt`` encoder and 64-pixel crops,
 3. resumed: the same command plus ``--ckpt_path last``.
 
 Checkpoints are written every ``--every`` optimizer steps into a fixed folder (atomically, by
-``seg.checkpoint_io.AtomicCheckpointIO``), with ``seg.callbacks.seed_each_epoch.SeedEachEpoch`` making each
+``seg.train.checkpoint_io.AtomicCheckpointIO``), with ``seg.train.callbacks.seed_each_epoch.SeedEachEpoch`` making each
 epoch's randomness a function of (seed, epoch). The final checkpoints of runs 1 and 3 are compared: optimizer step,
 epoch, learning rate (optimizer and scheduler) and every weight. With ``--every`` a multiple of the epoch length
 (the default) the resume point is an epoch boundary and the weights must match bit for bit; otherwise
@@ -46,7 +46,7 @@ trainer:
   limit_val_batches: 0
   num_sanity_val_steps: 0
   plugins:
-    - class_path: seg.checkpoint_io.AtomicCheckpointIO
+    - class_path: seg.train.checkpoint_io.AtomicCheckpointIO
   callbacks:
     - class_path: pytorch_lightning.callbacks.ModelCheckpoint
       init_args:
@@ -56,7 +56,7 @@ trainer:
         every_n_train_steps: {every}
         save_top_k: -1
         save_last: true
-    - class_path: seg.callbacks.seed_each_epoch.SeedEachEpoch
+    - class_path: seg.train.callbacks.seed_each_epoch.SeedEachEpoch
 """
 
 

@@ -1,5 +1,5 @@
-"""Full-resolution labels of a photo: the striped resize + argmax of ``seg.limits.labels_at`` against the full-size
-``F.interpolate(...).argmax(1)``, time and peak memory.
+"""Full-resolution labels of a photo: the striped resize + argmax of ``seg.serve.limits.labels_at`` against the
+full-size ``F.interpolate(...).argmax(1)``, time and peak memory.
 
     python benchmarks/labels_at.py
     python benchmarks/labels_at.py --classes 150 --logits 512 768 --photos 1000x1500 4000x6000 --stripes 20 22 24
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import is_memory_phase, machine, memory_from_child, peak_memory_mb, report_child  # noqa: E402
 
-from seg.limits import labels_at  # noqa: E402
+from seg.serve.limits import labels_at  # noqa: E402
 
 Case = tuple[str, Callable[[], torch.Tensor]]
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine  # noqa: E402
 
 import seg  # noqa: E402,F401  (registers the encoders)
-from seg.layers import FocusedLinearAttention, SpatialReductionAttention  # noqa: E402
-from seg.layers.mlp import Mlp  # noqa: E402
+from seg.model.layers import FocusedLinearAttention, SpatialReductionAttention  # noqa: E402
+from seg.model.layers.mlp import Mlp  # noqa: E402
 
 __all__ = ["kind_of", "timed_forward"]
 

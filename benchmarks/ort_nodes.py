@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine  # noqa: E402
 from vs_smp import CLASSES, OPSET, _export_smp  # noqa: E402
 
-from seg.export import export_onnx, export_program  # noqa: E402
-from seg.models import Segmentor  # noqa: E402
+from seg.model.segmentor import Segmentor  # noqa: E402
+from seg.serve.export import export_onnx, export_program  # noqa: E402
 
 PRODUCTS = {"Gemm", "MatMul", "FusedMatMul", "Conv", "FusedConv", "Upsample", "Resize"}
 

@@ -1,6 +1,6 @@
 """A lower bound on the CPU inference of focused linear attention: its matrix products and DWC, nothing else.
 
-:class:`ProductsOnly` runs what the folded inference of :class:`seg.layers.FocusedLinearAttention` multiplies
+:class:`ProductsOnly` runs what the folded inference of :class:`seg.model.layers.FocusedLinearAttention` multiplies
 (one stacked q / k projection, the v projection, the per-head (d, d) summaries, the queries against them, the
 output projection) and its depthwise convolution, with the same kernels (oneDNN linears, channels-last DWC),
 and drops every element-wise step: kernel function, norms, power, normaliser, positional encoding. Its output
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from seg.kernels.focused_linear.cpu import rank_restoration
 from seg.kernels.focused_linear.cpu.closed_form import heads
 from seg.kernels.onednn import linear
-from seg.layers import FocusedLinearAttention
+from seg.model.layers import FocusedLinearAttention
 
 
 class ProductsOnly(nn.Module):

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine  # noqa: E402
 
-from seg.models import Segmentor  # noqa: E402
+from seg.model.segmentor import Segmentor  # noqa: E402
 
 MODELS = {
     "pvt_v2_b0_segformer": ("flatten_pvt_v2_b0", "segformer"),

@@ -1,6 +1,6 @@
 """The published focused linear attention, written literally from its formulation (FLatten, arXiv 2308.00442).
 
-Used only as the reference the optimised :class:`seg.layers.FocusedLinearAttention` is timed against:
+Used only as the reference the optimised :class:`seg.model.layers.FocusedLinearAttention` is timed against:
 separate norms, element-wise power, renormalisation over all C channels, head split, mean-based z,
 n^-0.5 scaling of k and v, DWC on v. It shares parameter names with the project's module, so the same
 state dict drives both and their outputs can be compared before timing.
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from seg.layers import FocusedLinearAttention, resize_token_grid
+from seg.model.layers import FocusedLinearAttention, resize_token_grid
 
 
 class PublishedFocusedLinearAttention(FocusedLinearAttention):

@@ -9,7 +9,7 @@ Pairs (ours / smp), each at every size, batch 1, 150 classes, random weights, in
 - ``segmentor``: FLatten-PVTv2-B0 + ``segformer`` head (``Segmentor``, no auxiliary head) against
   ``smp.Segformer("mit_b0")``; both return full-size logits (B, 150, H, W).
 - ``segmentor/ort``: the same two models exported (``torch.export`` at a fixed size, the dynamo ONNX exporter at
-  opset 20; ours through :mod:`seg.export`) and run in ONNX Runtime's CPU provider with the same thread count.
+  opset 20; ours through :mod:`seg.serve.export`) and run in ONNX Runtime's CPU provider with the same thread count.
 
 Each round times both models of a pair back to back, who goes first alternating, ``repeats`` calls each (the
 round's time is their minimum, the least disturbed call on a shared machine); a ratio is the median over rounds
@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine  # noqa: E402
 
-from seg.export import export_onnx, export_program  # noqa: E402
-from seg.models import Segmentor  # noqa: E402
+from seg.model.segmentor import Segmentor  # noqa: E402
+from seg.serve.export import export_onnx, export_program  # noqa: E402
 
 Run = Callable[[], object]
 CLASSES = 150

@@ -16,8 +16,8 @@ from pathlib import Path
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
-from seg.app import create_app, serve_in_background
-from seg.predictor import Predictor
+from seg.serve.app import create_app, serve_in_background
+from seg.serve.predictor import Predictor
 
 DOCS = Path(__file__).parent
 

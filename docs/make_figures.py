@@ -2,8 +2,8 @@
 
     python docs/make_figures.py --ckpt logs/demo/checkpoints/best.ckpt
 
-Runs ``validate`` with :class:`~seg.callbacks.report.SegmentationReport` and ``predict`` with
-:class:`~seg.callbacks.prediction_writer.SegmentationWriter` on a few validation images, then copies the IoU chart
+Runs ``validate`` with :class:`~seg.train.callbacks.report.SegmentationReport` and ``predict`` with
+:class:`~seg.train.callbacks.prediction_writer.SegmentationWriter` on a few validation images, then copies the IoU chart
 and the confusion matrix into ``docs/`` and joins the overlays side by side into ``docs/demo_overlay.jpg``.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from seg.cli import cli_main
+from seg.train.cli import cli_main
 
 DOCS = Path(__file__).parent
 
@@ -49,13 +49,13 @@ def main() -> None:
               "--data.num_workers=0"]
     with tempfile.TemporaryDirectory() as tmp:
         report, inputs, outputs = Path(tmp) / "report", Path(tmp) / "inputs", Path(tmp) / "predictions"
-        cli_main(["validate", *common, "--trainer.callbacks+=seg.callbacks.report.SegmentationReport",
+        cli_main(["validate", *common, "--trainer.callbacks+=seg.train.callbacks.report.SegmentationReport",
                   f"--trainer.callbacks.output_dir={report}"])
         inputs.mkdir()
         for stem in args.images:
             shutil.copy(Path(args.data_root) / "images" / "validation" / f"{stem}.jpg", inputs)
         cli_main(["predict", *common, f"--data.predict_root={inputs}", "--return_predictions=false",
-                  "--trainer.callbacks+=seg.callbacks.prediction_writer.SegmentationWriter",
+                  "--trainer.callbacks+=seg.train.callbacks.prediction_writer.SegmentationWriter",
                   f"--trainer.callbacks.output_dir={outputs}"])
         for name in ("per_class_iou.png", "confusion.png"):
             shutil.copy(report / name, DOCS / f"demo_{name}")

@@ -7,6 +7,9 @@ Importing ``seg`` registers the project's encoders with timm (``flatten_pvt_*``,
 encoders find them.
 """
 
-from seg import backbones  # noqa: F401  (registers the encoders with timm)
+from seg import _moved
+from seg.model import backbones  # noqa: F401  (registers the encoders with timm)
+
+_moved.install()  # old import paths (seg.task, seg.models, ...) still load, with a message naming the new one
 
 __version__ = "0.1.0"

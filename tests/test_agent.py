@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import seg  # noqa: F401  (registers the encoders)
-from seg.backbones._weights import CheckpointMismatchError
-from seg.backbones.agent_swin import stage_types
-from seg.layers import AgentAttention, agent_attention, agent_position_biases
-from seg.layers.window import WindowAttention
-from seg.models import Segmentor
-from seg.weight_decay import no_decay_names
+from seg.model.backbones._weights import CheckpointMismatchError
+from seg.model.backbones.agent_swin import stage_types
+from seg.model.layers import AgentAttention, agent_attention, agent_position_biases
+from seg.model.layers.window import WindowAttention
+from seg.model.segmentor import Segmentor
+from seg.train.weight_decay import no_decay_names
 
 torch.manual_seed(0)
 

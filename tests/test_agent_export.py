@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import seg  # noqa: F401  (registers the encoders)
-from seg.export import export_onnx, export_program, export_supported
 from seg.kernels import set_backend
-from seg.models import Segmentor
+from seg.model.segmentor import Segmentor
+from seg.serve.export import export_onnx, export_program, export_supported
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -18,10 +18,10 @@ pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx: pip insta
 from _specs import named_spec  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from seg.app import create_app, main, serve_in_background  # noqa: E402
 from seg.data import read_rgb  # noqa: E402
-from seg.models import Segmentor  # noqa: E402
-from seg.predictor import Predictor  # noqa: E402
+from seg.model.segmentor import Segmentor  # noqa: E402
+from seg.serve.app import create_app, main, serve_in_background  # noqa: E402
+from seg.serve.predictor import Predictor  # noqa: E402
 
 NAMES = ["sky", "grass", "road", "tree", "water"]
 PHOTO_SIZE = (90, 150)  # (H, W)

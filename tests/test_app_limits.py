@@ -22,10 +22,10 @@ pytest.importorskip("fastapi", reason="the web demo needs the app extra: pip ins
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx: pip install -e '.[dev]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-import seg.app  # noqa: E402
-from seg.app import create_app, main  # noqa: E402
-from seg.models import Segmentor  # noqa: E402
-from seg.predictor import Predictor  # noqa: E402
+import seg.serve.app  # noqa: E402
+from seg.model.segmentor import Segmentor  # noqa: E402
+from seg.serve.app import create_app, main  # noqa: E402
+from seg.serve.predictor import Predictor  # noqa: E402
 
 LOCAL = "http://127.0.0.1"
 
@@ -183,7 +183,7 @@ def test_failure_is_a_message_not_a_bare_500(predictor: Predictor, monkeypatch: 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(seg.app, "segment_upload", broken)
+    monkeypatch.setattr(seg.serve.app, "segment_upload", broken)
     client = TestClient(create_app(predictor), base_url=LOCAL, raise_server_exceptions=False)
     reply = client.post("/api/segment", files={"image": ("a.png", png(), "image/png")})
     assert reply.status_code == 500
@@ -195,7 +195,7 @@ def test_warning_when_listening_beyond_loopback(
 ) -> None:
     folder = predictor.save_pretrained(tmp_path / "tiny")
     served, apps = [], []
-    monkeypatch.setattr(seg.app.uvicorn, "run", lambda app, host, port: served.append(host) or apps.append(app))
+    monkeypatch.setattr(seg.serve.app.uvicorn, "run", lambda app, host, port: served.append(host) or apps.append(app))
     main(["--pretrained", str(folder)])
     assert "warning" not in capsys.readouterr().err
     main(["--pretrained", str(folder), "--host", "0.0.0.0", "--max_pixels", "1000"])

@@ -8,8 +8,8 @@ import timm
 import torch
 from torch import nn
 
-import seg.backbones  # noqa: F401  (registers the encoders)
-from seg.layers import RoPESoftmaxAttention, SpatialReductionAttention, WindowAttention
+import seg.model.backbones  # noqa: F401  (registers the encoders)
+from seg.model.layers import RoPESoftmaxAttention, SpatialReductionAttention, WindowAttention
 
 SOFTMAX = {
     "flatten_pvt_tiny": SpatialReductionAttention,

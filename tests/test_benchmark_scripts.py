@@ -17,8 +17,8 @@ import timm
 import torch
 
 import seg  # noqa: F401  (registers the encoders)
-from seg.backbones._registry import encoder_names
-from seg.layers import FocusedLinearAttention
+from seg.model.backbones._registry import encoder_names
+from seg.model.layers import FocusedLinearAttention
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -85,7 +85,7 @@ def _benchmark_module(name: str):
 def test_attention_macs_count_the_layer_shapes() -> None:
     """The multiply-add counts of ``attention_macs.py`` against counts written out by hand for one layer of each
     kind, and the script's table at a small size."""
-    from seg.layers import SpatialReductionAttention
+    from seg.model.layers import SpatialReductionAttention
 
     macs = _benchmark_module("attention_macs")
     N, C, d = 4096, 128, 64  # PVT-T stage 2 at 512^2: 2 heads, sr 4 -> n = 256

@@ -14,12 +14,12 @@ import torch
 from _specs import DEMO_SMALL, spec_arg
 from PIL import Image
 
-from seg.checkpoint import read_checkpoint
-from seg.cli import cli_main
 from seg.data import make_demo_dataset
-from seg.inference import InferenceConfig
-from seg.models import Segmentor
-from seg.task import SegmentationTask
+from seg.model.checkpoint import read_checkpoint
+from seg.model.inference import InferenceConfig
+from seg.model.segmentor import Segmentor
+from seg.train.cli import cli_main
+from seg.train.task import SegmentationTask
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 MARKER = "code_ran.txt"

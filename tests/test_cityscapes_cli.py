@@ -13,10 +13,10 @@ from _cityscapes import stems, write_archives
 from _specs import spec_arg
 from PIL import Image
 
-from seg.cli import SegmentationCLI, cli_main
 from seg.data.prepare import main as prepare_main
 from seg.data.spec import CITYSCAPES
-from seg.schedules import WarmupPolyLR
+from seg.train.cli import SegmentationCLI, cli_main
+from seg.train.schedules import WarmupPolyLR
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 CITYSCAPES_CONFIGS = sorted(CONFIGS.glob("*_cityscapes_*.yaml"))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from _specs import DEMO_SMALL, spec_arg
 
-from seg.cli import cli_main
 from seg.data import make_demo_dataset
+from seg.train.cli import cli_main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*_ade20k_*.yaml"))  # the paper settings
 
@@ -47,7 +47,7 @@ def test_config_prints(config: Path, capsys: pytest.CaptureFixture) -> None:
         cli_main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "class_path: seg.models.Segmentor" in printed
+    assert "class_path: seg.model.Segmentor" in printed
     assert "max_steps:" in printed
 
 

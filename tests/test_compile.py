@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import seg.kernels.onednn as onednn
-from seg.cli import cli_main
 from seg.data import make_demo_dataset
-from seg.models import Segmentor
-from seg.task import SegmentationTask
+from seg.model.segmentor import Segmentor
+from seg.train.cli import cli_main
+from seg.train.task import SegmentationTask
 
 pytestmark = pytest.mark.slow
 

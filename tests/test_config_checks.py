@@ -13,10 +13,10 @@ import pytest
 import torch
 from _specs import named_spec
 
-from seg.hub import CONFIG_FILE, WEIGHTS_FILE
-from seg.inference import InferenceConfig
-from seg.models import Segmentor
-from seg.predictor import Predictor
+from seg.model.hub import CONFIG_FILE, WEIGHTS_FILE
+from seg.model.inference import InferenceConfig
+from seg.model.segmentor import Segmentor
+from seg.serve.predictor import Predictor
 
 ROOT = Path(__file__).parents[1]
 
@@ -110,14 +110,14 @@ def test_deep_and_huge_json_refused(saved: Path, tmp_path: Path) -> None:
 
 def test_export_names_a_bad_checkpoint_in_one_line(tmp_path: Path) -> None:
     """A text file as --ckpt_path: one line naming the file, no traceback, nothing written; a missing file named."""
-    from seg.export import main
+    from seg.serve.export import main
 
     text = tmp_path / "notes.ckpt"
     text.write_text("this is not a checkpoint\n")
     args = ["--config", str(ROOT / "configs/demo.yaml"), "--model.model.init_args.encoder=test_flatten_pvt",
             "--out", str(tmp_path / "m.onnx")]
-    run = subprocess.run([sys.executable, "-m", "seg.export", *args, "--ckpt_path", str(text)], capture_output=True,
-                         text=True, timeout=120, cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "seg.serve.export", *args, "--ckpt_path", str(text)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 1 and "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]

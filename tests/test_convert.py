@@ -1,4 +1,4 @@
-"""python -m seg.convert on published-layout (mmseg 0.x) checkpoints the tests write themselves: one to one
+"""python -m seg.model.convert on published-layout (mmseg 0.x) checkpoints the tests write themselves: one to one
 mapping, the refusals, the numpy-scalar allowlist, and a converted model in every command (predict, ONNX, the
 web demo, fine-tuning on another class count)."""
 
@@ -14,12 +14,12 @@ import pytest
 import torch
 from _specs import DEMO_SMALL, spec_arg
 
-from seg.cli import cli_main
-from seg.convert import ENCODER_PREFIX, main
 from seg.data import make_demo_dataset
-from seg.models import Segmentor
-from seg.predictor import Predictor
-from seg.pretrained import from_config
+from seg.model.convert import ENCODER_PREFIX, main
+from seg.model.segmentor import Segmentor
+from seg.serve.predictor import Predictor
+from seg.train.cli import cli_main
+from seg.train.pretrained import from_config
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "configs" / "agent_swin_tiny_upernet_ade20k_160k.yaml"
@@ -125,7 +125,7 @@ def test_report_lists_rebuilt_buffers(reference: Segmentor, tmp_path: Path, caps
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "seg.convert", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "seg.model.convert", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
 
 
@@ -155,7 +155,7 @@ def test_numpy_scalars_of_numpy_1_files_are_allowed(reference: Segmentor, tmp_pa
     """Files written under numpy 1.x name the scalar reconstructor ``numpy.core.multiarray.scalar``."""
     import zipfile
 
-    from seg.convert import read_published
+    from seg.model.convert import read_published
 
     path = write_published(tmp_path / "new.pth", {"decode_head.conv_seg.bias": torch.zeros(2)})
     old = tmp_path / "old.pth"
@@ -239,8 +239,8 @@ def test_onnx_export_and_web_demo_from_converted_model(converted_fpn: Path, tmp_
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from seg.app import create_app
-    from seg.export import main as export_main
+    from seg.serve.app import create_app
+    from seg.serve.export import main as export_main
 
     converted = converted_fpn
     path = export_main(["--pretrained", str(converted), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])

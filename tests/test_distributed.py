@@ -17,8 +17,8 @@ import torch
 from _ranks import run_commands, run_ranks
 from _specs import DEMO_SMALL, spec_arg
 
-from seg.cli import cli_main
 from seg.data import DEMO_CLASS_NAMES, make_demo_dataset
+from seg.train.cli import cli_main
 
 REPO = Path(__file__).parents[1]
 EXPERIMENT = REPO / "configs" / "flatten_pvt_tiny_fpn_ade20k_80k.yaml"
@@ -40,7 +40,7 @@ def tiny_args(root: Path) -> list[str]:
         "--model.model.init_args.encoder=test_flatten_pvt", "--model.model.init_args.encoder_checkpoint=null",
         f"--data.root={root}", spec_arg(DEMO_SMALL), "--data.crop_size=64", "--data.batch_size=2",
         "--data.num_workers=0", "--data.train_scale=[128, 64]",
-        "--trainer.callbacks+=seg.callbacks.effective_batch.EffectiveBatch", "--trainer.callbacks.expected=16",
+        "--trainer.callbacks+=seg.train.callbacks.effective_batch.EffectiveBatch", "--trainer.callbacks.expected=16",
     ]
 
 
@@ -131,7 +131,7 @@ def test_two_nodes_on_loopback(demo_root: Path, tmp_path: Path) -> None:
 def test_sync_batchnorm_under_cpu_ddp_is_explained(demo_root: Path, tmp_path: Path) -> None:
     command = cli_command("fit", demo_root, "--trainer.strategy=ddp", "--trainer.devices=2",
                           "--trainer.sync_batchnorm=true", "--trainer.max_steps=1",
-                          "--trainer.callbacks+=seg.callbacks.sync_batchnorm.SyncBatchNormCheck")
+                          "--trainer.callbacks+=seg.train.callbacks.sync_batchnorm.SyncBatchNormCheck")
     with pytest.raises(pytest.fail.Exception, match="sync_batchnorm=true needs CUDA devices"):
         run(command, tmp_path / "run", clean_env())
 

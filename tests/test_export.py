@@ -1,4 +1,4 @@
-"""seg.export: strict torch.export with dynamic H x W, and ONNX (onnxruntime) equal to eager at other sizes."""
+"""seg.serve.export: strict torch.export with dynamic H x W, and ONNX (onnxruntime) equal to eager at other sizes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import torch
 
 import seg  # noqa: F401  (registers the encoders)
 from seg.data.spec import DatasetSpec
-from seg.export import (
+from seg.kernels import set_backend
+from seg.model.layers import FocusedLinearAttention
+from seg.model.segmentor import Segmentor
+from seg.serve.export import (
     WholeImage,
     export_onnx,
     export_program,
@@ -17,10 +20,7 @@ from seg.export import (
     load_segmentor,
     preprocessing,
 )
-from seg.kernels import set_backend
-from seg.layers import FocusedLinearAttention
-from seg.models import Segmentor
-from seg.predictor import Predictor
+from seg.serve.predictor import Predictor
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -101,7 +101,7 @@ def test_cli_builds_from_config_and_checkpoint(tmp_path):
     """load_segmentor parses the config like cli.py (no data or logs written) and loads a task checkpoint."""
     config = tmp_path / "tiny.yaml"
     config.write_text(
-        "model:\n  model:\n    class_path: seg.models.Segmentor\n    init_args:\n"
+        "model:\n  model:\n    class_path: seg.model.Segmentor\n    init_args:\n"
         "      encoder: test_flatten_pvt_v2\n      decoder: semantic_fpn\n      decoder_channels: 16\n"
         "      aux_head: false\n"
         f"data:\n  root: {tmp_path / 'data'}\n  spec:\n    num_classes: 5\n"
@@ -138,7 +138,7 @@ def test_saved_model_with_its_preprocessing(tmp_path):
 
 def test_bin_average_pool_equals_adaptive_average_pool() -> None:
     """The export-friendly pyramid pooling computes PyTorch's adaptive average pooling, shrinking or growing."""
-    from seg.export import BinAveragePool2d
+    from seg.serve.export import BinAveragePool2d
 
     for bins in (1, 2, 3, 6, (2, 5)):
         reference = torch.nn.AdaptiveAvgPool2d(bins)

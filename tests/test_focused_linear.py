@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seg.kernels import set_backend
-from seg.layers import FocusedLinearAttention, focus, focused_linear_attention
+from seg.model.layers import FocusedLinearAttention, focus, focused_linear_attention
 
 torch.manual_seed(0)
 
@@ -255,7 +255,7 @@ def test_gradients_stay_finite_for_dead_and_large_tokens(fill: float, backend: s
 
 @pytest.mark.parametrize("sr_ratio", [1, 2])
 def test_softmax_baseline_explicit_matrix_equals_sdpa(sr_ratio: int) -> None:
-    from seg.layers import SpatialReductionAttention
+    from seg.model.layers import SpatialReductionAttention
 
     torch.manual_seed(0)
     attn = SpatialReductionAttention(16, 2, sr_ratio=sr_ratio).double().eval()

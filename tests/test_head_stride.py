@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seg.models import Segmentor
-from seg.predictor import Predictor
+from seg.model.segmentor import Segmentor
+from seg.serve.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seg.heads import AuxFCNHead, SemanticFPNHead, UPerHead
+from seg.model.heads import AuxFCNHead, SemanticFPNHead, UPerHead
 
 PVT_T_WIDTHS = (64, 128, 320, 512)
 

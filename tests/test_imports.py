@@ -1,5 +1,7 @@
-"""The package's import graph: no cycles, and the library (models, backbones, layers, heads, kernels) never imports
-the task, the CLI or a command. Imports are read from the source (function-level ones included)."""
+"""The package's import graph: no cycles; the model artifact's library (segmentor, backbones, layers, heads, hub,
+inference), the kernels and the data never import training, serving or a command; serving never imports the
+training loop's task except through the one bridge from a run (``seg.train.pretrained``). Imports are read from the
+source (function-level ones included)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "seg"
-LIBRARY = ("seg.models", "seg.backbones", "seg.layers", "seg.heads", "seg.kernels")
-ABOVE_LIBRARY = ("seg.task", "seg.cli", "seg.pretrained", "seg.export", "seg.app", "seg.commands")
+LIBRARY = ("seg.model.segmentor", "seg.model.backbones", "seg.model.layers", "seg.model.heads", "seg.model.hub",
+           "seg.model.inference", "seg.kernels", "seg.data")
+ABOVE_LIBRARY = ("seg.train", "seg.serve", "seg.model.convert")
 
 
 def module_name(path: Path, package: Path) -> str:
@@ -94,7 +97,14 @@ def test_no_import_cycles() -> None:
 
 def test_library_does_not_import_task_cli_or_commands() -> None:
     graph = import_graph(PACKAGE)
-    assert {"seg.models", "seg.backbones", "seg.layers", "seg.heads"} <= set(graph)
+    assert {"seg.model.segmentor", "seg.model.backbones", "seg.model.layers", "seg.model.heads"} <= set(graph)
     upward = sorted(f"{name} -> {target}" for name, targets in graph.items() if within(name, LIBRARY)
                     for target in targets if within(target, ABOVE_LIBRARY))
     assert upward == []
+
+
+def test_serving_reaches_training_only_through_a_run() -> None:
+    graph = import_graph(PACKAGE)
+    crossing = sorted(f"{name} -> {target}" for name, targets in graph.items() if within(name, ("seg.serve",))
+                      for target in targets if within(target, ("seg.train",)) and target != "seg.train.pretrained")
+    assert crossing == []

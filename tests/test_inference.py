@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from jsonargparse import ArgumentParser
 from torch import Tensor, nn
 
-from seg.inference import (
+from seg.model.inference import (
     InferenceConfig,
     multiscale_inference,
     multiscale_sizes,
@@ -251,8 +251,8 @@ def test_single_scale_flip_ignores_image_scale() -> None:
 def test_task_sizes_multiscale_views_from_the_data_module_test_scale() -> None:
     from types import SimpleNamespace
 
-    from seg.models import Segmentor
-    from seg.task import SegmentationTask
+    from seg.model.segmentor import Segmentor
+    from seg.train.task import SegmentationTask
 
     model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=3, aux_head=False)
     task = SegmentationTask(model, inference=InferenceConfig(mode="multiscale", scales=(0.5, 1.0), flip=False))

@@ -13,7 +13,7 @@ import seg.kernels.onednn as onednn
 from seg.kernels import BACKENDS, set_backend
 from seg.kernels.focused_linear import select_mode
 from seg.kernels.onednn import Linear
-from seg.layers import FocusedLinearAttention
+from seg.model.layers import FocusedLinearAttention
 
 
 def _randomised(attn: FocusedLinearAttention) -> FocusedLinearAttention:
@@ -98,7 +98,7 @@ def test_select_mode_is_the_one_decision(backend: str, dtype: torch.dtype, grad:
 
 def test_layer_forward_runs_the_selected_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The layer's forward runs what select_mode answers: the folded CPU inference without autograd."""
-    import seg.layers.focused_linear as layer_module
+    import seg.model.layers.focused_linear as layer_module
 
     calls = []
     real = layer_module.fused_inference

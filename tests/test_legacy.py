@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from seg.checkpoint import load_checkpoint
-from seg.hub import CONFIG_FILE, WEIGHTS_FILE
-from seg.legacy import OutdatedHeadError
-from seg.models import Segmentor
+from seg.model.checkpoint import load_checkpoint
+from seg.model.hub import CONFIG_FILE, WEIGHTS_FILE
+from seg.model.legacy import OutdatedHeadError
+from seg.model.segmentor import Segmentor
 
 _OLD_AUX = {"convs.0.conv.": "conv.0.", "convs.0.bn.": "conv.1.", "conv_seg.": "classifier."}
 

@@ -16,10 +16,10 @@ from seg.data import ade20k
 from seg.data.ade20k import ImageFolder, read_rgb
 from seg.data.spec import DatasetSpec
 from seg.data.transforms import eval_transform
-from seg.inference import InferenceConfig, run_inference
-from seg.limits import ImageTooLargeError, labels_at, predict_labels
-from seg.models import Segmentor
-from seg.predictor import Predictor
+from seg.model.inference import InferenceConfig, run_inference
+from seg.model.segmentor import Segmentor
+from seg.serve.limits import ImageTooLargeError, labels_at, predict_labels
+from seg.serve.predictor import Predictor
 
 
 def full_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

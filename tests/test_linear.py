@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seg.kernels.onednn import Linear, linear, linear_gelu, onednn_linear_available, set_onednn_linear
-from seg.layers.mlp import Mlp
+from seg.model.layers.mlp import Mlp
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import seg  # noqa: F401  (registers the encoders)
-from seg.backbones._weights import CheckpointMismatchError
-from seg.layers import (
+from seg.model.backbones._weights import CheckpointMismatchError
+from seg.model.layers import (
     MALAttention,
     PolaLinearAttention,
     RALAttention,
@@ -22,8 +22,8 @@ from seg.layers import (
     magnitude_aware_linear_attention,
     polarity_aware_linear_attention,
 )
-from seg.layers.softmax import SpatialReductionAttention
-from seg.layers.window import WindowAttention
+from seg.model.layers.softmax import SpatialReductionAttention
+from seg.model.layers.window import WindowAttention
 
 
 def _mala_scores(q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:

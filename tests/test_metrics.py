@@ -13,7 +13,7 @@ import torch.distributed as dist
 from _ranks import run_ranks
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from seg.metrics import SegmentationMetric, confusion_matrix
+from seg.train.metrics import SegmentationMetric, confusion_matrix
 
 IGNORE = 255
 

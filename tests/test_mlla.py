@@ -11,10 +11,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import seg.backbones.mlla  # noqa: F401  (registers mlla_*)
-from seg.backbones._weights import CheckpointMismatchError
-from seg.layers import MllaAttention, RoPE, apply_rope, mlla_linear_attention
-from seg.models import Segmentor
+import seg.model.backbones.mlla  # noqa: F401  (registers mlla_*)
+from seg.model.backbones._weights import CheckpointMismatchError
+from seg.model.layers import MllaAttention, RoPE, apply_rope, mlla_linear_attention
+from seg.model.segmentor import Segmentor
 
 torch.manual_seed(0)
 
@@ -131,7 +131,7 @@ def test_forward_intermediates_and_pruning() -> None:
 
 def test_attention_factories_replace_mlla_attention_in_the_same_blocks() -> None:
     """The staged base's factory contract: (dim, num_heads, grid at 224, sr_ratio, shift) per stage."""
-    from seg.layers import FocusedLinearAttention
+    from seg.model.layers import FocusedLinearAttention
 
     seen = []
 
@@ -227,7 +227,7 @@ def test_parameter_counts(name: str, millions: float, depth3: int) -> None:
 
 def test_recipe_decay_rule_exempts_exactly_the_published_norm_names() -> None:
     """MLLA-B's mmseg config exempts names containing 'norm': here the LayerNorms and BatchNorms, nothing else."""
-    from seg.weight_decay import no_decay_names
+    from seg.train.weight_decay import no_decay_names
 
     model = timm.create_model("test_mlla")
     published = {n for n, _ in model.named_parameters() if "norm" in n}
@@ -276,8 +276,8 @@ def test_export_with_dynamic_sizes_equals_eager(tmp_path: Path) -> None:
     (RoPE angles, stem and merging padding all follow the symbolic H x W). Minutes on a CPU: slow."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from seg.export import export_onnx, export_program, export_supported
     from seg.kernels import set_backend
+    from seg.serve.export import export_onnx, export_program, export_supported
 
     if not export_supported():
         pytest.skip("this torch cannot export the models")

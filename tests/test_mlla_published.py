@@ -3,7 +3,7 @@
 The same deterministic weights are made under the published names (the classification model's plus the
 segmentation backbone's ``norm0..3``; ``rope.rotations`` and ``num_batches_tracked`` as zero placeholders),
 written as a checkpoint file and loaded the documented way (``pretrained=True`` with a local file:
-``weights_only`` read, :func:`seg.backbones.mlla.checkpoint_filter_fn`, strict load). The logits at 224 x 224
+``weights_only`` read, :func:`seg.model.backbones.mlla.checkpoint_filter_fn`, strict load). The logits at 224 x 224
 must equal the published classifier's and the four feature maps at 122 x 186 the published segmentation
 backbone's, to 1e-4 of the largest reference value.
 """

@@ -10,9 +10,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import seg.models as models
-from seg.models import DECODERS, DecoderName, Segmentor
-from seg.weight_decay import no_decay_names, param_groups, plan_weight_decay
+import seg.model.segmentor as models
+from seg.model.segmentor import DECODERS, DecoderName, Segmentor
+from seg.train.weight_decay import no_decay_names, param_groups, plan_weight_decay
 
 # timm's PVTv2-B0 shrunk to one block per stage: same code path as a real encoder, fast on CPU.
 TINY = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))

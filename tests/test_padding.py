@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seg.inference import InferenceConfig, run_inference
-from seg.models import Segmentor
+from seg.model.inference import InferenceConfig, run_inference
+from seg.model.segmentor import Segmentor
 
 # every encoder family with the decoder of its recipe (small widths so the test runs in seconds)
 FAMILIES = [

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg.layers import FocusedLinearAttention2d
+from seg.model.layers import FocusedLinearAttention2d
 
 
 def test_trains_inside_a_resnet_stage():

@@ -13,9 +13,9 @@ import pytest
 from _specs import DEMO_SMALL, spec_arg
 from PIL import Image
 
-from seg.cli import cli_main, main
 from seg.data import make_demo_dataset
-from seg.safety import UnsafeOutputError, check_output_location
+from seg.data.safety import UnsafeOutputError, check_output_location
+from seg.train.cli import cli_main, main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -47,7 +47,7 @@ def run_predict(tmp_path: Path, inputs: Path, output: Path, entry: Callable[[lis
         "predict", "--config", str(CONFIGS / "demo.yaml"),
         "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={root}", "--data.demo=false",
         "--data.num_workers=0", spec_arg(DEMO_SMALL), f"--data.predict_root={inputs}",
-        "--trainer.callbacks+=seg.callbacks.prediction_writer.SegmentationWriter",
+        "--trainer.callbacks+=seg.train.callbacks.prediction_writer.SegmentationWriter",
         f"--trainer.callbacks.output_dir={output}",
         "--return_predictions=false", "--trainer.logger=false",
     ])

@@ -13,14 +13,14 @@ import torch
 from _specs import DEMO_SMALL, named_spec, spec_arg
 from safetensors.torch import save_file
 
-from seg.cli import cli_main
 from seg.data import DEMO_CLASS_NAMES, make_demo_dataset, make_palette
-from seg.hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
-from seg.inference import InferenceConfig
-from seg.models import Segmentor
-from seg.predictor import Predictor
-from seg.pretrained import from_checkpoint, main
-from seg.task import SegmentationTask
+from seg.model.hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
+from seg.model.inference import InferenceConfig
+from seg.model.segmentor import Segmentor
+from seg.serve.predictor import Predictor
+from seg.train.cli import cli_main
+from seg.train.pretrained import from_checkpoint, main
+from seg.train.task import SegmentationTask
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 NAMES = ["sky", "grass", "road", "tree"]
@@ -114,7 +114,7 @@ def test_segmentor_alone_and_defaults(tmp_path: Path) -> None:
 
 
 def test_version_1_folder_still_loads(saved: tuple[Predictor, Path], tmp_path: Path) -> None:
-    """A folder written by seg.pretrained before the hub layout: arguments under "model", no model card."""
+    """A folder written by seg.train.pretrained before the hub layout: arguments under "model", no model card."""
     predictor, _ = saved
     folder = tmp_path / "v1"
     folder.mkdir()
@@ -126,7 +126,7 @@ def test_version_1_folder_still_loads(saved: tuple[Predictor, Path], tmp_path: P
         "preprocessing": {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "test_scale": [128, 64]},
         "inference": {"mode": "slide", "crop_size": 64, "stride": 48, "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75],
                       "flip": False, "multiscale_mode": "whole", "batch_windows": 1},
-    }))  # fmt: skip; the file as seg.pretrained wrote it up to commit a8dc0d4
+    }))  # fmt: skip; the file as seg.train.pretrained wrote it up to commit a8dc0d4
     loaded = Predictor.from_pretrained(folder)
     assert loaded.class_names == NAMES and loaded.test_scale == (128, 64) and loaded.inference.mode == "slide"
     x = torch.randn(1, 3, 64, 80)

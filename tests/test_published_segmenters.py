@@ -1,4 +1,4 @@
-"""Published ADE20K segmenters (mmsegmentation 0.x) converted with ``python -m seg.convert`` compute what the
+"""Published ADE20K segmenters (mmsegmentation 0.x) converted with ``python -m seg.model.convert`` compute what the
 published code computes.
 
 ``tests/fixtures/published_seg`` holds the whole-image logits the published segmentors (each repository's own
@@ -24,8 +24,8 @@ from _published_weights import make_input, make_state_dict
 from _specs import small_spec, spec_arg
 from test_convert import write_published
 
-from seg.convert import main
-from seg.models import Segmentor
+from seg.model.convert import main
+from seg.model.segmentor import Segmentor
 
 ROOT = Path(__file__).parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "published_seg"

@@ -11,7 +11,7 @@ import timm
 import torch
 
 import seg  # noqa: F401  (registers the encoders)
-from seg.backbones._weights import CheckpointMismatchError
+from seg.model.backbones._weights import CheckpointMismatchError
 
 PUBLISHED = json.loads((Path(__file__).parent / "fixtures" / "published_keys.json").read_text())
 TEST_MODELS = ["test_flatten_pvt", "test_flatten_pvt_v2"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seg.layers import (
+from seg.model.layers import (
     RALAttention,
     RoPE,
     RoPESoftmaxAttention,

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import seg  # noqa: F401  (registers the encoders)
-from seg.backbones._weights import CheckpointMismatchError
-from seg.backbones.ravlt import RAVLT
-from seg.layers.rala import RALAttention, RoPESoftmaxAttention
-from seg.models import Segmentor
+from seg.model.backbones._weights import CheckpointMismatchError
+from seg.model.backbones.ravlt import RAVLT
+from seg.model.layers.rala import RALAttention, RoPESoftmaxAttention
+from seg.model.segmentor import Segmentor
 
 
 def _tiny(**kwargs) -> RAVLT:
@@ -190,8 +190,8 @@ def _export_check(decoder: str, trace: tuple[int, int], sizes: list[tuple[int, i
     import numpy as np
     import onnxruntime as ort
 
-    from seg.export import export_onnx, export_program, export_supported
     from seg.kernels import set_backend
+    from seg.serve.export import export_onnx, export_program, export_supported
 
     if not export_supported():
         pytest.skip("this torch cannot export the models")

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from seg.cli import SegmentationCLI, cli_main
 from seg.data.spec import as_spec
-from seg.schedules import WarmupPolyLR
+from seg.train.cli import SegmentationCLI, cli_main
+from seg.train.schedules import WarmupPolyLR
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -61,7 +61,7 @@ for _size, _drop in (("tiny", 0.1), ("small", 0.15), ("base", 0.4), ("large", 0.
     if _size != "tiny":
         PUBLISHED[f"ravlt_{_size}_upernet_ade20k_160k"] = {**UPERNET, "drop_path": _drop, "precision": "16-mixed"}
 # MALA (qhfan/MALA segmentation/configs/MALA/{FPN_*_1x,Uper_*_2x}.py; /work/shared/SPEC-family.md section 8): RAVLT's
-# rows value for value, T and S configs both published. Published mIoU: not verified (no row in seg.published).
+# rows value for value, T and S configs both published. Published mIoU: not verified (no row in seg.model.published).
 for _size, _drop in (("tiny", 0.1), ("small", 0.15)):
     PUBLISHED[f"mala_{_size}_fpn_ade20k_80k"] = {**SEMANTIC_FPN, "drop_path": _drop, "min_lr": 1e-6,
                                                 "precision": "32-true"}
@@ -79,7 +79,7 @@ def test_every_paper_config_has_a_row() -> None:
 def test_every_published_segmenter_names_its_config() -> None:
     """The published scores the converter and README quote belong to configs that exist, and every published
     segmentation config (Agent, MLLA, RAVLT) has its published score."""
-    from seg.published import PUBLISHED as SCORES
+    from seg.model.published import PUBLISHED as SCORES
 
     assert set(SCORES) <= set(PUBLISHED)
     assert {n for n in PUBLISHED if n.startswith(("agent_", "mlla_", "ravlt_"))} == set(SCORES)

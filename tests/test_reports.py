@@ -16,13 +16,13 @@ from _specs import DEMO_SMALL, spec_arg
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 
-from seg.callbacks.report import SegmentationReport
-from seg.cli import cli_main
 from seg.data import ADE20K_CLASSES, DatasetSpec, SegmentationDataModule, make_demo_dataset
-from seg.metrics import scores_from_confusion
-from seg.models import Segmentor
-from seg.reports import class_table, most_confused, summary_text, write_report
-from seg.task import SegmentationTask
+from seg.model.segmentor import Segmentor
+from seg.train.callbacks.report import SegmentationReport
+from seg.train.cli import cli_main
+from seg.train.metrics import scores_from_confusion
+from seg.train.reports import class_table, most_confused, summary_text, write_report
+from seg.train.task import SegmentationTask
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 REPORT_FILES = {"metrics.json", "per_class.md", "per_class.csv", "per_class_iou.png", "confusion.png"}
@@ -158,7 +158,8 @@ def test_cli_validate_writes_report(tiny_root: Path, tmp_path: Path, monkeypatch
             "validate", "--config", str(CONFIGS / "demo.yaml"),
             "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={tiny_root}", "--data.demo=false",
             "--data.num_workers=0", spec_arg(DEMO_SMALL),
-            "--trainer.callbacks+=seg.callbacks.report.SegmentationReport", "--trainer.callbacks.output_dir=report",
+            "--trainer.callbacks+=seg.train.callbacks.report.SegmentationReport",
+            "--trainer.callbacks.output_dir=report",
         ])
     assert {p.name for p in (tmp_path / "report").iterdir()} == REPORT_FILES
     data = json.loads((tmp_path / "report" / "metrics.json").read_text())

@@ -18,12 +18,12 @@ import torch
 from _specs import DEMO_SMALL
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from seg.callbacks.seed_each_epoch import SeedEachEpoch
-from seg.checkpoint_io import AtomicCheckpointIO
 from seg.data import DEMO_CLASS_NAMES, SegmentationDataModule, make_demo_dataset
-from seg.models import Segmentor
-from seg.schedules import WarmupPolyLR
-from seg.task import SegmentationTask
+from seg.model.segmentor import Segmentor
+from seg.train.callbacks.seed_each_epoch import SeedEachEpoch
+from seg.train.checkpoint_io import AtomicCheckpointIO
+from seg.train.schedules import WarmupPolyLR
+from seg.train.task import SegmentationTask
 
 REPO = Path(__file__).parents[1]
 NUM_CLASSES = len(DEMO_CLASS_NAMES)
@@ -179,7 +179,7 @@ def test_atomic_save_failure_keeps_previous_checkpoint(tmp_path: Path, monkeypat
 
 KILL_WHILE_SAVING = """
 import io, sys, time, torch
-from seg.checkpoint_io import AtomicCheckpointIO
+from seg.train.checkpoint_io import AtomicCheckpointIO
 path = sys.argv[1]
 AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(10000)}, path)
 real_save = torch.save

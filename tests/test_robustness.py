@@ -27,12 +27,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from seg.callbacks.non_finite import NonFiniteError, NonFiniteGuard
-from seg.cli import cli_main
 from seg.data.ade20k import ImageFolder, SegmentationFolder, read_rgb
 from seg.data.datamodule import SegmentationDataModule, SkippingDataLoader
 from seg.data.transforms import eval_transform
-from seg.models import Segmentor
+from seg.model.segmentor import Segmentor
+from seg.train.callbacks.non_finite import NonFiniteError, NonFiniteGuard
+from seg.train.cli import cli_main
 
 # ---------------------------------------------------------------- helpers
 
@@ -342,9 +342,9 @@ def test_guard_never_overwrites_a_good_checkpoint_with_nan_weights(tmp_path: Pat
 
 def test_guard_from_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "guard.yaml"
-    config.write_text("trainer:\n  callbacks:\n    - class_path: seg.callbacks.non_finite.NonFiniteGuard\n"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: seg.train.callbacks.non_finite.NonFiniteGuard\n"
                       "      init_args: {action: skip}\n")
-    cli = cli_main(["--config", str(config), "--data.root=x", "--model.model.class_path=seg.models.Segmentor",
+    cli = cli_main(["--config", str(config), "--data.root=x", "--model.model.class_path=seg.model.Segmentor",
                     "--model.model.init_args.encoder=test_flatten_pvt", "--trainer.logger=false"], run=False)
     (guard,) = [c for c in cli.trainer.callbacks if isinstance(c, NonFiniteGuard)]
     assert guard.action == "skip"

@@ -15,16 +15,16 @@ import yaml
 from _specs import DEMO_SMALL, spec_arg
 from pytorch_lightning.callbacks import Callback
 
-from seg.backbones.pvt import Block
-from seg.backbones.soft import SoftBlock
-from seg.backbones.swin import SwinBlock
-from seg.callbacks.effective_batch import EffectiveBatch, lr_factor
-from seg.callbacks.sync_batchnorm import SyncBatchNormCheck
-from seg.cli import SegmentationCLI, cli_main
 from seg.data import DEMO_CLASS_NAMES, SegmentationDataModule, make_demo_dataset
-from seg.models import Segmentor
-from seg.schedules import WarmupPolyLR
-from seg.task import SegmentationTask
+from seg.model.backbones.pvt import Block
+from seg.model.backbones.soft import SoftBlock
+from seg.model.backbones.swin import SwinBlock
+from seg.model.segmentor import Segmentor
+from seg.train.callbacks.effective_batch import EffectiveBatch, lr_factor
+from seg.train.callbacks.sync_batchnorm import SyncBatchNormCheck
+from seg.train.cli import SegmentationCLI, cli_main
+from seg.train.schedules import WarmupPolyLR
+from seg.train.task import SegmentationTask
 
 REPO = Path(__file__).parents[1]
 EXPERIMENT = REPO / "configs" / "flatten_pvt_tiny_fpn_ade20k_80k.yaml"
@@ -139,7 +139,7 @@ def test_cpu_config_runs_with_effective_batch(demo_root: Path, tmp_path: Path, m
         "--model.model.init_args.encoder=test_flatten_pvt", "--model.model.init_args.encoder_checkpoint=null",
         f"--data.root={demo_root}", spec_arg(DEMO_SMALL), "--data.crop_size=64",
         "--data.num_workers=0", "--data.train_scale=[128, 64]",
-        "--trainer.callbacks+=seg.callbacks.effective_batch.EffectiveBatch", "--trainer.callbacks.expected=16",
+        "--trainer.callbacks+=seg.train.callbacks.effective_batch.EffectiveBatch", "--trainer.callbacks.expected=16",
         "--trainer.fast_dev_run=true",
     ])
     callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EffectiveBatch))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
 
-from seg.heads import SegFormerHead
-from seg.models import Segmentor, SmpDecodeHead
+from seg.model.heads import SegFormerHead
+from seg.model.segmentor import Segmentor, SmpDecodeHead
 
 CHANNELS = [3, 0, 16, 32, 48, 64]  # smp's list for a 4-stage transformer encoder
 

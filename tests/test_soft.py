@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import seg  # noqa: F401  (registers the encoders)
-import seg.backbones.soft  # noqa: F401  (registers soft_* even before seg.backbones imports it)
-from seg.layers.soft import SoftAttention, gaussian_kernel, newton_inverse, newton_pinv, soft_attention
+import seg.model.backbones.soft  # noqa: F401  (registers soft_* even before seg.model.backbones imports it)
+from seg.model.layers.soft import SoftAttention, gaussian_kernel, newton_inverse, newton_pinv, soft_attention
 
 torch.manual_seed(0)
 

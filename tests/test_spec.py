@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from seg.cli import cli_main
 from seg.data import ADE20K, DEMO, DatasetSpec, as_spec, make_demo_dataset, make_palette
 from seg.data.scenes import DEMO_CLASS_NAMES
+from seg.train.cli import cli_main
 
 SEG = Path(__file__).parents[1] / "seg"
 SPEC_FILE = SEG / "data" / "spec.py"
@@ -127,8 +127,8 @@ def test_custom_spec_from_yaml_reaches_model_metrics_and_writer(tmp_path: Path) 
 
 
 def test_task_refuses_a_spec_of_another_class_count() -> None:
-    from seg.models import Segmentor
-    from seg.task import SegmentationTask
+    from seg.model.segmentor import Segmentor
+    from seg.train.task import SegmentationTask
 
     model = Segmentor("test_flatten_pvt", "semantic_fpn", num_classes=4, aux_head=False)
     with pytest.raises(ValueError, match="data set spec 'demo' has 12 classes but the model predicts 4"):

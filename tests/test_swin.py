@@ -11,10 +11,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import seg.backbones.swin  # noqa: F401  (registers flatten_swin_*)
-from seg.backbones._weights import CheckpointMismatchError
-from seg.layers import FocusedLinearAttention
-from seg.layers.window import WindowAttention
+import seg.model.backbones.swin  # noqa: F401  (registers flatten_swin_*)
+from seg.model.backbones._weights import CheckpointMismatchError
+from seg.model.layers import FocusedLinearAttention
+from seg.model.layers.window import WindowAttention
 
 torch.manual_seed(0)
 torch.set_num_threads(1)

@@ -19,8 +19,8 @@ import torch
 from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
-import seg.backbones  # noqa: F401  (registers the encoders)
-from seg.backbones._registry import encoder_names
+import seg.model.backbones  # noqa: F401  (registers the encoders)
+from seg.model.backbones._registry import encoder_names
 
 TINY = encoder_names("test_*")
 FULL = [name for name in encoder_names() if name not in TINY]

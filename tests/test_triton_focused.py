@@ -131,7 +131,7 @@ def check_module_backend(sr: int) -> None:
 
     from seg.kernels import set_backend
     from seg.kernels.focused_linear.triton import checked
-    from seg.layers import FocusedLinearAttention
+    from seg.model.layers import FocusedLinearAttention
 
     _kernels()
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def check_probe_inside_inference_mode() -> None:
 
     from seg.kernels import set_backend
     from seg.kernels.focused_linear.triton import checked
-    from seg.layers import FocusedLinearAttention
+    from seg.model.layers import FocusedLinearAttention
 
     _kernels()
     checked._verdicts.clear()

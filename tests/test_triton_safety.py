@@ -154,7 +154,7 @@ def check_compiled_module() -> None:
 
     from seg.kernels import set_backend
     from seg.kernels.focused_linear.triton import launch
-    from seg.layers import FocusedLinearAttention
+    from seg.model.layers import FocusedLinearAttention
 
     _fresh_checked_entry()
     calls = {"forward": 0, "backward": 0}

@@ -11,12 +11,12 @@ import torch.distributed as dist
 import yaml
 from jsonargparse.typing import import_object
 
-from seg.backbones.pvt import Block
-from seg.backbones.soft import SoftBlock
-from seg.backbones.swin import SwinBlock
-from seg.models import Segmentor
-from seg.task import SegmentationTask
-from seg.weight_decay import clean_param_name
+from seg.model.backbones.pvt import Block
+from seg.model.backbones.soft import SoftBlock
+from seg.model.backbones.swin import SwinBlock
+from seg.model.segmentor import Segmentor
+from seg.train.task import SegmentationTask
+from seg.train.weight_decay import clean_param_name
 
 FSDP_CONFIG = Path(__file__).parents[1] / "configs" / "trainer" / "fsdp.yaml"
 BLOCKS = {Block, SwinBlock, SoftBlock}

@@ -12,13 +12,13 @@ import torch
 from _specs import DEMO_SMALL, spec_arg
 from PIL import Image
 
-from seg.callbacks.prediction_writer import SegmentationWriter
-from seg.callbacks.report import SegmentationReport
-from seg.cli import cli_main
 from seg.data import DEMO_CLASS_NAMES, SegmentationDataModule, make_demo_dataset, make_palette, read_rgb
-from seg.models import Segmentor
-from seg.task import SegmentationTask
-from seg.writers import blend_labels, draw_legend, make_overlay, output_paths
+from seg.model.segmentor import Segmentor
+from seg.serve.writers import blend_labels, draw_legend, make_overlay, output_paths
+from seg.train.callbacks.prediction_writer import SegmentationWriter
+from seg.train.callbacks.report import SegmentationReport
+from seg.train.cli import cli_main
+from seg.train.task import SegmentationTask
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -182,7 +182,7 @@ def test_cli_predict_writes_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             "predict", "--config", str(CONFIGS / "demo.yaml"),
             "--model.model.init_args.encoder=test_flatten_pvt", f"--data.root={root}", "--data.demo=false",
             "--data.num_workers=0", spec_arg(DEMO_SMALL), f"--data.predict_root={photos}",
-            "--trainer.callbacks+=seg.callbacks.prediction_writer.SegmentationWriter",
+            "--trainer.callbacks+=seg.train.callbacks.prediction_writer.SegmentationWriter",
             "--trainer.callbacks.output_dir=predictions",
             "--return_predictions=false",
         ])

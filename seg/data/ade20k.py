@@ -27,9 +27,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from seg.data.layout import ADE20K_LAYOUT, FolderLayout
+from seg.data.safety import DEFAULT_MAX_PIXELS, check_pixels
 from seg.data.spec import ADE20K, UINT8_MAX
 from seg.data.transforms import seed_pipeline
-from seg.safety import DEFAULT_MAX_PIXELS, check_pixels
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -295,7 +295,7 @@ class ImageFolder(Dataset):
     Args:
         root: folder (searched recursively) or a single image file.
         transform: albumentations pipeline called as ``transform(image=...)``.
-        max_pixels: images with more pixels raise :class:`~seg.safety.ImageTooLargeError` (a ValueError naming
+        max_pixels: images with more pixels raise :class:`~seg.data.safety.ImageTooLargeError` (a ValueError naming
             the file) before they are decoded; None: no limit.
     """
 

@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 from seg.data.ade20k import ImageFolder, SegmentationFolder
 from seg.data.layout import LayoutName, layout_for
+from seg.data.safety import DEFAULT_MAX_PIXELS
 from seg.data.spec import ADE20K, ADE20K_CROP, ADE20K_SCALE, DatasetSpec, SpecFacts, as_spec
 from seg.data.synthetic import ensure_demo_dataset
 from seg.data.transforms import eval_transform, train_transform
-from seg.safety import DEFAULT_MAX_PIXELS
 
 __all__ = ["SegmentationDataModule", "SkipBadSamples", "SkipLedger", "SkippingDataLoader", "seed_worker"]
 

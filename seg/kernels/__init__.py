@@ -1,4 +1,4 @@
-"""Fast paths beside the readable maths of :mod:`seg.layers`, one folder per operation (tensors in, tensors out).
+"""Fast paths beside the readable maths of :mod:`seg.model.layers`, one folder per operation (tensors in, tensors out).
 
 - :mod:`seg.kernels.focused_linear`: focused linear attention's dispatch (``attn_backend`` ``auto`` /
   ``reference`` / ``cpu`` / ``triton``), its CPU path (closed-form backward, folded inference) and its Triton

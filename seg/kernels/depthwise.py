@@ -1,5 +1,5 @@
 """Depthwise 'same' convolution on channels-last maps, shared by every depthwise filter of the encoders: PVT v2's
-Mix-FFN (:class:`seg.layers.mlp.DWConv`) and focused linear attention's DWC term (rank restoration).
+Mix-FFN (:class:`seg.model.layers.mlp.DWConv`) and focused linear attention's DWC term (rank restoration).
 
 The transformer encoders hold tokens (B, N, C); viewed as a map (B, C, H, W) they are channels-last, and oneDNN runs
 the convolution in that layout only when the map's strides read as channels-last. Viewing the tokens as

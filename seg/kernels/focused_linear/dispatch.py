@@ -1,6 +1,6 @@
 """Which implementation of focused linear attention one call runs: the one dispatch of the operation.
 
-:class:`~seg.layers.focused_linear.FocusedLinearAttention` asks :func:`select_mode` in its ``forward``
+:class:`~seg.model.layers.focused_linear.FocusedLinearAttention` asks :func:`select_mode` in its ``forward``
 and runs the answer:
 
 - ``reference``: the readable maths of :mod:`seg.kernels.focused_linear.reference` (autograd, any device, what exporters

@@ -2,7 +2,7 @@
 
 Pure functions over (B, h, N, d) tensors that autograd differentiates; the fast paths beside this file (``cpu``,
 ``triton``) compute what these functions compute, and the tests compare them. The module that owns the
-projections, the positional encoding and the DWC is :class:`seg.layers.FocusedLinearAttention`.
+projections, the positional encoding and the DWC is :class:`seg.model.layers.FocusedLinearAttention`.
 
 Numerics: the kernel, the power and the norms run in float32 even under autocast (x**3 of an fp16
 activation overflows), and the d x d summary keeps the published mean-based formulation

@@ -1,3 +1,0 @@
-"""timm-registered encoders; importing this package registers them."""
-
-from seg.backbones import agent_pvt, agent_swin, mala, mlla, pola, pvt, ravlt, soft, swin  # noqa: F401

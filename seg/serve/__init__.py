@@ -1,0 +1,2 @@
+"""Serving a trained model: the Predictor (photo in, labels out), export, the web demo and its guards, prediction
+files."""

@@ -1,0 +1,1 @@
+"""Training and evaluation: the LightningModule, the CLI, callbacks, schedules, metrics and reports."""
