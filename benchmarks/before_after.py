@@ -47,7 +47,10 @@ def _child(tree: str, case: str, repeats: int) -> None:
     import torch
 
     import seg  # noqa: F401  (registers the encoders)
-    from seg.model.layers import FocusedLinearAttention
+    try:
+        from seg.model.layers import FocusedLinearAttention
+    except ImportError:  # a base revision from before the seg/model layout
+        from seg.layers import FocusedLinearAttention
 
     try:
         from seg.kernels import set_backend
