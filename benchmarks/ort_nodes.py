@@ -89,8 +89,9 @@ def main() -> None:
             paths["floor"] = export_onnx(export_program(floor_model(), image, dynamic=False), folder / "floor.onnx",
                                          OPSET)
         result = {k: node_times(p, image, args.runs, args.threads, folder, args.level) for k, p in paths.items()}
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"# {machine()}; ONNX Runtime node time per run at {args.size}^2 (graph optimization {args.level}), "
-          f"fastest of {args.runs} profiled runs per node; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+          f"fastest of {args.runs} profiled runs per node; load average {load}")
     print("| operator | ours nodes | ours ms | smp nodes | smp ms |\n|---|---|---|---|---|")
     (t_ours, n_ours), (t_smp, n_smp) = result["ours"], result["smp"]
     for op in sorted(set(t_ours) | set(t_smp), key=lambda o: -(t_ours[o] + t_smp[o])):

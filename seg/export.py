@@ -17,7 +17,7 @@ program accepts. Swin stages with shifted-window softmax attention (``S`` in ``a
 ``LLSS``) build their window grid, padding and shift mask per size in Python: such models export at a fixed
 size only (``--static``, traced at ``--height`` x ``--width``).
 
-Two parts trace a different arrangement of the same sums when exporting (``torch.compiler.is_exporting()``),
+Two parts trace a different arrangement of the same sums when exporting (:func:`seg.kernels.tracing.exporting`),
 to spare the graph layout changes the maths does not need: focused linear attention's DWC runs as one
 depthwise conv over all C channels of the token map (the d filters repeated per head, no per-head transposes;
 :func:`seg.kernels.focused_linear.rank_restoration`), and the ``segformer`` head's per-level products as 1x1

@@ -24,6 +24,7 @@ from segmentation_models_pytorch.base.initialization import initialize_decoder
 from torch import Tensor, nn
 
 from seg.kernels.onednn import linear
+from seg.kernels.tracing import exporting
 
 __all__ = ["SegFormerHead"]
 
@@ -88,7 +89,7 @@ class SegFormerHead(nn.Module):
         image, levels = features[0], features[-4:]
         target = (image.shape[2] // 4, image.shape[3] // 4)  # the grid smp's decoder resizes to
         weights, bias = self.level_products()
-        if torch.compiler.is_exporting():
+        if exporting():
             fused = _sum_levels_as_maps(levels, weights, bias, target)
         else:
             fused = None
