@@ -9,7 +9,13 @@ Pairs (ours / smp), each at every size, batch 1, 150 classes, random weights, in
 - ``segmentor``: FLatten-PVTv2-B0 + ``segformer`` head (``Segmentor``, no auxiliary head) against
   ``smp.Segformer("mit_b0")``; both return full-size logits (B, 150, H, W).
 - ``segmentor/ort``: the same two models exported (``torch.export`` at a fixed size, the dynamo ONNX exporter at
-  opset 20; ours through :mod:`seg.serve.export`) and run in ONNX Runtime's CPU provider with the same thread count.
+  opset 20; ours through :mod:`seg.serve.export`) and run in ONNX Runtime's CPU provider with the same thread count and
+  graph optimization level (``--ort-levels``: ``all``, ONNX Runtime's default, which runs convolutions in its
+  blocked NCHWc layout, and / or ``extended``, which does not; a level other than ``all`` names its rows).
+- ``segmentor/ort floor`` (``--floor``): ours reduced to its products, convolutions and resizes, against the full
+  smp model: every focused linear attention replaced by its products and DWC
+  (:class:`products_only.ProductsOnly`), LayerNorms and GELUs by identities; the head, the patch embeddings and
+  the residual adds as they are. No removal of element-wise or layout work takes ours below this ratio.
 
 Each round times both models of a pair back to back, who goes first alternating, ``repeats`` calls each (the
 round's time is their minimum, the least disturbed call on a shared machine); a ratio is the median over rounds
@@ -34,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine  # noqa: E402
+from products_only import products_only  # noqa: E402
 
 from seg.model.segmentor import Segmentor  # noqa: E402
 from seg.serve.export import export_onnx, export_program  # noqa: E402
@@ -51,13 +58,24 @@ def _eager(model: torch.nn.Module, image: torch.Tensor) -> Run:
     return run
 
 
-def _session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
+LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC"}
+
+
+def session_options(threads: int, level: str = "all"):  # -> onnxruntime.SessionOptions
+    """``threads`` intra-op threads, one inter-op thread, the graph optimization ``level`` (a key of LEVELS)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
+    return options
+
+
+def _session(path: Path, threads: int, level: str = "all"):  # -> onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(threads, level), providers=["CPUExecutionProvider"])
 
 
 def _ort(session, image: torch.Tensor) -> Run:
@@ -74,7 +92,18 @@ def _export_smp(model: torch.nn.Module, image: torch.Tensor, path: Path) -> Path
     return path
 
 
-def pairs(size: int, runtimes: list[str], threads: int, folder: Path) -> dict[str, tuple[Run, Run]]:
+def floor_model() -> torch.nn.Module:
+    """FLatten-PVTv2-B0 + ``segformer`` reduced to its products, convolutions and resizes (the floor)."""
+    model = products_only(Segmentor("flatten_pvt_v2_b0", decoder="segformer", num_classes=CLASSES, aux_head=False))
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) in (torch.nn.LayerNorm, torch.nn.GELU):
+                setattr(parent, name, torch.nn.Identity())
+    return model.eval()
+
+
+def pairs(size: int, runtimes: list[str], threads: int, folder: Path, levels: tuple[str, ...] = ("all",),
+          floor: bool = False) -> dict[str, tuple[Run, Run]]:
     """{name: (ours, smp)} at one image size."""
     torch.manual_seed(0)
     image = torch.randn(1, 3, size, size)
@@ -89,7 +118,16 @@ def pairs(size: int, runtimes: list[str], threads: int, folder: Path) -> dict[st
     if "ort" in runtimes:
         mine = export_onnx(export_program(ours, image, dynamic=False), folder / f"ours_{size}.onnx", OPSET)
         other = _export_smp(theirs, image, folder / f"smp_{size}.onnx")
-        out["segmentor/ort"] = (_ort(_session(mine, threads), image), _ort(_session(other, threads), image))
+        least = None
+        if floor:
+            least = export_onnx(export_program(floor_model(), image, dynamic=False), folder / f"floor_{size}.onnx",
+                                OPSET)
+        for level in levels:
+            suffix = "" if level == "all" else f" ({level})"
+            smp_run = _ort(_session(other, threads, level), image)
+            out[f"segmentor/ort{suffix}"] = (_ort(_session(mine, threads, level), image), smp_run)
+            if least is not None:
+                out[f"segmentor/ort floor{suffix}"] = (_ort(_session(least, threads, level), image), smp_run)
     return out
 
 
@@ -125,6 +163,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ort-levels", nargs="+", choices=list(LEVELS), default=["all"],
+                        help="ONNX Runtime graph optimization levels, one row per level (default: all)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also ours reduced to its products, convolutions and resizes (ONNX Runtime)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {machine()}; smp {smp.__version__}")
@@ -134,7 +176,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            for name, (ours, theirs) in pairs(size, args.runtimes, args.threads, Path(tmp)).items():
+            for name, (ours, theirs) in pairs(size, args.runtimes, args.threads, Path(tmp), tuple(args.ort_levels),
+                                                   args.floor).items():
                 a, b, ratio, ratios = compare(ours, theirs, args.rounds, args.repeats)
                 print(f"| {name} | {size}^2 | {a * 1e3:.0f} | {b * 1e3:.0f} | **{ratio:.2f}x** | "
                       f"{min(ratios):.2f}-{max(ratios):.2f} |", flush=True)

@@ -91,3 +91,17 @@ def test_a_folder_saved_with_smps_decoder_loads_with_equal_logits(tmp_path) -> N
     x = torch.randn(1, 3, 66, 90)
     with torch.no_grad():
         torch.testing.assert_close(new(x)["out"], old(x)["out"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (70, 45)])
+def test_the_exported_arrangement_equals_smp(size: tuple[int, int], monkeypatch) -> None:
+    """The sum the head traces under ``torch.export`` (1x1 convs on the level maps, the bias on the stride-4 level)
+    gives smp's logits too, also where the stride-4 grid is not the target (70 x 45: every level resized)."""
+    import seg.model.heads.segformer as segformer
+
+    ours, smp = _pair()
+    ours.eval(), smp.eval()
+    monkeypatch.setattr(segformer, "exporting", lambda: True)
+    features = _features(size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(features), smp(features), rtol=1e-10, atol=1e-10)

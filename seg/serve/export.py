@@ -16,6 +16,13 @@ written by the dynamo exporter (``onnxscript``, opset 18 or later); :func:`size_
 program accepts. Swin stages with shifted-window softmax attention (``S`` in ``attn_type``, the default
 ``LLSS``) build their window grid, padding and shift mask per size in Python: such models export at a fixed
 size only (``--static``, traced at ``--height`` x ``--width``).
+
+Two parts trace a different arrangement of the same sums when exporting (:func:`seg.kernels.tracing.exporting`),
+to spare the graph layout changes the maths does not need: focused linear attention's DWC runs as one
+depthwise conv over all C channels of the token map (the d filters repeated per head, no per-head transposes;
+:func:`seg.kernels.focused_linear.rank_restoration`), and the ``segformer`` head's per-level products as 1x1
+convs on the level maps, which ONNX Runtime keeps in its blocked NCHWc layout through the resizes and adds up
+to the classifier (:class:`seg.model.heads.segformer.SegFormerHead`; BENCHMARKS.md, "Against smp's SegFormer-B0").
 """
 
 from __future__ import annotations

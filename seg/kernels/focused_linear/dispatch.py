@@ -29,6 +29,7 @@ from seg.kernels.focused_linear import cpu, triton
 from seg.kernels.focused_linear.cpu import fused_inference
 from seg.kernels.focused_linear.reference import focused_linear_attention_tokens
 from seg.kernels.focused_linear.reference import rank_restoration as reference_rank_restoration
+from seg.kernels.tracing import exporting
 
 __all__ = [
     "AttnBackend",
@@ -113,8 +114,13 @@ def rank_restoration(
     v: Tensor, kv_size: tuple[int, int], size: tuple[int, int], weight: Tensor, bias: Tensor | None,
     num_heads: int, mode: Mode,
 ) -> Tensor:
-    """The DWC term through ``mode``: v (B, n, C) on the (H', W') key grid -> (B, N, C) on the (H, W) grid."""
-    if mode in ("cpu", "cpu_inference"):
+    """The DWC term through ``mode``: v (B, n, C) on the (H', W') key grid -> (B, N, C) on the (H, W) grid.
+
+    An exported graph takes the CPU form whatever the mode (the same values: the d filters repeated per head,
+    one depthwise conv over all C channels of the token map): the reference's (B * h, d, H, W) maps cost a
+    transpose before and after the conv, and ONNX Runtime reorders to and from its blocked layout around it,
+    where the C-channel map is a channels-last view of the tokens that its reorders read directly."""
+    if mode in ("cpu", "cpu_inference") or exporting():
         return cpu.rank_restoration(v, kv_size, size, weight, bias, num_heads)
     return reference_rank_restoration(v, kv_size, size, weight, bias, num_heads)
 

@@ -24,6 +24,7 @@ from segmentation_models_pytorch.base.initialization import initialize_decoder
 from torch import Tensor, nn
 
 from seg.kernels.onednn import linear
+from seg.kernels.tracing import exporting
 
 __all__ = ["SegFormerHead"]
 
@@ -88,15 +89,38 @@ class SegFormerHead(nn.Module):
         image, levels = features[0], features[-4:]
         target = (image.shape[2] // 4, image.shape[3] // 4)  # the grid smp's decoder resizes to
         weights, bias = self.level_products()
-        fused = None
-        for x, w in zip(levels, weights, strict=True):
-            y = linear(x.permute(0, 2, 3, 1), w)  # (B, h, w, C_i) -> (B, h, w, channels)
-            y = y.permute(0, 3, 1, 2)  # (B, channels, h, w), channels-last memory
-            if tuple(y.shape[2:]) != target:
-                y = F.interpolate(y, size=target, mode="bilinear", align_corners=False)
-            fused = y if fused is None else fused.add_(y)
-        fused = fused + bias.view(1, -1, 1, 1)  # (B, channels, H/4, W/4)
+        if exporting():
+            fused = _sum_levels_as_maps(levels, weights, bias, target)
+        else:
+            fused = None
+            for x, w in zip(levels, weights, strict=True):
+                y = linear(x.permute(0, 2, 3, 1), w)  # (B, h, w, C_i) -> (B, h, w, channels)
+                y = y.permute(0, 3, 1, 2)  # (B, channels, h, w), channels-last memory
+                if tuple(y.shape[2:]) != target:
+                    y = F.interpolate(y, size=target, mode="bilinear", align_corners=False)
+                fused = y if fused is None else fused.add_(y)
+            fused = fused + bias.view(1, -1, 1, 1)  # (B, channels, H/4, W/4)
         bn = self.decoder.fuse_stage[1]
         if self.training or bn.running_mean is None:
             fused = bn(fused)
         return self.classifier(F.relu(fused))
+
+
+def _sum_levels_as_maps(levels: list[Tensor], weights: list[Tensor], bias: Tensor, target: tuple[int, int]) -> Tensor:
+    """The head's sum for an exported graph: each level's product as a 1x1 conv on its (B, C_i, h, w) map, the
+    resized levels first (deepest first) and a level already on the target grid last, carrying the bias
+    (it passes through no resize).
+
+    The same sums as ``forward``'s token products. In the graph the only layout change left is each level's
+    C_i-channel input map (32-256 channels, where the products' outputs have ``channels``); ONNX Runtime keeps
+    the convs, resizes, adds and the classifier in its blocked layout with no reorder between them, and adds
+    the running sum inside the last conv (no full-size ``Add`` for the bias, none for the last level)."""
+    order = sorted(range(len(levels)), key=lambda i: (tuple(levels[i].shape[2:]) == target, -i))
+    carrier = order[-1] if tuple(levels[order[-1]].shape[2:]) == target else None
+    fused = None
+    for i in order:
+        y = F.conv2d(levels[i], weights[i][:, :, None, None], bias if i == carrier else None)  # (B, channels, h, w)
+        if i != carrier and tuple(y.shape[2:]) != target:
+            y = F.interpolate(y, size=target, mode="bilinear", align_corners=False)
+        fused = y if fused is None else fused + y
+    return fused if carrier is not None else fused + bias.view(1, -1, 1, 1)  # (B, channels, H/4, W/4)
