@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seg.kernels.precision import at_least_fp32
+
 __all__ = [
     "DENOM_EPS",
     "KERNEL_EPS",
@@ -31,10 +33,6 @@ __all__ = [
 
 KERNEL_EPS = 1e-6  # added after ReLU so that no feature is exactly zero
 DENOM_EPS = 1e-6  # added to the normaliser q . mean(k)
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    """Half-precision tensors promoted to float32; float32 / float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def focus(x: Tensor, p: float) -> Tensor:
@@ -60,8 +58,8 @@ def focused_kernel(x: Tensor, scale: Tensor, p: float) -> Tensor:
         p: focusing factor.
     """
     h, d = x.shape[1], x.shape[3]
-    temperature = F.softplus(_at_least_fp32(scale)).view(1, h, 1, d)  # (1, C) channel order is head-major
-    x = (F.relu(_at_least_fp32(x)) + KERNEL_EPS) / temperature
+    temperature = F.softplus(at_least_fp32(scale)).view(1, h, 1, d)  # (1, C) channel order is head-major
+    x = (F.relu(at_least_fp32(x)) + KERNEL_EPS) / temperature
     return focus(x, p)
 
 
@@ -92,7 +90,7 @@ def focused_linear_attention(
     with torch.autocast(device_type=q.device.type, enabled=False):
         q = focused_kernel(q, scale, focusing_factor)
         k = focused_kernel(k, scale, focusing_factor)
-        out = linear_attention(q, k, _at_least_fp32(v))
+        out = linear_attention(q, k, at_least_fp32(v))
     return out.to(v.dtype)
 
 
@@ -116,7 +114,7 @@ def resize_token_grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
     if (side, side) == tuple(size) and not torch.compiler.is_compiling():  # tracing: no guard on the stored grid
         return tokens
     grid = tokens.reshape(1, side, side, c).permute(0, 3, 1, 2)  # (1, C, s, s)
-    grid = F.interpolate(_at_least_fp32(grid), size=size, mode="bilinear", align_corners=False).to(tokens.dtype)
+    grid = F.interpolate(at_least_fp32(grid), size=size, mode="bilinear", align_corners=False).to(tokens.dtype)
     return grid.flatten(2).transpose(1, 2)  # (1, H*W, C)
 
 

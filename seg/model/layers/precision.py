@@ -3,16 +3,12 @@ autocast (float64 stays float64), and the results go back to the values' dtype."
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seg.kernels.precision import at_least_fp32
+
 __all__ = ["at_least_fp32", "elu_feature_inputs"]
-
-
-def at_least_fp32(x: Tensor) -> Tensor:
-    """Half-precision tensors promoted to float32; float32 / float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def elu_feature_inputs(

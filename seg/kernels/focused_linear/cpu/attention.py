@@ -23,14 +23,11 @@ from seg.kernels.focused_linear.cpu.closed_form import (
 )
 from seg.kernels.focused_linear.reference import KERNEL_EPS, resize_token_grid
 from seg.kernels.onednn import linear
+from seg.kernels.precision import at_least_fp32
 
 __all__ = ["focused_linear_attention", "fused_inference", "rank_restoration"]
 
 Size = tuple[int, int]
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def focused_linear_attention(
@@ -42,9 +39,9 @@ def focused_linear_attention(
     -> (B, N, C) in v's dtype. Runs :class:`FocusedTokens` (closed-form backward) under autograd."""
     v_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
-        inv_temp = 1.0 / F.softplus(_at_least_fp32(scale))  # (1, 1, C)
-        q = _at_least_fp32(q)
-        k, v, inv_temp = (t.to(q.dtype) for t in (_at_least_fp32(k), _at_least_fp32(v), inv_temp))
+        inv_temp = 1.0 / F.softplus(at_least_fp32(scale))  # (1, 1, C)
+        q = at_least_fp32(q)
+        k, v, inv_temp = (t.to(q.dtype) for t in (at_least_fp32(k), at_least_fp32(v), inv_temp))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, inv_temp)):
             out = FocusedTokens.apply(q, k, v, inv_temp, num_heads, focusing_factor)
         else:

@@ -15,12 +15,9 @@ from torch import Tensor
 
 from seg.kernels.focused_linear.cpu.closed_form import kernel_power, kernel_power_backward
 from seg.kernels.focused_linear.reference import DENOM_EPS
+from seg.kernels.precision import at_least_fp32
 
 __all__ = ["reference_with_grads"]
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def reference_with_grads(
@@ -29,7 +26,7 @@ def reference_with_grads(
     """Output (B, N, C) and dL/dq, dL/dk, dL/dv, dL/dscale for the upstream gradient ``grad_out``, each in its
     input's dtype; computed in float32 (half inputs) or the inputs' dtype (float32 / float64)."""
     dtypes = [t.dtype for t in (v, q, k, v, scale)]
-    work = torch.promote_types(_at_least_fp32(q).dtype, scale.dtype)
+    work = torch.promote_types(at_least_fp32(q).dtype, scale.dtype)
     q, k, v, grad_out = (t.to(work) for t in (q, k, v, grad_out))
     s_param = scale.to(work)
     (B, N, C), n, h = q.shape, k.shape[1], num_heads
