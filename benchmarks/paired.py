@@ -1,16 +1,18 @@
-"""The two FLatten-PVT-T ratios of the CPU targets, the models of each ratio timed alternately in one process.
+"""The two FLatten-PVT-T ratios of the CPU targets and their bounds, the models of a group timed in turn in one process.
 
     python benchmarks/paired.py                       # both groups, 8 rounds of 3 repeats
     python benchmarks/paired.py --groups train --rounds 12
 
 ``train``: forward + backward of the FLatten-PVT-T encoder at 512^2 (features only, batch 1), ours against
 its published-formulation twin (``benchmarks/published_flatten.py``: the same parameters and linear layers,
-the attention written as the published code computes it). ``inference``: the FLatten-PVT-T encoder against
-softmax PVT-T (SDPA) at 512^2 without autograd, beside a bound: the same FLatten-PVT-T with its attention
-reduced to the matrix products and DWC alone (``benchmarks/products_only.py``), how low the inference ratio
-can go on this machine whatever the element-wise steps cost. Each round times every model of a group back to
-back (who goes first rotates), so drift of a shared machine reaches all alike; a ratio is the median of the
-per-round ratios against the group's last model, beside each model's median time.
+the attention written as the published code computes it), and the twin against a bound: the same encoder with
+its attention reduced to the matrix products and DWC alone (``benchmarks/products_only.py``, under autograd),
+the highest ratio any work on the element-wise steps (kernel, norms, power, normaliser, positional encoding
+and their backward) could reach with these products. ``inference``: the FLatten-PVT-T encoder against
+softmax PVT-T (SDPA) at 512^2 without autograd, beside the same bound: how low the inference ratio can go on
+this machine whatever the element-wise steps cost. Each round times every model of a group back to back (who
+goes first rotates), so drift of a shared machine reaches all alike; a ratio is the median of the per-round
+ratios of a pair, beside each model's median time.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ from published_flatten import published_like, replace_attention  # noqa: E402
 import seg  # noqa: E402,F401  (registers the encoders)
 
 Step = Callable[[], None]
-Group = list[tuple[str, Step]]  # the models timed together; ratios are taken against the last one
+Group = list[tuple[str, Step]]  # the models timed together
+Pairs = list[tuple[str, str]]  # (A, B): the ratios A / B a group reports
+
+PUBLISHED, OURS = "published formulation", "ours"
+FLATTEN, SOFTMAX = "FLatten-PVT-T", "PVT-T (softmax, SDPA)"
+BOUND = "FLatten-PVT-T, products + DWC only"
 
 
 def _published_twin(model: torch.nn.Module) -> torch.nn.Module:
@@ -42,11 +49,12 @@ def _published_twin(model: torch.nn.Module) -> torch.nn.Module:
     return replace_attention(copy.deepcopy(model), published_like)
 
 
-def train_group(size: int) -> Group:
-    """[published twin, ours]: one forward + backward of the encoder each."""
+def train_group(size: int) -> tuple[Group, Pairs]:
+    """[published twin, products-only bound, ours]: one forward + backward of the encoder each."""
     torch.manual_seed(0)
     ours = timm.create_model("flatten_pvt_tiny", features_only=True)
     published = _published_twin(ours)
+    bound = products_only(copy.deepcopy(ours))
     image = torch.randn(1, 3, size, size)
 
     def step(model: torch.nn.Module) -> Step:
@@ -56,10 +64,11 @@ def train_group(size: int) -> Group:
 
         return run
 
-    return [("published formulation", step(published)), ("ours", step(ours))]
+    group = [(PUBLISHED, step(published)), (BOUND, step(bound)), (OURS, step(ours))]
+    return group, [(PUBLISHED, OURS), (PUBLISHED, BOUND)]
 
 
-def inference_group(size: int) -> Group:
+def inference_group(size: int) -> tuple[Group, Pairs]:
     """[FLatten-PVT-T, its products-only bound, softmax PVT-T with SDPA]: one encoder forward each."""
     torch.manual_seed(0)
     image = torch.randn(1, 3, size, size)
@@ -74,11 +83,12 @@ def inference_group(size: int) -> Group:
         return run
 
     encoder = lambda attn_type: timm.create_model("flatten_pvt_tiny", features_only=True, attn_type=attn_type)  # noqa: E731
-    return [
-        ("FLatten-PVT-T", step(encoder("LLLL"))),
-        ("FLatten-PVT-T, products + DWC only", step(products_only(encoder("LLLL")))),
-        ("PVT-T (softmax, SDPA)", step(encoder("SSSS"))),
+    group = [
+        (FLATTEN, step(encoder("LLLL"))),
+        (BOUND, step(products_only(encoder("LLLL")))),
+        (SOFTMAX, step(encoder("SSSS"))),
     ]
+    return group, [(FLATTEN, SOFTMAX), (BOUND, SOFTMAX)]
 
 
 def _median_time(run: Step, repeats: int) -> float:
@@ -121,10 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|")
     for key in args.groups:
         title, build = GROUPS[key]
-        group = build(args.size)
+        group, pairs = build(args.size)
         times = measure(group, args.rounds, args.repeats)
-        name_b = group[-1][0]
-        for name_a, _ in group[:-1]:
+        for name_a, name_b in pairs:
             ratios = [a / b for a, b in zip(times[name_a], times[name_b], strict=True)]
             print(f"| {title} | {name_a} {statistics.median(times[name_a]) * 1e3:.1f} | "
                   f"{name_b} {statistics.median(times[name_b]) * 1e3:.1f} | **{statistics.median(ratios):.2f}x** | "

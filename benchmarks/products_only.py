@@ -1,10 +1,11 @@
-"""A lower bound on the CPU inference of focused linear attention: its matrix products and DWC, nothing else.
+"""A lower bound on the CPU time of focused linear attention: its matrix products and DWC, nothing else.
 
 :class:`ProductsOnly` runs what the folded inference of :class:`seg.model.layers.FocusedLinearAttention` multiplies
 (one stacked q / k projection, the v projection, the per-head (d, d) summaries, the queries against them, the
 output projection) and its depthwise convolution, with the same kernels (oneDNN linears, channels-last DWC),
 and drops every element-wise step: kernel function, norms, power, normaliser, positional encoding. Its output
-is not attention; its time is what no element-wise fusion can go below with these products.
+is not attention; its time is what no element-wise fusion can go below with these products, in inference and,
+under autograd, forward + backward.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ def test_linear_equals_f_linear_in_inference(shape: tuple[int, ...], bias: bool)
     wide = torch.randn(2, 9, 48)
     with torch.no_grad():
         torch.testing.assert_close(linear(wide[..., 8:32], w.T.contiguous().T), F.linear(wide[..., 8:32], w))
+        # a strided bias (a column of a larger matrix), which the operator would read as dense
+        column = torch.randn(40, 3)[:, 1]
+        torch.testing.assert_close(linear(x, w, column), F.linear(x, w, column), rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn

@@ -85,6 +85,8 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None, attr: str = "none", algorithm: str = "") -> Tensor:
     if not (weight.is_contiguous() or weight.t().is_contiguous()):
         weight = weight.contiguous()  # other strides fall off oneDNN's fast kernels (100x slower)
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # the operator reads the bias as dense: a strided one gives wrong sums
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
 
 
