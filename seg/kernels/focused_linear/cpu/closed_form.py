@@ -96,22 +96,16 @@ def tokens(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(B, T, h * d)
 
 
-def _matmul(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """a @ b (+ bias) for (B, h, N, K) @ (B, h, K, M) (+ (B, h, 1, M)) -> (B, h, N, M).
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for (B, h, N, K) @ (B, h, K, M) -> (B, h, N, M).
 
     With one image and one head, a linear layer (oneDNN on CPU, see :mod:`seg.kernels.onednn`) with b, a
-    small K x M summary, copied to a dense weight (oneDNN's fast kernels want one); the bias rides in the
-    product either way, so it costs no pass of its own over the (N, M) result.
+    small K x M summary, copied to a dense weight (oneDNN's fast kernels want one).
     """
-    B, h, N, K = a.shape
-    if B * h == 1:
+    if a.shape[0] * a.shape[1] == 1:
         weight = b[0, 0].transpose(0, 1).contiguous()  # (M, K)
-        return linear(a[0, 0], weight, None if bias is None else bias[0, 0, 0])[None, None]
-    if bias is None:
-        return a @ b
-    if B == 1:  # the heads of one image are one strided batch: no copy of a
-        return torch.baddbmm(bias[0], a[0], b[0])[None]
-    return torch.add(a @ b, bias)
+        return linear(a[0, 0], weight, None)[None, None]
+    return a @ b
 
 
 def _summaries(phi_k: Tensor, v: Tensor, h: int) -> Tensor:
@@ -232,7 +226,7 @@ class FocusedTokens(torch.autograd.Function):
         grad_gq = tokens(_matmul(grad_nd, kvm.transpose(-2, -1)))  # (B, N, C)
         grad_kvm = heads(kq.g, h).transpose(-2, -1) @ grad_nd  # (B, h, d, d + 1)
         grad_kv, grad_km = grad_kvm[..., :d], grad_kvm[..., d:]  # (B, h, d, d), (B, h, d, 1)
-        grad_phi = tokens(_matmul(heads(v, h), grad_kv.transpose(-2, -1), grad_km.transpose(-2, -1)))
+        grad_phi = tokens(torch.add(_matmul(heads(v, h), grad_kv.transpose(-2, -1)), grad_km.transpose(-2, -1)))
         grad_v = tokens(_matmul(heads(phi_k, h), grad_kv))  # (B, n, C)
         grad_sq = (-DENOM_EPS / kq.s.square()) * grad_den.sum(dim=1)  # (B, N, 1)
         # dL/dg_q . g_q = sum over heads of dL/d[num | den] . [num | den] = -(eps / s_q) sum_h dL/dden: g_q's
